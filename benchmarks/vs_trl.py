@@ -2,7 +2,7 @@
 
     python benchmarks/vs_trl.py                      # DESIGN.md model (hidden 512, 8 layers, vocab 32000, ~58M)
     python benchmarks/vs_trl.py --quick              # small model and shapes, a few minutes
-    python benchmarks/vs_trl.py --loss-types grpo --runners trl ours_prefix --json out.json
+    python benchmarks/vs_trl.py --loss-types grpo --runners trl ours --json out.json
 
 Needs the `bench` extra (`pip install -e .[bench]`, i.e. trl). Works offline: the random-init
 Llama-shaped model and a 32000-word WordLevel tokenizer are built into a temp folder that both
@@ -17,9 +17,10 @@ DeepSeekMath's plain k3 term; tests/test_same_loss_as_trl.py checks the losses a
 
 Runners, each in its own subprocess (peak RSS = that process's ru_maxrss):
   trl          TRL's GRPOTrainer (transformers `generate`, its chunked lm-head logprobs).
-  ours         grpo.trainer.run_grpo as it is (engine rollout, plain padded forward).
-  ours_prefix  the same with `grpo.trainer.token_logprobs` swapped for `grpo.prefix.batch_logprobs`
-               (each group's prompt computed once in the reference and policy passes).
+  ours         grpo.trainer.run_grpo with its defaults: `engine` rollout, `grpo.shared_prefix: true`
+               (each group's prompt computed once in the reference and policy passes, grpo/prefix.py).
+  ours_plain   the same with `grpo.shared_prefix: false` (the plain padded forward of
+               `grpo.trainer.token_logprobs`).
   fwdbwd       not a trainer: the policy forward+backward and the no-grad reference forward on the
                step's batch, plain padded vs shared-prefix, alternated in one process.
 Per step: wall seconds of the optimizer step and its parts. Ours from metrics.jsonl
@@ -49,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RUNNERS = ("trl", "ours", "ours_prefix", "fwdbwd")
+RUNNERS = ("trl", "ours", "ours_plain", "fwdbwd")
 PARTS = ("gen", "score", "logprobs", "train", "other")
 
 
@@ -152,7 +153,7 @@ def run_trl(folder: Path, a) -> dict:
     return {"steps": with_cpu(steps, cpu_marks)}
 
 
-def run_ours(folder: Path, a, prefix: bool) -> dict:
+def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
     import yaml
 
     sys.path.insert(0, str(HERE))  # rewards: "vs_trl:toy_reward"
@@ -160,11 +161,7 @@ def run_ours(folder: Path, a, prefix: bool) -> dict:
     from grpo.config import load_recipe
     from grpo.tracking import Tracker
 
-    if prefix:
-        from grpo.prefix import batch_logprobs
-
-        grpo.trainer.token_logprobs = batch_logprobs
-    out = folder / f"ours_{'prefix_' if prefix else ''}{a.loss_type}"
+    out = folder / f"ours_{'' if shared_prefix else 'plain_'}{a.loss_type}"
     recipe = {
         "run": {"output_dir": str(out), "seed": 0, "threads": a.threads, "overwrite": True},
         "model": {"name_or_path": str(folder / "model"), "dtype": "float32"},
@@ -175,7 +172,8 @@ def run_ours(folder: Path, a, prefix: bool) -> dict:
         "grpo": {"steps": a.warmup + a.steps, "prompts_per_step": a.prompts, "num_generations": a.G,
                  "micro_batch_size": a.prompts * a.G, "num_iterations": 1, "lr": a.lr, "weight_decay": 0.0,
                  "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "beta": a.beta,
-                 "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": a.loss_type, "scale": "group", "save_every": 0},
+                 "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": a.loss_type, "scale": "group", "save_every": 0,
+                 "shared_prefix": shared_prefix},
         "rewards": [{"name": "vs_trl:toy_reward"}],
         "tracking": {"samples_every": 0, "log_every": 1},
     }
@@ -243,8 +241,8 @@ def child(a) -> None:
     folder = Path(a.assets)
     if a.child == "trl":
         result = run_trl(folder, a)
-    elif a.child in ("ours", "ours_prefix"):
-        result = run_ours(folder, a, prefix=a.child == "ours_prefix")
+    elif a.child in ("ours", "ours_plain"):
+        result = run_ours(folder, a, shared_prefix=a.child == "ours")
     else:
         result = run_fwdbwd(folder, a)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
