@@ -40,7 +40,32 @@ def make_accelerator(grad_accum: int = 1):
     handlers = []
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(accelerator) -> None:
+    """Refuse launches where accelerate quietly set up something other than what its config asked for.
+
+    Seen on CPU: an FSDP config gives `DistributedType.NO` (every process trains alone, gradients never
+    synced) or, with ACCELERATE_USE_CPU=true, plain DDP; a DeepSpeed config with ACCELERATE_USE_CPU=true
+    gives DDP. accelerate's FSDP needs GPUs, so on CPU the sharded route is DeepSpeed ZeRO.
+    """
+    from accelerate.utils import DistributedType
+
+    flag = lambda name: os.environ.get(name, "false").lower() in ("true", "1", "yes")
+    got = accelerator.distributed_type
+    fix = "on CPU use recipes/accelerate_configs/cpu_ddp.yaml (with ACCELERATE_USE_CPU=true) or zero2.yaml/zero3.yaml"
+    if flag("ACCELERATE_USE_FSDP") and got != DistributedType.FSDP:
+        raise UserError(f"the accelerate config asks for FSDP but accelerate set up {got.value} "
+                        f"(accelerate runs FSDP on GPUs only{'' if torch.cuda.is_available() else ' and this machine has none'}); {fix}")
+    if flag("ACCELERATE_USE_DEEPSPEED") and got != DistributedType.DEEPSPEED:
+        raise UserError(f"the accelerate config asks for DeepSpeed but accelerate set up {got.value}"
+                        f"{' (ACCELERATE_USE_CPU=true overrides it: unset it)' if flag('ACCELERATE_USE_CPU') else ''}")
+    if accelerator.num_processes > 1 and got == DistributedType.NO:
+        raise UserError(f"{accelerator.num_processes} processes were launched but accelerate set up no distributed backend "
+                        f"(each would train alone); {fix}")
 
 
 def stage_dir(output_dir: str, stage: str, *, overwrite: bool, resume: bool = False) -> Path:

@@ -60,3 +60,23 @@ def test_two_processes_match_one(tmp_path, tiny_model, single, config):
     for x, y in zip(m1, m2):
         for key in ("sevens", "completion_len", "loss", "zero_std_frac"):
             assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-5), (config, x["step"], key)
+
+
+@pytest.mark.parametrize("config,use_cpu,expect", [
+    ("fsdp.yaml", False, "asks for FSDP but accelerate set up NO"),  # every process would train alone
+    ("fsdp.yaml", True, "asks for FSDP but accelerate set up MULTI_CPU"),  # would quietly be DDP
+    ("zero2.yaml", True, "asks for DeepSpeed but accelerate set up MULTI_CPU (ACCELERATE_USE_CPU=true overrides it: unset it)"),
+])
+def test_launch_that_accelerate_would_quietly_change_is_refused(tmp_path, tiny_model, config, use_cpu, expect):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate_configs" / config),
+           "--num_processes", "2", "-m", "grpo", "train", str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={tmp_path / 'run'}",
+           f"model.name_or_path={tiny_model}", *ARGS]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert errors and all(expect in l for l in errors), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "train").exists()  # nothing was trained or written
