@@ -5,6 +5,11 @@ tokenizer, and `state.pt` with the optimizer, scheduler, RNG states, step, data 
 extra state (e.g. the Lagrange multiplier). It is written into `ckpt-<step>.tmp` and renamed when
 complete, so a crash mid-write never damages the previous checkpoint; only the last `keep_last`
 are kept. `state.pt` is read with `torch.load(weights_only=True)` (no pickle code execution).
+
+Under DeepSpeed the optimizer state is sharded across ranks: every rank also writes its shard with
+DeepSpeed's own `engine.save_checkpoint` into `ckpt-<step>.tmp/deepspeed/` (`start_checkpoint` on rank
+0, a barrier, the shards, a barrier, then rank 0 finishes and renames), and a resume at the same
+process count loads them back with `engine.load_checkpoint`, so Adam's moments continue exactly.
 """
 
 from __future__ import annotations
@@ -40,16 +45,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2, weights: dict | None = None) -> Path:
-    """Write ckpt-<step> atomically (tmp folder + rename) and prune old ones. Main process only.
+DEEPSPEED = "deepspeed"  # sub-folder (and DeepSpeed tag) of the sharded engine state
 
-    `weights` overrides the model's own state dict (weights gathered from DeepSpeed ZeRO shards).
-    """
-    final = Path(out_dir) / f"ckpt-{step}"
-    tmp = final.with_name(final.name + ".tmp")
+
+def start_checkpoint(out_dir: Path, step: int) -> Path:
+    """Create an empty `ckpt-<step>.tmp` (main process), for other ranks to add their shards to."""
+    tmp = Path(out_dir) / f"ckpt-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2, weights: dict | None = None,
+                    started: bool = False) -> Path:
+    """Write ckpt-<step> atomically (tmp folder + rename) and prune old ones. Main process only.
+
+    `weights` overrides the model's own state dict (weights gathered from DeepSpeed ZeRO shards);
+    `started`: the tmp folder was made by `start_checkpoint` and may already hold DeepSpeed shards.
+    """
+    final = Path(out_dir) / f"ckpt-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if not started:
+        start_checkpoint(out_dir, step)
     model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / "state.pt")
@@ -63,7 +81,7 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict, kee
 
 
 def _fsync_dir(folder: Path) -> None:
-    for f in folder.iterdir():
+    for f in folder.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

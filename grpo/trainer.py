@@ -161,7 +161,10 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     sampler = Sampler(len(prompts), run.seed, rank, world)
     start = 0
     if resume_from:
-        start = _restore(checkpoint.load_state(resume_from), optimizer, scheduler, sampler, safety)
+        state = checkpoint.load_state(resume_from)
+        start = _restore(state, optimizer, scheduler, sampler, safety, zero_stage)
+        if zero_stage:
+            _restore_deepspeed(model, resume_from, state, world)
         log.info("resumed from %s at step %d", resume_from, start)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -179,14 +182,21 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
 
     def save(step: int) -> None:
         accelerator.wait_for_everyone()
-        # under DeepSpeed the optimizer state is sharded: checkpoints then hold the gathered weights and
-        # every counter (step, scheduler, data position, RNG, lambda), and a resume restarts Adam's moments
+        # under DeepSpeed the optimizer state is sharded: each rank adds its shard (DeepSpeed's own format)
+        # to the unfinished folder; rank 0 then writes the gathered weights and every counter and renames
         weights = accelerator.get_state_dict(model) if zero_stage else None
+        if zero_stage:
+            if is_main:
+                checkpoint.start_checkpoint(out, step)
+            accelerator.wait_for_everyone()
+            model.save_checkpoint(str(out / f"ckpt-{step}.tmp"), tag=checkpoint.DEEPSPEED, save_latest=False,
+                                  exclude_frozen_parameters=True)
+            accelerator.wait_for_everyone()
         if is_main:
             state = {"step": step, "optimizer": None if zero_stage else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "rng": checkpoint.rng_state(), "sampler": {"order": sampler.order, "epoch": sampler.epoch, "rng": sampler.rng.getstate()},
-                     "lagrange": safety.state_dict() if safety else None}
-            checkpoint.save_checkpoint(out, step, policy, tok, state, g.keep_last, weights=weights)
+                     "lagrange": safety.state_dict() if safety else None, "world_size": world, "zero_stage": zero_stage}
+            checkpoint.save_checkpoint(out, step, policy, tok, state, g.keep_last, weights=weights, started=bool(zero_stage))
         accelerator.wait_for_everyone()
 
     G = g.num_generations
@@ -452,11 +462,14 @@ def _reduce_metrics(metrics: dict[str, float], accelerator) -> dict[str, float]:
     return dict(zip(keys, vals.tolist()))
 
 
-def _restore(state: dict, optimizer, scheduler, sampler: Sampler, safety) -> int:
-    if state["optimizer"] is not None:
+def _restore(state: dict, optimizer, scheduler, sampler: Sampler, safety, zero_stage: int = 0) -> int:
+    if zero_stage:
+        pass  # DeepSpeed's sharded optimizer: _restore_deepspeed
+    elif state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     else:
-        log.warning("the checkpoint holds no optimizer state (written under DeepSpeed): Adam's moments restart")
+        log.warning("the checkpoint was written under DeepSpeed and this run has no DeepSpeed: its optimizer shards cannot be "
+                    "loaded, Adam's moments restart (weights, step, data position, RNG and lambda are restored)")
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     s = state["sampler"]
@@ -466,6 +479,25 @@ def _restore(state: dict, optimizer, scheduler, sampler: Sampler, safety) -> int
     if safety is not None and state.get("lagrange"):
         safety.load_state_dict(state["lagrange"])
     return int(state["step"])
+
+
+def _restore_deepspeed(engine, path: Path, state: dict, world: int) -> None:
+    """Load each rank's optimizer shard with DeepSpeed's own loader (same process count only)."""
+    why = None
+    if not (path / checkpoint.DEEPSPEED).is_dir():
+        why = "it holds no DeepSpeed optimizer shards (written without DeepSpeed)"
+    elif state.get("world_size") != world:
+        why = (f"it was written by {state.get('world_size')} processes and this run has {world}: DeepSpeed's shards are "
+               "split per process (resume with the same process count to continue exactly)")
+    if why:
+        log.warning("checkpoint %s: %s; Adam's moments restart (weights, step, data position, RNG and lambda are restored)", path, why)
+        return
+    # the weights already came from the checkpoint's safetensors; DeepSpeed's module copy skips frozen (LoRA base) weights
+    loaded, _ = engine.load_checkpoint(str(path), tag=checkpoint.DEEPSPEED, load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"checkpoint {path}: DeepSpeed could not load its optimizer shards from {path / checkpoint.DEEPSPEED}; "
+                        "resume from another checkpoint (grpo.resume=PATH) or start fresh")
 
 
 def _f(v: float):
