@@ -146,6 +146,7 @@ def _metrics(ratio, adv, mask, eps_low, eps_high, kl, entropy) -> dict[str, floa
         "clip_frac_low": masked_mean(low),
         "clip_frac_high": masked_mean(high),
         "ratio_mean": masked_mean(ratio),
+        "tokens": float(mask.sum()),  # the weight of these means when combining micro-batches and ranks
     }
     metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
     if kl is not None:

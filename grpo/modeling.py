@@ -4,7 +4,8 @@
 - `trust_remote_code` is off unless the recipe turns it on; weights load from safetensors.
 - LoRA goes through peft. Under LoRA the reference policy is the same model with the adapter
   disabled (`reference_logits_context`), so no second copy of the weights exists.
-- Without LoRA and with beta > 0 the reference is a frozen deep copy made at load time.
+- Without LoRA and with beta > 0 the reference is a frozen second copy loaded from the stage's
+  starting model (also when resuming from a checkpoint).
 """
 
 from __future__ import annotations
@@ -126,13 +127,25 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def make_reference(model, beta: float):
-    """The reference policy for the KL term: None when beta == 0 or under LoRA (adapter disabled)."""
+def make_reference(model, beta: float, load=None):
+    """The reference policy for the KL term: None when beta == 0 or under LoRA (adapter disabled).
+
+    `load()` returns the model the stage started from; without it the reference is a deep copy of
+    `model`. The trainer always loads: when resuming, `model` holds the checkpoint's weights, not the
+    reference's, and under DeepSpeed ZeRO-3 it is already partitioned (a copy would be empty).
+    """
     if beta == 0 or is_peft(model):
         return None
-    ref = copy.deepcopy(model).eval()
+    ref = (load() if load is not None else copy.deepcopy(model)).eval()
     ref.requires_grad_(False)
     return ref
+
+
+def reference_config(cfg: ModelConfig) -> ModelConfig:
+    """The model section for loading a frozen reference: no LoRA, no gradient checkpointing."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False), gradient_checkpointing=False)
 
 
 def reference_context(model, ref):
@@ -143,10 +156,16 @@ def reference_context(model, ref):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts (full sizes, also when DeepSpeed ZeRO-3 has partitioned them)."""
+    numel = lambda p: getattr(p, "ds_numel", p.numel())
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def local_parameter_count(model) -> int:
+    """Parameter elements this process stores: under ZeRO-3 its shard (plus parameters kept whole), else all."""
+    return sum(p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters())
 
 
 def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, state_dict: dict | None = None) -> Path:

@@ -131,3 +131,31 @@ def gathered_parameters(model, zero_stage: int):
         return contextlib.nullcontext()
     import deepspeed
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def place_reference(ref, accelerator, zero_stage: int):
+    """Put the frozen reference policy where it costs least: sharded under ZeRO-3, else on the device.
+
+    Under ZeRO-3 it becomes a DeepSpeed engine without an optimizer: its parameters are partitioned
+    across ranks like the policy's and gathered layer by layer during its forward, instead of one
+    full copy per rank. Every rank must then call its forward the same number of times (true here:
+    the ranks hold the same number of micro-batches). ZeRO-3's parameter offload setting carries over.
+    """
+    if ref is None:
+        return None
+    if zero_stage != 3:
+        return ref.to(accelerator.device)
+    import copy
+
+    import deepspeed
+
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = {k: v for k, v in cfg["zero_optimization"].items() if k != "offload_optimizer"}
+    hidden = getattr(getattr(ref, "config", None), "hidden_size", None)
+    if hidden:  # shard all but vector-sized parameters (norms), whatever the policy's persistence threshold
+        zero["stage3_param_persistence_threshold"] = 10 * hidden
+    keep = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "steps_per_print")
+    cfg = {**{k: cfg[k] for k in keep if k in cfg}, "zero_optimization": zero}
+    engine, *_ = deepspeed.initialize(model=ref, config=cfg)
+    engine.eval()
+    return engine

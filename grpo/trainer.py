@@ -42,7 +42,7 @@ from grpo.errors import Interrupted, UserError
 from grpo.logprobs import selective_log_softmax
 from grpo.losses import policy_loss
 from grpo.prefix import batch_logprobs
-from grpo.modeling import count_parameters, load_model, load_tokenizer, make_reference, reference_context, save_model
+from grpo.modeling import count_parameters, load_model, local_parameter_count, load_tokenizer, make_reference, reference_config, reference_context, save_model
 from grpo.rollout import SamplingParams, make_rollout
 from grpo.scoring import build_rewards, score
 from grpo.sft import Sampler
@@ -145,14 +145,14 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     prompts, dropped = prompt_records(rows, fmt, recipe.data, tok)
     rewards = build_rewards(recipe.rewards, device=accelerator.device, output_dir=run.output_dir)
     model = load_model(recipe.model, source, continue_adapter=bool(resume_from))
-    ref = make_reference(model, g.beta)
+    start_from = model_path or recipe.model.name_or_path  # the reference, also when resuming from a checkpoint
+    ref = make_reference(model, g.beta, load=lambda: load_model(reference_config(recipe.model), start_from, for_training=False))
     trainable, total = count_parameters(model)
     optimizer = runtime.build_optimizer(model, g.lr, g.weight_decay)
     scheduler = runtime.build_scheduler(optimizer, g.lr_scheduler, g.warmup_steps, g.steps * g.num_iterations)
     # the scheduler stays outside prepare(): accelerate would step it once per process per step
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ref is not None:
-        ref = ref.to(accelerator.device)
+    ref = runtime.place_reference(ref, accelerator, zero_stage)  # ZeRO-3: sharded like the policy
     policy = accelerator.unwrap_model(model)
     rollout = make_rollout(r.backend, policy, tok)
     stop_ids = tuple(dict.fromkeys([tok.eos_token_id, *r.stop_token_ids]))
@@ -292,7 +292,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
 
             # Log
             n_tok = sum(len(c.token_ids) for c in completions)
-            metrics = {**reward_metrics(R, rewards), **adv_metrics, **_mean_dicts(loss_metrics),
+            metrics = {**reward_metrics(R, rewards), **adv_metrics, **_mean_dicts(loss_metrics), **_token_means(loss_metrics, accelerator),
                        "completion_len": n_tok / len(completions),
                        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
                        "skipped_samples": float((~ok).sum()), "lr": scheduler.get_last_lr()[0],
@@ -322,7 +322,10 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     if is_main:
         save_model(policy, tok, final, merge=recipe.model.lora.merge_on_save, state_dict=weights)
         pngs = tracker.close(curves(rewards))
-        (out / "run_info.json").write_text(json.dumps({**info, "steps": g.steps}, indent=1))
+        # parameter elements this rank holds for the reference: 0 without one, < total when ZeRO-3 shards it
+        ref_local = local_parameter_count(ref) if ref is not None else 0
+        (out / "run_info.json").write_text(json.dumps({**info, "steps": g.steps, "params_total": total,
+                                                       "reference_local_params": ref_local}, indent=1))
         runtime.mark_done(out)
         log.info("train: saved %s; curves: %s", final, ", ".join(str(p) for p in pngs))
     accelerator.wait_for_everyone()
@@ -448,8 +451,23 @@ def reward_metrics(R: torch.Tensor, rewards) -> dict[str, float]:
     return out
 
 
+TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl", "entropy")
+
+
+def _token_means(ds: list[dict], accelerator) -> dict[str, float]:
+    """Per-token metrics as means over every completion token of the step, on all ranks together
+    (weighting each micro-batch by its tokens), so they do not depend on how the batch was split."""
+    # a fixed layout on every rank (a rank may have no micro-batch): weighted sums, then token counts
+    sums = torch.tensor([sum(d[k] * d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS] +
+                        [sum(d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+    n = len(TOKEN_MEANS)
+    return {k: float(sums[i]) / max(float(sums[n + i]), 1.0) for i, k in enumerate(TOKEN_MEANS) if sums[n + i] > 0}
+
+
 def _mean_dicts(ds: list[dict]) -> dict[str, float]:
-    keys = {k for d in ds for k in d}
+    keys = {k for d in ds for k in d if k not in TOKEN_MEANS and k != "tokens"}
     return {k: sum(d[k] for d in ds if k in d) / sum(1 for d in ds if k in d) for k in keys}
 
 

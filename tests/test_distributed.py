@@ -18,7 +18,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 ARGS = ["grpo.steps=3", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.micro_batch_size=8", "grpo.lr=1e-2",
-        "rollout.max_new_tokens=8", "rollout.seed_per_prompt=true", "rollout.backend=hf", "run.threads=1",
+        "grpo.beta=0.1", "rollout.max_new_tokens=8", "rollout.seed_per_prompt=true", "rollout.backend=hf", "run.threads=1",
         "rewards=[{name: 'rewards_for_tests:sevens'}]", "safety.enabled=false", "tracking.log_every=1"]
 
 
@@ -57,8 +57,14 @@ def test_two_processes_match_one(tmp_path, tiny_model, single, config):
     assert a == pytest.approx(b, rel=1e-9)  # both ranks hold the same parameters
     assert a == pytest.approx(info1["param_checksums"][0], rel=1e-4)  # and the same as one process
     assert len(m1) == len(m2) == 3
+    # the frozen reference (beta > 0): a full copy per rank, except under ZeRO-3, where it is sharded like the policy
+    assert info1["reference_local_params"] == info1["params_total"]
+    if config == "zero3.yaml":
+        assert 0 < info2["reference_local_params"] < info2["params_total"] * 0.75
+    else:
+        assert info2["reference_local_params"] == info2["params_total"]
     for x, y in zip(m1, m2):
-        for key in ("sevens", "completion_len", "loss", "zero_std_frac"):
+        for key in ("sevens", "completion_len", "loss", "zero_std_frac", "kl"):
             assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-5), (config, x["step"], key)
 
 

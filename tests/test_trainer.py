@@ -97,7 +97,8 @@ def test_bad_reward_skipped_when_asked(tmp_path, tiny_model):
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model):
-    common = ["grpo.lr=1e-2", "rewards=[{name: 'rewards_for_tests:sevens'}]", "grpo.save_every=2", "rollout.backend=hf"]
+    # beta > 0: the reference must be the starting model again, not the checkpoint's weights
+    common = ["grpo.lr=1e-2", "grpo.beta=0.1", "rewards=[{name: 'rewards_for_tests:sevens'}]", "grpo.save_every=2", "rollout.backend=hf"]
     run_grpo(recipe(tmp_path / "full", tiny_model, "grpo.steps=4", *common))
     full = history(tmp_path / "full" / "train" / "metrics.jsonl")
     run_grpo(recipe(tmp_path / "part", tiny_model, "grpo.steps=2", *common))
@@ -108,6 +109,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
     for a, b in zip(full[2:], part[2:]):
         assert a["sevens"] == pytest.approx(b["sevens"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-7)
 
 
 def test_constrained_advantage_matches_the_formula():
