@@ -40,6 +40,7 @@ from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import Interrupted, UserError
 from grpo.logprobs import selective_log_softmax
+from grpo.metrics import console_line, curves, mean_dicts, reduce_metrics, reward_metrics, run_info, token_means
 from grpo.losses import policy_loss
 from grpo.prefix import batch_logprobs
 from grpo.modeling import count_parameters, load_model, local_parameter_count, load_tokenizer, make_reference, reference_config, reference_context, save_model
@@ -51,10 +52,6 @@ from grpo.tracking import Tracker, truncate_history
 log = logging.getLogger(__name__)
 
 MAX_NONFINITE = 3  # consecutive optimizer steps with a NaN/inf gradient norm before the run stops
-
-
-def curves(rewards) -> dict[str, list[str]]:
-    return {"reward_curves": ["reward", *[x.name for x in rewards], "kl", "lambda", "cost", "unsafe_rate", "completion_len", "clip_frac", "tokens_per_s"]}
 
 
 # ------------------------------------------------------------------------------------- batches
@@ -292,14 +289,14 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
 
             # Log
             n_tok = sum(len(c.token_ids) for c in completions)
-            metrics = {**reward_metrics(R, rewards), **adv_metrics, **_mean_dicts(loss_metrics), **_token_means(loss_metrics, accelerator),
+            metrics = {**reward_metrics(R, rewards), **adv_metrics, **mean_dicts(loss_metrics), **token_means(loss_metrics, accelerator),
                        "completion_len": n_tok / len(completions),
                        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
                        "skipped_samples": float((~ok).sum()), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "tokens_per_s": n_tok / max(t1 - t0, 1e-9), "time_rollout": t1 - t0, "time_score": t2 - t1,
                        "time_logprobs": t3 - t2, "time_train": t4 - t3, "time_step": t4 - t0}
-            metrics = _reduce_metrics(metrics, accelerator)
+            metrics = reduce_metrics(metrics, accelerator)
             tracker.log(step + 1, metrics)
             if is_main and (step + 1) % recipe.tracking.log_every == 0:
                 bar.write(console_line(step + 1, g.steps, metrics, rewards))
@@ -426,60 +423,6 @@ def compute_advantages(R: torch.Tensor, rewards, g, safety: LagrangeMultiplier |
     return adv, metrics
 
 
-def run_info(model, accelerator, zero_stage: int) -> dict:
-    """World size and a checksum of the parameters on every rank; ranks that disagree are a bug."""
-    with runtime.gathered_parameters(model, zero_stage):
-        total = sum(float(p.detach().double().sum()) * (i + 1) + float(p.detach().double().abs().sum())
-                    for i, p in enumerate(model.parameters()))
-    sums = accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
-    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
-        raise RuntimeError(f"parameters differ across ranks after training: checksums {sums}")
-    return {"world_size": accelerator.num_processes, "zero_stage": zero_stage, "param_checksums": sums}
-
-
-def reward_metrics(R: torch.Tensor, rewards) -> dict[str, float]:
-    """Per reward: mean and std over applicable samples, fraction None; plus the weighted total."""
-    out = {}
-    for k, x in enumerate(rewards):
-        col = R[:, k]
-        valid = ~torch.isnan(col)
-        out[x.name] = float(col[valid].mean()) if valid.any() else float("nan")
-        out[f"{x.name}_std"] = float(col[valid].std()) if valid.sum() > 1 else float("nan")
-        out[f"{x.name}_none_frac"] = float((~valid).float().mean())
-    w = torch.tensor([x.weight if x.role != "safety" else 0.0 for x in rewards])
-    out["reward"] = float((torch.nan_to_num(R, nan=0.0) @ w).mean())
-    return out
-
-
-TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl", "entropy")
-
-
-def _token_means(ds: list[dict], accelerator) -> dict[str, float]:
-    """Per-token metrics as means over every completion token of the step, on all ranks together
-    (weighting each micro-batch by its tokens), so they do not depend on how the batch was split."""
-    # a fixed layout on every rank (a rank may have no micro-batch): weighted sums, then token counts
-    sums = torch.tensor([sum(d[k] * d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS] +
-                        [sum(d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums, reduction="sum")
-    n = len(TOKEN_MEANS)
-    return {k: float(sums[i]) / max(float(sums[n + i]), 1.0) for i, k in enumerate(TOKEN_MEANS) if sums[n + i] > 0}
-
-
-def _mean_dicts(ds: list[dict]) -> dict[str, float]:
-    keys = {k for d in ds for k in d if k not in TOKEN_MEANS and k != "tokens"}
-    return {k: sum(d[k] for d in ds if k in d) / sum(1 for d in ds if k in d) for k in keys}
-
-
-def _reduce_metrics(metrics: dict[str, float], accelerator) -> dict[str, float]:
-    if accelerator.num_processes == 1:
-        return metrics
-    keys = sorted(metrics)
-    vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    vals = accelerator.reduce(vals, reduction="mean")
-    return dict(zip(keys, vals.tolist()))
-
-
 def _restore(state: dict, optimizer, scheduler, sampler: Sampler, safety, zero_stage: int = 0) -> int:
     if zero_stage:
         pass  # DeepSpeed's sharded optimizer: _restore_deepspeed
@@ -520,17 +463,3 @@ def _restore_deepspeed(engine, path: Path, state: dict, world: int) -> None:
 
 def _f(v: float):
     return None if math.isnan(v) else round(v, 4)
-
-
-def console_line(step: int, steps: int, m: dict[str, float], rewards) -> str:
-    """One line per step: rewards, KL, clipping, zero-std groups, length, speed, where time went."""
-    parts = [f"step {step}/{steps}", f"reward {m['reward']:.3f}"]
-    parts += [f"{x.name} {m[x.name]:.3f}" for x in rewards if not math.isnan(m[x.name])]
-    for key, fmt in (("kl", "kl {:.4f}"), ("lambda", "lam {:.3f}"), ("unsafe_rate", "unsafe {:.3f}"), ("clip_frac", "clip {:.3f}"),
-                     ("zero_std_frac", "zero-std {:.2f}"), ("completion_len", "len {:.1f}")):
-        if key in m and not math.isnan(m[key]):
-            parts.append(fmt.format(m[key]))
-    parts.append(f"{m['tokens_per_s']:.0f} tok/s")
-    parts.append(f"t {m['time_step']:.2f}s (gen {m['time_rollout']:.2f} score {m['time_score']:.2f} "
-                 f"logp {m['time_logprobs']:.2f} train {m['time_train']:.2f})")
-    return " | ".join(parts)
