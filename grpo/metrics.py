@@ -18,12 +18,13 @@ def curves(rewards) -> dict[str, list[str]]:
 def run_info(model, accelerator, zero_stage: int) -> dict:
     """World size and a checksum of the parameters on every rank; ranks that disagree are a bug."""
     with runtime.gathered_parameters(model, zero_stage):
-        total = sum(float(p.detach().double().sum()) * (i + 1) + float(p.detach().double().abs().sum())
-                    for i, p in enumerate(model.parameters()))
+        whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # FSDP: DTensor shards
+        total = sum(float(p.detach().double().sum()) * (i + 1) + float(p.detach().double().abs().sum()) for i, p in enumerate(whole))
     sums = accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"parameters differ across ranks after training: checksums {sums}")
-    return {"world_size": accelerator.num_processes, "zero_stage": zero_stage, "param_checksums": sums}
+    return {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value, "zero_stage": zero_stage,
+            "param_checksums": sums}
 
 
 def reward_metrics(R: torch.Tensor, rewards) -> dict[str, float]:

@@ -164,8 +164,12 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def local_parameter_count(model) -> int:
-    """Parameter elements this process stores: under ZeRO-3 its shard (plus parameters kept whole), else all."""
-    return sum(p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0) for p in model.parameters())
+    """Parameter elements this process stores: its shards under ZeRO-3 (plus parameters kept whole) and FSDP, else all."""
+    def local(p):
+        if hasattr(p, "to_local"):  # FSDP2 DTensor
+            return p.to_local().numel()
+        return p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
+    return sum(local(p) for p in model.parameters())
 
 
 def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, state_dict: dict | None = None) -> Path:

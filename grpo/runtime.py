@@ -32,15 +32,37 @@ def setup(seed: int, threads: int | None) -> None:
     torch.manual_seed(seed)
 
 
-def make_accelerator(grad_accum: int = 1):
-    """An Accelerator that also works on CPU under DeepSpeed (gloo process group)."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
 
+
+def make_accelerator(grad_accum: int = 1):
+    """An Accelerator that also works on CPU under DeepSpeed and FSDP (gloo process group).
+
+    FSDP on CPU: accelerate only sets FSDP up on accelerators, although torch's FSDP2 (`fully_shard`)
+    runs over gloo; with an FSDP config on a machine without GPUs (and more than one process) the
+    FSDP plugin is switched on here, from the same FSDP_* variables `accelerate launch` sets. Every
+    rank must hold real weights before `prepare` (the reference and the rollout copy are made from
+    them), so FSDP's rank-0-only loading (`fsdp_cpu_ram_efficient_loading`) is turned off.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; grpo runs FSDP2: "
+                        "set fsdp_version: 2 (as in recipes/accelerate_configs/fsdp.yaml)")
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not torch.cuda.is_available() and world > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        log.info("FSDP: fsdp_cpu_ram_efficient_loading turned off (every rank loads the weights: the reference and the rollout copy need them)")
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
+    if _flag("ACCELERATE_USE_FSDP") and not torch.cuda.is_available() and world > 1 and accelerator.num_processes == world:
+        PartialState().distributed_type = DistributedType.FSDP  # both: AcceleratorState re-reads PartialState's
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     check_launch(accelerator)
     return accelerator
 
@@ -159,3 +181,42 @@ def place_reference(ref, accelerator, zero_stage: int):
     engine, *_ = deepspeed.initialize(model=ref, config=cfg)
     engine.eval()
     return engine
+
+
+def rollout_copy(model):
+    """A frozen whole copy of the policy for generation under FSDP (made before `prepare` shards it).
+
+    Generating on the FSDP-wrapped policy would run a collective in every layer of every decoding
+    step, and ranks decode different numbers of steps. The copy costs one full set of weights per
+    process (as ZeRO-3's gather for the rollout does, but held for the run) and is refreshed from
+    the shards after every optimizer step (`copy_full_weights`).
+    """
+    import copy
+
+    gen = copy.deepcopy(model).eval()
+    gen.requires_grad_(False)
+    return gen
+
+
+def copy_full_weights(sharded, gen) -> None:
+    """All ranks: gather the FSDP policy's weights whole and load them into the rollout copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    gen.load_state_dict(full)
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """All ranks: the FSDP optimizer state gathered whole onto rank 0 (CPU), keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """All ranks: load a whole, name-keyed optimizer state into the FSDP shards (any process count)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))

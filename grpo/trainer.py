@@ -147,11 +147,15 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     trainable, total = count_parameters(model)
     optimizer = runtime.build_optimizer(model, g.lr, g.weight_decay)
     scheduler = runtime.build_scheduler(optimizer, g.lr_scheduler, g.warmup_steps, g.steps * g.num_iterations)
+    fsdp = accelerator.is_fsdp2
+    gen_model = runtime.rollout_copy(model) if fsdp else None  # FSDP: generate on a whole copy, refreshed every step
     # the scheduler stays outside prepare(): accelerate would step it once per process per step
     model, optimizer = accelerator.prepare(model, optimizer)
     ref = runtime.place_reference(ref, accelerator, zero_stage)  # ZeRO-3: sharded like the policy
     policy = accelerator.unwrap_model(model)
-    rollout = make_rollout(r.backend, policy, tok)
+    if gen_model is not None:
+        gen_model.to(accelerator.device)
+    rollout = make_rollout(r.backend, gen_model or policy, tok)
     stop_ids = tuple(dict.fromkeys([tok.eos_token_id, *r.stop_token_ids]))
     safety = LagrangeMultiplier.from_lambda(recipe.safety.lambda_init, lr=recipe.safety.lambda_lr, threshold=recipe.safety.cost_threshold,
                                             lam_max=recipe.safety.lambda_max, delay_steps=recipe.safety.lambda_delay) if recipe.safety.enabled else None
@@ -159,7 +163,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     start = 0
     if resume_from:
         state = checkpoint.load_state(resume_from)
-        start = _restore(state, optimizer, scheduler, sampler, safety, zero_stage)
+        start = _restore(state, optimizer, scheduler, sampler, safety, model=model, zero_stage=zero_stage, fsdp=fsdp)
         if zero_stage:
             _restore_deepspeed(model, resume_from, state, world)
         log.info("resumed from %s at step %d", resume_from, start)
@@ -181,7 +185,9 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
         accelerator.wait_for_everyone()
         # under DeepSpeed the optimizer state is sharded: each rank adds its shard (DeepSpeed's own format)
         # to the unfinished folder; rank 0 then writes the gathered weights and every counter and renames
-        weights = accelerator.get_state_dict(model) if zero_stage else None
+        weights = accelerator.get_state_dict(model) if zero_stage or fsdp else None
+        # FSDP: the optimizer state gathered whole, keyed by parameter name (any process count can resume)
+        optim = runtime.full_optimizer_state(model, optimizer) if fsdp else None
         if zero_stage:
             if is_main:
                 checkpoint.start_checkpoint(out, step)
@@ -190,7 +196,8 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
                                   exclude_frozen_parameters=True)
             accelerator.wait_for_everyone()
         if is_main:
-            state = {"step": step, "optimizer": None if zero_stage else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            state = {"step": step, "optimizer": optim if fsdp else None if zero_stage else optimizer.state_dict(),
+                     "optimizer_by_name": fsdp, "scheduler": scheduler.state_dict(),
                      "rng": checkpoint.rng_state(), "sampler": {"order": sampler.order, "epoch": sampler.epoch, "rng": sampler.rng.getstate()},
                      "lagrange": safety.state_dict() if safety else None, "world_size": world, "zero_stage": zero_stage}
             checkpoint.save_checkpoint(out, step, policy, tok, state, g.keep_last, weights=weights, started=bool(zero_stage))
@@ -284,7 +291,9 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
                                 scheduler.step()
                         optimizer.zero_grad()
                     loss_metrics.append({"loss": loss.item(), **m})
-            rollout.sync_weights(policy)
+            if gen_model is not None:
+                runtime.copy_full_weights(model, gen_model)
+            rollout.sync_weights(gen_model or policy)
             t4 = time.perf_counter()
 
             # Log
@@ -315,14 +324,16 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     save(g.steps)
     info = run_info(model if zero_stage else policy, accelerator, zero_stage)
     final = out / "final"
-    weights = accelerator.get_state_dict(model) if zero_stage == 3 else None
+    weights = accelerator.get_state_dict(model) if zero_stage == 3 or fsdp else None
     if is_main:
         save_model(policy, tok, final, merge=recipe.model.lora.merge_on_save, state_dict=weights)
         pngs = tracker.close(curves(rewards))
         # parameter elements this rank holds for the reference: 0 without one, < total when ZeRO-3 shards it
         ref_local = local_parameter_count(ref) if ref is not None else 0
+        policy_local = local_parameter_count(policy)
         (out / "run_info.json").write_text(json.dumps({**info, "steps": g.steps, "params_total": total,
-                                                       "reference_local_params": ref_local}, indent=1))
+                                                       "reference_local_params": ref_local,
+                                                       "policy_local_params": policy_local}, indent=1))
         runtime.mark_done(out)
         log.info("train: saved %s; curves: %s", final, ", ".join(str(p) for p in pngs))
     accelerator.wait_for_everyone()
@@ -423,14 +434,17 @@ def compute_advantages(R: torch.Tensor, rewards, g, safety: LagrangeMultiplier |
     return adv, metrics
 
 
-def _restore(state: dict, optimizer, scheduler, sampler: Sampler, safety, zero_stage: int = 0) -> int:
+def _restore(state: dict, optimizer, scheduler, sampler: Sampler, safety, *, model, zero_stage: int, fsdp: bool) -> int:
+    saved, by_name = state["optimizer"], state.get("optimizer_by_name", False)
     if zero_stage:
         pass  # DeepSpeed's sharded optimizer: _restore_deepspeed
-    elif state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    elif saved is not None and by_name:
+        runtime.load_full_optimizer_state(model, optimizer, saved)  # written under FSDP: any process count, FSDP or not
+    elif saved is not None and not fsdp:
+        optimizer.load_state_dict(saved)
     else:
-        log.warning("the checkpoint was written under DeepSpeed and this run has no DeepSpeed: its optimizer shards cannot be "
-                    "loaded, Adam's moments restart (weights, step, data position, RNG and lambda are restored)")
+        log.warning("the checkpoint holds no optimizer state this run can load (written under DeepSpeed, or without FSDP for "
+                    "an FSDP run): Adam's moments restart (weights, step, data position, RNG and lambda are restored)")
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     s = state["sampler"]
