@@ -14,12 +14,14 @@ process count loads them back with `engine.load_checkpoint`, so Adam's moments c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -93,6 +95,40 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := _NAME.match(p.name)) and (p / "state.pt").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def earlier_run_problem(out_dir: Path, *, overwrite: bool, resume: bool) -> str | None:
+    """A fresh (not resumed) GRPO run into a folder holding another run's checkpoints would mix the two
+    (a later resume could pick the old run's latest): refuse unless run.overwrite, which removes them."""
+    found = list_checkpoints(out_dir)
+    if not found or resume or overwrite:
+        return None
+    return (f"{out_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}); continue it with "
+            "grpo.resume=true, or set run.overwrite=true to start over (its checkpoints are then deleted)")
+
+
+def remove_checkpoints(out_dir: Path) -> int:
+    """Delete every checkpoint folder (finished or not) in out_dir: the start of an overwriting run."""
+    old = [p for p in Path(out_dir).iterdir() if re.match(r"ckpt-\d+(\.tmp)?$", p.name)] if Path(out_dir).is_dir() else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(old)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Yields an empty `<final>.tmp` to write into; when the block ends without error it replaces `final`
+    whole, so the folder is never half-written and holds no stale files from an earlier save."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def find_resume(out_dir: Path, resume: bool | str) -> Path | None:

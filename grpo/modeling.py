@@ -177,12 +177,13 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, st
 
     `state_dict` overrides the model's own (e.g. weights gathered from DeepSpeed ZeRO-3 shards).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, **({"state_dict": state_dict} if state_dict is not None else {}))
-    tokenizer.save_pretrained(out_dir)
-    if is_peft(model) and merge:
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(out_dir / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(out_dir / "merged")
-    return out_dir
+    from grpo.checkpoint import atomic_folder
+
+    with atomic_folder(out_dir) as tmp:  # replaces out_dir whole: no stale files from an earlier run's save
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        if is_peft(model) and merge:
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
+    return Path(out_dir)

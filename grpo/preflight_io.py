@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from grpo.checkpoint import earlier_run_problem
 from grpo.config import STAGES
 from grpo.errors import UserError
 
@@ -116,7 +117,8 @@ def output_problems(recipe, stage: str) -> list[str]:
     resume = stage in TRAIN_STAGES and bool(recipe.grpo.resume)
     if stage != "eval" and (stage_dir / "DONE").exists() and not recipe.run.overwrite and not resume:
         return [f"{stage_dir} already holds a finished '{stage}' run; set run.overwrite=true or choose another run.output_dir"]
-    return []
+    problem = earlier_run_problem(stage_dir, overwrite=recipe.run.overwrite, resume=resume) if stage in TRAIN_STAGES else None
+    return [problem] if problem else []
 
 
 def disk_problems(recipe, stages, cache) -> list[str]:

@@ -135,6 +135,11 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
 
     # Data, rewards, model
     resume_from = checkpoint.find_resume(out, g.resume)
+    problem = checkpoint.earlier_run_problem(out, overwrite=run.overwrite, resume=bool(g.resume))
+    if problem:
+        raise UserError(problem)
+    if not resume_from and is_main and (n := checkpoint.remove_checkpoints(out)):
+        log.warning("run.overwrite=true: deleted %d checkpoint(s) of an earlier run in %s", n, out)
     source = str(resume_from) if resume_from else (model_path or recipe.model.name_or_path)
     tok = load_tokenizer(dataclasses.replace(recipe.model, name_or_path=source))
     rows = load_rows(recipe.data.train, "data.train")

@@ -229,11 +229,13 @@ def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_len
     model = model.merge_and_unload() if is_peft(model) else model  # training is over: merge in place
     name = "cost" if kind == "safety" else "reward"
     model.config.id2label, model.config.label2id = {0: name}, {name: 0}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    write_meta(out_dir, template=template, max_length=max_length, role=kind,
-               score="cost (> 0 = unsafe)" if kind == "safety" else "reward", base=source, trained_by="grpo rm")
+    from grpo.checkpoint import atomic_folder
+
+    with atomic_folder(out_dir) as tmp:  # replaces out_dir whole: no stale files from an earlier run's save
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_meta(tmp, template=template, max_length=max_length, role=kind,
+                   score="cost (> 0 = unsafe)" if kind == "safety" else "reward", base=source, trained_by="grpo rm")
     return out_dir
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from grpo import checkpoint
 from grpo.config import load_recipe
 from grpo.errors import UserError
 from grpo.trainer import build_batch, run_grpo, token_logprobs
@@ -157,3 +158,20 @@ def test_dynamic_sampling_never_keeps_a_zero_std_group(tmp_path, tiny_model):
     assert all(x["zero_std_frac"] == 0.0 for x in h)  # enough prompts exist: every kept group is informative
     assert all(1 <= x["generation_rounds"] <= 4 and 0 <= x["filtered_groups_frac"] < 1 for x in h)
     assert any(x["filtered_groups_frac"] > 0 for x in h)  # some groups were dropped and refilled
+
+
+def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, tiny_model):
+    common = ["grpo.lr=1e-2", "rewards=[{name: 'rewards_for_tests:sevens'}]", "grpo.save_every=2", "rollout.backend=hf"]
+    # an earlier, unfinished run left ckpt-2, ckpt-4 and ckpt-6 behind
+    run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=6", "grpo.keep_last=5", *common))
+    (tmp_path / "train" / "DONE").unlink()
+    (tmp_path / "train" / "final" / "stale.txt").write_text("from the earlier run")
+    # starting again without resume or overwrite is refused: the checkpoints would be lost or mixed
+    with pytest.raises(UserError, match=r"holds checkpoints of an earlier run \(ckpt-2, ckpt-4, ckpt-6\).*grpo.resume=true.*run.overwrite=true"):
+        run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=2", *common))
+    from grpo.preflight import preflight
+    assert any("holds checkpoints of an earlier run" in p for p in preflight(recipe(tmp_path, tiny_model, "grpo.steps=2", *common), "train"))
+    # with run.overwrite=true the earlier checkpoints go, and a later resume picks this run's own
+    run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=2", "run.overwrite=true", *common))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "train")] == ["ckpt-2"]
+    assert not (tmp_path / "train" / "final" / "stale.txt").exists()  # final/ is replaced whole
