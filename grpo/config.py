@@ -32,7 +32,7 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: ["sft", "train", "eval"])  # for `pipeline`
     seed: int = 0  # seeds python, numpy, torch, data order and sampling
     threads: int | None = None  # torch CPU threads per process; None = torch's default
-    overwrite: bool = False  # allow writing into a stage folder that already holds a finished run
+    overwrite: bool = False  # allow writing into a stage folder that already holds a run (its final model and GRPO checkpoints are replaced)
 
 
 @dataclass
