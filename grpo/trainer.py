@@ -40,10 +40,11 @@ from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import Interrupted, UserError
 from grpo.logprobs import selective_log_softmax
-from grpo.metrics import console_line, curves, mean_dicts, reduce_metrics, reward_metrics, run_info, token_means
 from grpo.losses import policy_loss
+from grpo.metrics import console_line, curves, mean_dicts, reduce_metrics, reward_metrics, run_info, token_means
 from grpo.prefix import batch_logprobs
-from grpo.modeling import count_parameters, load_model, local_parameter_count, load_tokenizer, make_reference, reference_config, reference_context, save_model
+from grpo.modeling import (count_parameters, load_model, load_tokenizer, local_parameter_count, make_reference, reference_config,
+                            reference_context, save_model)
 from grpo.rollout import SamplingParams, make_rollout
 from grpo.scoring import build_rewards, score
 from grpo.sft import Sampler
