@@ -239,6 +239,10 @@ def child(a) -> None:
 
     torch.set_num_threads(a.threads)
     folder = Path(a.assets)
+    if a.child == "assets":
+        build_assets(folder, a)
+        print("RESULT {}", flush=True)
+        return
     if a.child == "trl":
         result = run_trl(folder, a)
     elif a.child in ("ours", "ours_plain"):
@@ -333,7 +337,7 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--json", help="also write all results here")
-    p.add_argument("--child", choices=RUNNERS, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=(*RUNNERS, "assets"), help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)
     p.add_argument("--loss-type", default="grpo", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -349,7 +353,8 @@ def main(argv=None) -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
         assets = Path(tmp)
-        build_assets(assets, a)
+        # built in a subprocess: a child's ru_maxrss starts at the size of the process that started it
+        spawn("assets", "grpo", assets, a)
         for loss_type in a.loss_types:
             for runner in [r for r in a.runners if r != "fwdbwd"]:
                 r = spawn(runner, loss_type, assets, a)
