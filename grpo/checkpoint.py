@@ -50,13 +50,17 @@ def set_rng_state(state: dict) -> None:
 DEEPSPEED = "deepspeed"  # sub-folder (and DeepSpeed tag) of the sharded engine state
 
 
-def start_checkpoint(out_dir: Path, step: int) -> Path:
-    """Create an empty `ckpt-<step>.tmp` (main process), for other ranks to add their shards to."""
-    tmp = Path(out_dir) / f"ckpt-{step}.tmp"
+def _fresh_tmp(final: Path) -> Path:
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def start_checkpoint(out_dir: Path, step: int) -> Path:
+    """Create an empty `ckpt-<step>.tmp` (main process), for other ranks to add their shards to."""
+    return _fresh_tmp(Path(out_dir) / f"ckpt-{step}")
 
 
 def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2, weights: dict | None = None,
@@ -67,16 +71,10 @@ def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict, kee
     `started`: the tmp folder was made by `start_checkpoint` and may already hold DeepSpeed shards.
     """
     final = Path(out_dir) / f"ckpt-{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if not started:
-        start_checkpoint(out_dir, step)
-    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / "state.pt")
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_folder(final, started=started) as tmp:
+        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / "state.pt")
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -116,14 +114,12 @@ def remove_checkpoints(out_dir: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """Yields an empty `<final>.tmp` to write into; when the block ends without error it replaces `final`
-    whole, so the folder is never half-written and holds no stale files from an earlier save."""
+def atomic_folder(final: Path, *, started: bool = False) -> Iterator[Path]:
+    """Yields an empty `<final>.tmp` to write into (`started`: the one `start_checkpoint` made, kept);
+    when the block ends without error it replaces `final` whole (fsync, then rename), so the folder is
+    never half-written and holds no stale files from an earlier save."""
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = final.with_name(final.name + ".tmp") if started else _fresh_tmp(final)
     yield tmp
     _fsync_dir(tmp)
     if final.exists():
