@@ -1,8 +1,10 @@
-"""What every stage needs before its loop: threads, seeds, the accelerator, the stage folder, the optimizer.
+"""What every stage needs before its loop: threads, seeds, the accelerator, the stage folder, the optimizer,
+and where the models live across processes (ZeRO-3 / FSDP placement of the reference and rollout weights).
 
 Stage folders: stage X of a run writes into `run.output_dir/X`. A folder that already holds a
 finished stage (a `DONE` marker) is never overwritten unless `run.overwrite=true`; a folder that
-holds an unfinished GRPO run is resumed from when `grpo.resume` is set.
+holds an unfinished GRPO run is resumed from when `grpo.resume` is set (a fresh run into it is
+refused, or deletes its checkpoints under `run.overwrite=true`: grpo.checkpoint.earlier_run_problem).
 """
 
 from __future__ import annotations
