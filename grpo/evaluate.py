@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from grpo import runtime
 from grpo.config import Recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import UserError
-from grpo.modeling import load_model, load_tokenizer
+from grpo.modeling import load_model, load_tokenizer, whole_weights
 from grpo.rollout import SamplingParams, make_rollout
 from grpo.scoring import build_rewards, score
 
@@ -56,7 +57,8 @@ def evaluate_model(recipe: Recipe, path: str, records: list[dict], rewards, devi
     """Generate for every record: (the documented metrics, [(prompt, first completion)]) for one model."""
     mcfg = dataclasses.replace(recipe.model, name_or_path=path)
     tok = load_tokenizer(mcfg)
-    model = load_model(mcfg, path, for_training=False).to(device).eval()
+    with whole_weights():
+        model = load_model(mcfg, path, for_training=False).to(device).eval()
     k = recipe.eval.num_samples
     params = SamplingParams(max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
                             temperature=0.0 if k == 1 else recipe.rollout.temperature, top_p=recipe.rollout.top_p,
@@ -104,7 +106,10 @@ def metrics_from(records, comps, texts, R, rewards, k: int) -> dict:
 
 
 def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
-    """Evaluate each model on data.eval; write results.json and results.md; return the results."""
+    """Evaluate each model on data.eval; write results.json and results.md; return the results.
+
+    Under `accelerate launch` every process evaluates (no collectives; decoding is greedy or seeded, so
+    all of them get the same results) and only rank 0 writes the files."""
     runtime.setup(recipe.run.seed, recipe.run.threads)
     if not recipe.data.eval:
         raise UserError("the eval stage needs data.eval (a JSONL of held-out prompts with an answer column)")
@@ -121,8 +126,10 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
         records, _ = prompt_records(rows, fmt, recipe.data, tok)
         results[label], samples[label] = evaluate_model(recipe, path, records, rewards)
         log.info("eval %s (%s): %s", label, path, _short(results[label]))
-    out.mkdir(parents=True, exist_ok=True)
     doc = {"models": [{"label": l, "path": p} for l, p in pairs], "results": results}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return doc
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     with open(out / "samples.jsonl", "w") as f:  # every model's first completion for each prompt

@@ -123,6 +123,21 @@ def apply_lora(model, cfg: LoraConfig, gradient_checkpointing: bool = False):
     return model
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """Load models whole (eval models, reward models) even under DeepSpeed ZeRO-3 or after a ZeRO-3 stage ran in
+    this process (a pipeline): transformers would otherwise partition them at load, since its global ZeRO-3
+    config outlives that stage's engine, and a partitioned model only runs inside a DeepSpeed engine."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -175,7 +190,8 @@ def local_parameter_count(model) -> int:
 def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, state_dict: dict | None = None) -> Path:
     """Save an HF-loadable checkpoint (full model, or adapter + optional merged copy in out/merged).
 
-    `state_dict` overrides the model's own (e.g. weights gathered from DeepSpeed ZeRO-3 shards).
+    `state_dict` overrides the model's own (weights gathered from ZeRO-3 / FSDP shards). The live
+    weights are then sharded, so a merged copy is built from the adapter just written and its base.
     """
     from grpo.checkpoint import atomic_folder
 
@@ -183,7 +199,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, st
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         if is_peft(model) and merge:
-            merged = copy.deepcopy(model).merge_and_unload()
+            merged = copy.deepcopy(model).merge_and_unload() if state_dict is None else _load_adapter_model(str(tmp), {}, trainable=False)
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
     return Path(out_dir)

@@ -146,6 +146,12 @@ def configure_deepspeed(accelerator, micro_batch_size: int, grad_accum: int, max
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
 
 
+def sharded(accelerator, zero_stage: int) -> bool:
+    """Whether the prepared model's parameters are split across processes (ZeRO-3 or FSDP): then every
+    rank must run its forwards together, and saving needs the weights gathered first."""
+    return zero_stage == 3 or accelerator.is_fsdp2
+
+
 def gathered_parameters(model, zero_stage: int):
     """Context with every parameter materialised on each rank (ZeRO-3), read-only; else a no-op.
 

@@ -15,7 +15,6 @@ copy when `model.lora.merge_on_save`) is saved to `<run.output_dir>/sft/final`, 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -127,6 +126,8 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
     if not dcfg.sft_train:
         raise UserError("the sft stage needs data.sft_train (a JSONL of prompt/completion or messages rows)")
     accelerator = runtime.make_accelerator(cfg.grad_accum)
+    zero_stage = runtime.configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    split = runtime.sharded(accelerator, zero_stage)  # ZeRO-3 / FSDP: forwards on all ranks together, gathered save
     model_cfg = recipe.model
     tok = load_tokenizer(model_cfg if model_path is None else _with_path(model_cfg, model_path))
 
@@ -172,14 +173,15 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
             tokens += n
         metrics = {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0), "epoch": sampler.epoch}
-        if evals and is_main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        if evals and (is_main or split) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics["eval_loss"] = eval_loss(accelerator.unwrap_model(model), evals, cfg, tok.pad_token_id)
         tracker.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"eval": f"{metrics['eval_loss']:.3f}"} if "eval_loss" in metrics else {}))
     final = out / "final"
     accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(model) if split else None  # all ranks take part in the gather
     if is_main:
-        save_model(accelerator.unwrap_model(model), tok, final, merge=model_cfg.lora.merge_on_save)
+        save_model(accelerator.unwrap_model(model), tok, final, merge=model_cfg.lora.merge_on_save, state_dict=weights)
         pngs = tracker.close({"sft_curves": ["loss", "eval_loss", "lr"]})
         runtime.mark_done(out)
         first, last = tracker.history[0], tracker.history[-1]

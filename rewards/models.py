@@ -212,14 +212,17 @@ class RewardModelScorer:
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from grpo.modeling import whole_weights
+
         if dtype not in DTYPES:
             raise UserError(f"reward model {source}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=False)
             extra = {"num_labels": int(num_labels)} if num_labels else {}
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                source, revision=revision, trust_remote_code=False, dtype=DTYPES[dtype], key_mapping=key_mapping,
-                output_loading_info=True, **extra)
+            with whole_weights():  # a scorer runs outside any DeepSpeed engine: never partitioned at load
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    source, revision=revision, trust_remote_code=False, dtype=DTYPES[dtype], key_mapping=key_mapping,
+                    output_loading_info=True, **extra)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load reward model '{source}' as a sequence classifier: {first_line(e)} "
                             "(give a local folder with config.json or hf:<hub id> of an AutoModelForSequenceClassification)") from None

@@ -222,8 +222,10 @@ def load_classifier(recipe: Recipe, source: str, seed: int):
     return model, tok
 
 
-def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_length: int, source: str) -> Path:
-    """HF-loadable classifier (LoRA merged) + tokenizer + reward_model.json."""
+def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_length: int, source: str,
+                    state_dict: dict | None = None) -> Path:
+    """HF-loadable classifier (LoRA merged) + tokenizer + reward_model.json; `state_dict`: weights gathered
+    from ZeRO-3 / FSDP shards (full-parameter models only)."""
     from grpo.modeling import is_peft
 
     model = model.merge_and_unload() if is_peft(model) else model  # training is over: merge in place
@@ -232,7 +234,7 @@ def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_len
     from grpo.checkpoint import atomic_folder
 
     with atomic_folder(out_dir) as tmp:  # replaces out_dir whole: no stale files from an earlier run's save
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(tmp)
         write_meta(tmp, template=template, max_length=max_length, role=kind,
                    score="cost (> 0 = unsafe)" if kind == "safety" else "reward", base=source, trained_by="grpo rm")
@@ -240,8 +242,12 @@ def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_len
 
 
 # ---------------------------------------------------------------------------------------- training
-def train_one(kind: str, recipe: Recipe, out: Path, accelerator) -> dict:
-    """Train, evaluate and save one model; returns its results entry."""
+def train_one(kind: str, recipe: Recipe, out: Path) -> dict:
+    """Train, evaluate and save one model; returns its results entry.
+
+    Each model gets its own Accelerator: accelerate's DeepSpeed and FSDP integrations track one
+    prepared model per Accelerator (its backward and gradient clipping pick the wrong one otherwise)."""
+    accelerator = runtime.make_accelerator()
     cfg = recipe.rm
     train_spec, eval_spec = (cfg.usefulness_train, cfg.usefulness_eval) if kind == "usefulness" else (cfg.safety_train, cfg.safety_eval)
     rows = load_pairs(train_spec, f"rm.{kind}_train", kind)
@@ -252,12 +258,17 @@ def train_one(kind: str, recipe: Recipe, out: Path, accelerator) -> dict:
     eval_c, eval_r = encode_pairs(tok, erows, cfg.template, cfg.max_length) if erows else ([], [])
     scorer = RewardModelScorer(model, tok, template=cfg.template, max_length=cfg.max_length, batch_size=64, device=accelerator.device)
     evaluate_now = (lambda: evaluate(scorer, kind, erows, eval_c, eval_r)) if erows else dict
-    before = evaluate_now()
 
     optimizer = runtime.build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = runtime.build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.steps)
     # the scheduler stays unprepared: accelerate's wrapper steps it once per process per step
+    zero_stage = runtime.configure_deepspeed(accelerator, cfg.batch_size, 1, cfg.max_grad_norm)
+    split = runtime.sharded(accelerator, zero_stage)  # ZeRO-3 / FSDP: every rank evaluates, the save gathers
+    if split and recipe.model.lora.enabled:
+        raise UserError("the rm stage with model.lora under ZeRO-3 / FSDP is not supported (the LoRA merge needs whole weights); "
+                        "train reward models with zero2.yaml or cpu_ddp.yaml/DDP, or set model.lora.enabled=false for the rm stage")
     model, optimizer = accelerator.prepare(model, optimizer)
+    before = evaluate_now()  # after prepare: under ZeRO-3 the weights may already be partitioned at load
     is_main = accelerator.is_main_process
     tracker = Tracker(out / "logs" / kind, recipe.tracking, is_main=is_main, run_config={"stage": "rm", "model": kind}, name=f"rm-{kind}")
     tracker.log(0, {f"eval_{k}": v for k, v in before.items()})
@@ -293,8 +304,9 @@ def train_one(kind: str, recipe: Recipe, out: Path, accelerator) -> dict:
     after = evaluate_now()
     accelerator.wait_for_everyone()
     path = out / kind
+    weights = accelerator.get_state_dict(model) if split else None  # all ranks take part in the gather
     if is_main:
-        save_classifier(accelerator.unwrap_model(model), tok, path, kind, cfg.template, cfg.max_length, source)
+        save_classifier(accelerator.unwrap_model(model), tok, path, kind, cfg.template, cfg.max_length, source, weights)
         tracker.close({f"rm_{kind}": ["loss", "accuracy", "sign_accuracy", "eval_pair_accuracy", "eval_sign_accuracy", "lr"]})
         log.info("rm %s: %.1fs; after: %s; saved %s", kind, seconds, _short(after), path)
     accelerator.wait_for_everyone()
@@ -322,7 +334,7 @@ def run_rm(recipe: Recipe) -> dict:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "config.yaml")
-    results = {kind: train_one(kind, recipe, out, accelerator) for kind in kinds}
+    results = {kind: train_one(kind, recipe, out) for kind in kinds}
     if accelerator.is_main_process:
         (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         runtime.mark_done(out)

@@ -119,3 +119,31 @@ def test_sharded_resume_continues_exactly(tmp_path, tiny_model, config):
         for x, y in zip(full[2:], other):
             for key in ("sevens", "loss", "kl", "grad_norm"):
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), ("fsdp -> 1 process", x["step"], key)
+
+
+def test_whole_pipeline_under_zero3_and_fsdp(tmp_path):
+    """`accelerate launch -m grpo pipeline`: every stage (SFT, reward models, both GRPO runs, eval) runs with
+    its weights sharded, saves whole models, and ZeRO-3 and FSDP give the same held-out results."""
+    results = {}
+    for config in ("zero3.yaml", "fsdp.yaml"):
+        out = tmp_path / config.split(".")[0]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+        env.pop("ACCELERATE_USE_CPU", None)
+        precision = ["--mixed_precision", "no"] if config == "fsdp.yaml" else []
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate_configs" / config),
+               "--num_processes", "2", *precision, "-m", "grpo", "pipeline", str(ROOT / "recipes" / "quickstart.yaml"),
+               f"run.output_dir={out}", "sft.steps=6", "rm.steps=6", "grpo.steps=3", "grpo.beta=0.04", "run.threads=1", "eval.limit=40"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert json.loads((out / "train" / "run_info.json").read_text())["world_size"] == 2
+        rm = json.loads((out / "rm" / "results.json").read_text())
+        results[config] = (json.loads((out / "eval" / "results.json").read_text())["results"],
+                           {k: v["after"] for k, v in rm.items()})
+    (eval3, rm3), (evalf, rmf) = results["zero3.yaml"], results["fsdp.yaml"]
+    assert rm3.keys() == {"usefulness", "safety"} and rm3["usefulness"]["pair_accuracy"] > 0.6  # it learned, and saved
+    for kind in rm3:
+        assert rm3[kind] == pytest.approx(rmf[kind], rel=1e-4), kind
+    assert list(eval3) == list(evalf) == ["base", "sft", "grpo_unconstrained", "grpo"]
+    for label in eval3:
+        assert eval3[label]["accuracy"] == pytest.approx(evalf[label]["accuracy"]), label
