@@ -40,16 +40,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from vs_trl import build_assets  # this folder is sys.path[0] when the script runs
+from vs_trl import build_assets, run_child  # this folder is sys.path[0] when the script runs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -156,7 +153,7 @@ def observe_trainer() -> dict:
     return seen
 
 
-def run_child(runner: str, folder: Path, a) -> dict:
+def run_runner(runner: str, folder: Path, a) -> dict:
     """One `grpo train` run, observed (see observe_trainer), and what it saved."""
     import yaml
 
@@ -193,29 +190,16 @@ def child(a) -> None:
         build_assets(Path(a.assets), a)
         print("RESULT {}", flush=True)
         return
-    result = run_child(a.child, Path(a.assets), a)
+    result = run_runner(a.child, Path(a.assets), a)
     result["peak_rss_mb"] = rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------- parent
 def spawn(runner: str, assets: Path, a) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", runner, "--assets", str(assets)]
-    for k in ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads",
-              "warmup", "steps", "lr", "beta", "lora_r", "lora_dropout", "micro_batch"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{runner} failed with exit code {proc.returncode}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["wall_s"] = time.perf_counter() - t0
-    return result
+    keys = ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads", "warmup", "steps",
+            "lr", "beta", "lora_r", "lora_dropout", "micro_batch")
+    return run_child(Path(__file__).resolve(), ["--child", runner, "--assets", str(assets)], a, keys, runner)
 
 
 def report(results: dict, a) -> str:

@@ -254,23 +254,30 @@ def child(a) -> None:
 
 
 # ------------------------------------------------------------------------------------- parent
-def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", runner, "--assets", str(assets), "--loss-type", loss_type]
-    for k in ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads",
-              "warmup", "steps", "reps", "lr", "beta"):
+def run_child(script: Path, extra: list[str], a, keys: tuple[str, ...], what: str) -> dict:
+    """`script --child ...` in a fresh process (so its ru_maxrss is its own): its RESULT json, plus wall_s."""
+    cmd = [sys.executable, str(script), *extra]
+    for k in keys:
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{runner} ({loss_type}) failed with exit code {proc.returncode}")
+        raise SystemExit(f"{what} failed with exit code {proc.returncode}")
     result = json.loads(lines[-1][len("RESULT "):])
     result["wall_s"] = time.perf_counter() - t0
     return result
+
+
+def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
+    keys = ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads", "warmup", "steps",
+            "reps", "lr", "beta")
+    return run_child(Path(__file__).resolve(), ["--child", runner, "--assets", str(assets), "--loss-type", loss_type], a, keys,
+                     f"{runner} ({loss_type})")
 
 
 def summarize(result: dict, warmup: int) -> dict:
