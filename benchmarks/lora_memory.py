@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vs_trl import build_assets, run_child  # this folder is sys.path[0] when the script runs
+from vs_trl import add_shape_args, build_assets, run_child  # this folder is sys.path[0] when the script runs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -239,13 +239,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=1376)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+    add_shape_args(p)
     p.add_argument("--micro-batch", type=int, default=0, help="grpo.micro_batch_size (0 = the whole step in one micro-batch)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)

@@ -323,6 +323,17 @@ def report(results: dict, a) -> str:
     return "\n".join(lines)
 
 
+def add_shape_args(p) -> None:
+    """The DESIGN.md workload's model and sequence shape (shared with benchmarks/lora_memory.py)."""
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="hidden 256, 4 layers, 2 prompts, 64 prompt / 32 new tokens, 2 timed steps")
@@ -331,13 +342,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=1376)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+    add_shape_args(p)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="repetitions of the fwdbwd runner")
