@@ -330,7 +330,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     save(g.steps)
     info = run_info(model if zero_stage else policy, accelerator, zero_stage)
     final = out / "final"
-    weights = accelerator.get_state_dict(model) if zero_stage == 3 or fsdp else None
+    weights = accelerator.get_state_dict(model) if runtime.sharded(accelerator, zero_stage) else None  # gathered for the save
     if is_main:
         save_model(policy, tok, final, merge=recipe.model.lora.merge_on_save, state_dict=weights)
         pngs = tracker.close(curves(rewards))
