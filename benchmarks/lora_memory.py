@@ -112,12 +112,14 @@ def observe_trainer() -> dict:
     import torch
 
     import grpo.runtime
+    import grpo.train_state
     import grpo.trainer
+    from grpo.batch import MicroBatch
     from grpo.tracking import Tracker
 
     seen: dict = {"steps": [], "marks": []}
-    build_optimizer, make_reference, generate, batch_logprobs, log = (
-        grpo.runtime.build_optimizer, grpo.trainer.make_reference, grpo.trainer.generate, grpo.trainer.batch_logprobs, Tracker.log)
+    build_optimizer, make_reference, generate, logprobs, log = (
+        grpo.runtime.build_optimizer, grpo.train_state.make_reference, grpo.trainer.generate, MicroBatch.logprobs, Tracker.log)
 
     def mark(phase: str) -> None:  # ru_maxrss is monotone: the phase after which it first reaches a value set it
         seen["marks"].append((len(seen["steps"]) + 1, phase, rss_mb()))
@@ -137,7 +139,7 @@ def observe_trainer() -> dict:
         return out
 
     def marked_logprobs(*args, **kwargs):
-        out = batch_logprobs(*args, **kwargs)
+        out = logprobs(*args, **kwargs)
         mark("policy forward" if torch.is_grad_enabled() else "reference forward")
         return out
 
@@ -147,7 +149,7 @@ def observe_trainer() -> dict:
                               "rss_mb": rss_mb(), "cpu": time.process_time()})
         return log(self, step, metrics)
 
-    grpo.runtime.build_optimizer, grpo.trainer.make_reference, grpo.trainer.generate, grpo.trainer.batch_logprobs, Tracker.log = (
+    grpo.runtime.build_optimizer, grpo.train_state.make_reference, grpo.trainer.generate, MicroBatch.logprobs, Tracker.log = (
         capture_optimizer, capture_reference, marked_generate, marked_logprobs, log_and_measure)
     seen["mark"] = mark
     return seen

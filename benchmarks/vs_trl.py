@@ -20,7 +20,7 @@ Runners, each in its own subprocess (peak RSS = that process's ru_maxrss):
   ours         grpo.trainer.run_grpo with its defaults: `engine` rollout, `grpo.shared_prefix: true`
                (each group's prompt computed once in the reference and policy passes, grpo/prefix.py).
   ours_plain   the same with `grpo.shared_prefix: false` (the plain padded forward of
-               `grpo.trainer.token_logprobs`).
+               `grpo.batch.token_logprobs`).
   fwdbwd       not a trainer: the policy forward+backward and the no-grad reference forward on the
                step's batch, plain padded vs shared-prefix, alternated in one process.
 Per step: wall seconds of the optimizer step and its parts. Ours from metrics.jsonl
@@ -206,31 +206,31 @@ def run_fwdbwd(folder: Path, a) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from grpo.prefix import batch_logprobs
-    from grpo.rollout import Completion
-    from grpo.trainer import build_batch, token_logprobs
+    from grpo.batch import build_batch, token_logprobs
+    from grpo.prefix import pack_groups, packed_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32).train()
     rng = random.Random(1)
     prompts = [[rng.randrange(3, a.vocab) for _ in range(a.prompt_len)] for _ in range(a.prompts)]
-    comps = [Completion(j // a.G, [rng.randrange(3, a.vocab) for _ in range(a.new_tokens)], None, "length")
-             for j in range(a.prompts * a.G)]
-    batch = build_batch(prompts, comps, 0, False)
+    comps = [[rng.randrange(3, a.vocab) for _ in range(a.new_tokens)] for _ in range(a.prompts * a.G)]
+    group_of = [j // a.G for j in range(len(comps))]
+    layouts = {"plain": build_batch(prompts, comps, group_of, 0), "prefix": pack_groups(prompts, comps, group_of)}
+    forwards = {"plain": token_logprobs, "prefix": packed_logprobs}
     times: dict[str, list[float]] = {}
     for rep in range(a.reps + 1):  # rep 0 is a warm-up
-        for name, fn in (("plain", token_logprobs), ("prefix", batch_logprobs)):
+        for name, fn in forwards.items():
             t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
-                fn(model, batch, 1.0)
+                fn(model, layouts[name], 1.0)
             t1, c1 = time.perf_counter(), time.process_time()
-            fn(model, batch, 1.0).sum().backward()
+            fn(model, layouts[name], 1.0).sum().backward()
             t2, c2 = time.perf_counter(), time.process_time()
             model.zero_grad(set_to_none=True)
             if rep:
                 for key, value in (("ref", t1 - t0), ("fwdbwd", t2 - t1), ("ref_cpu", c1 - c0), ("fwdbwd_cpu", c2 - c1)):
                     times.setdefault(f"{name}_{key}", []).append(value)
-    tokens_plain = int(batch["input_ids"].numel())
-    tokens_packed = int(batch["prefix_pack"].input_ids.numel())
+    tokens_plain = int(layouts["plain"].input_ids.numel())
+    tokens_packed = int(layouts["prefix"].input_ids.numel())
     return {"times": times, "tokens_plain": tokens_plain, "tokens_packed": tokens_packed}
 
 

@@ -261,6 +261,57 @@ def constrained_advantages(a_useful: Tensor, a_cost: Tensor, lam: float | Tensor
     return (a_useful - lam * a_cost) / (1.0 + lam)
 
 
+def reward_and_cost_advantages(
+    R: Tensor,
+    weights: Sequence[float],
+    is_cost: Sequence[bool],
+    group_size: int,
+    *,
+    mode: str = "sum",
+    scale: str = "group",
+    eps: float = 1e-4,
+    cost_std_floor: float = 1.0,
+    lam: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Advantages ``[N]`` from rewards ``R[N, K]`` whose columns are rewards or (at most one) cost.
+
+    Reward columns: `combine_rewards` with their weights (``mode``, ``scale``, ``eps``). The cost
+    column (higher = less safe; NaN counts as 0) is centred per group and divided by
+    ``group std + cost_std_floor``: groups whose cost barely varies (all safe) get ~0 instead of
+    amplified noise, a real safe/unsafe split ~unit scale. Then:
+      - ``lam`` given (the constraint is on): Safe RLHF's ``(A_r - lam * A_c) / (1 + lam)``
+        (`constrained_advantages`);
+      - ``lam`` None: ``A_r - w_c * A_c`` with the cost column's weight (0 = the cost is only logged).
+
+    Returns ``(advantages, metrics)``, metrics of this batch only (the caller averages them over
+    processes and updates the multiplier from ``cost`` or ``unsafe_rate``): ``zero_std_frac`` (groups
+    whose weighted reward is constant; only with a reward column), ``cost`` (mean cost) and
+    ``unsafe_rate`` (fraction with cost > 0), only with a cost column.
+    """
+    if len(weights) != R.shape[1] or len(is_cost) != R.shape[1]:
+        raise ValueError(f"R has {R.shape[1]} columns but {len(weights)} weights and {len(is_cost)} is_cost flags")
+    cost_k = [k for k, c in enumerate(is_cost) if c]
+    use_k = [k for k, c in enumerate(is_cost) if not c]
+    if len(cost_k) > 1:
+        raise ValueError(f"at most one cost column, got {len(cost_k)}")
+    metrics: dict[str, float] = {}
+    if use_k:
+        useful, w = R[:, use_k], [weights[k] for k in use_k]
+        a_useful = combine_rewards(useful, w, group_size, mode=mode, scale=scale, eps=eps)
+        total = torch.nan_to_num(useful, nan=0.0) @ torch.tensor(w, dtype=useful.dtype)
+        metrics["zero_std_frac"] = zero_std_fraction(total, group_size)
+    else:
+        a_useful = torch.zeros(R.shape[0])
+    if not cost_k:
+        return a_useful, metrics
+    cost = torch.nan_to_num(R[:, cost_k[0]], nan=0.0)
+    a_cost = group_advantages(cost, group_size, scale="group", eps=cost_std_floor)
+    metrics.update({"cost": float(cost.mean()), "unsafe_rate": float((cost > 0).float().mean())})
+    if lam is None:
+        return a_useful - weights[cost_k[0]] * a_cost, metrics
+    return constrained_advantages(a_useful, a_cost, lam), metrics
+
+
 @dataclass
 class LagrangeMultiplier:
     """Safe RLHF's Lagrange multiplier ``lam = exp(log_lam)``, updated by dual ascent.

@@ -13,6 +13,7 @@ travels with the prompt to the reward functions (e.g. `answer`).
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,17 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": 
 
 
 def load_rows(spec: str, what: str) -> list[dict]:
-    """Load a dataset spec into a list of row dicts; one clear error if it cannot be read or is empty."""
-    import datasets
+    """Load a dataset spec into a list of row dicts; one clear error if it cannot be read or is empty.
 
-    datasets.disable_progress_bars()
+    Without the optional `datasets` package (e.g. a GPU image without it) local JSONL files still load
+    (`_read_jsonl`, same rows); other formats and hub datasets then fail with one line saying to install it.
+    """
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    else:
+        datasets.disable_progress_bars()
     path = Path(spec).expanduser()
     try:
         if path.exists():
@@ -37,10 +45,14 @@ def load_rows(spec: str, what: str) -> list[dict]:
                 raise UserError(f"{what} '{spec}': no {'/'.join(FILE_TYPES)} file found (convert your data to JSONL, one object per line)")
             if all(f.stat().st_size == 0 or not f.read_text(errors="ignore").strip() for f in files):
                 raise UserError(f"{what} '{spec}' is empty (it needs at least one row)")
+            if datasets is None:
+                return _read_jsonl(files, spec, what)
             ds = datasets.load_dataset(FILE_TYPES[files[0].suffix], data_files=[str(f) for f in files], split="train")
         elif spec.startswith((".", "/", "~")) or Path(spec).suffix in FILE_TYPES:
             raise UserError(f"{what} '{spec}' does not exist (check data.* paths in the recipe; relative paths start at the current directory)")
         else:
+            if datasets is None:
+                raise UserError(f"{what} '{spec}': hub datasets need the `datasets` package (pip install datasets), or give a local .jsonl file")
             name, _, split = spec.partition(":")
             name, _, config = name.partition("@")
             ds = datasets.load_dataset(name, config or None, split=split or "train")
@@ -52,6 +64,27 @@ def load_rows(spec: str, what: str) -> list[dict]:
     if not rows:
         raise UserError(f"{what} '{spec}' is empty (it needs at least one row)")
     return rows
+
+
+def _read_jsonl(files: list[Path], spec: str, what: str) -> list[dict]:
+    """Rows of local .jsonl files without `datasets`, columns unified as `datasets` does (missing = None)."""
+    import json
+
+    if any(f.suffix != ".jsonl" for f in files):
+        raise UserError(f"{what} '{spec}': reading {files[0].suffix} files needs the `datasets` package (pip install datasets), "
+                        "or convert the data to JSONL")
+    rows = []
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{what} '{spec}': {f.name} line {n} is not JSON ({e.msg}); one JSON object per line") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{what} '{spec}': every line must be a JSON object")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in columns} for r in rows]
 
 
 def check_columns(rows: list[dict], cfg: DataConfig, spec: str, what: str, need_completion: bool) -> str:
@@ -152,3 +185,22 @@ def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> tu
     if not out:
         raise UserError(f"every prompt is longer than data.max_prompt_length={limit}; raise it")
     return out, dropped
+
+
+class Sampler:
+    """Endless, seeded, epoch-wise shuffled indices; each process takes every world_size-th one."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.rng, self.rank, self.world = n, random.Random(seed), rank, world
+        self.order: list[int] = []
+        self.epoch = 0
+
+    def take(self, k: int) -> list[int]:
+        need = k * self.world
+        while len(self.order) < need:
+            perm = list(range(self.n))
+            self.rng.shuffle(perm)
+            self.order += perm
+            self.epoch += 1
+        chunk, self.order = self.order[:need], self.order[need:]
+        return chunk[self.rank::self.world]

@@ -35,8 +35,9 @@ from grpo.config import Recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import UserError
 from grpo.modeling import load_model, load_tokenizer, whole_weights
-from grpo.rollout import SamplingParams, make_rollout
-from grpo.scoring import build_rewards, score
+from grpo.generation import decode_and_score, generate, sampling_params
+from grpo.rollout import make_rollout
+from grpo.scoring import build_rewards
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +61,18 @@ def evaluate_model(recipe: Recipe, path: str, records: list[dict], rewards, devi
     with whole_weights():
         model = load_model(mcfg, path, for_training=False).to(device).eval()
     k = recipe.eval.num_samples
-    params = SamplingParams(max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
-                            temperature=0.0 if k == 1 else recipe.rollout.temperature, top_p=recipe.rollout.top_p,
-                            stop_token_ids=tuple(dict.fromkeys([tok.eos_token_id, *recipe.rollout.stop_token_ids])), seed=recipe.run.seed)
+    # the training sampling distribution (grpo.generation.sampling_params), greedy unless pass@k is asked for
+    params = sampling_params(recipe.rollout, tok.eos_token_id, seed=recipe.run.seed, max_new_tokens=recipe.eval.max_new_tokens,
+                             temperature=0.0 if k == 1 else None)
     rollout = make_rollout(recipe.rollout.backend, model, tok)
     comps = []
     bs = max(1, recipe.eval.batch_size // k)
     for s in range(0, len(records), bs):
         chunk = records[s:s + bs]
-        for c in rollout.generate([r["prompt_ids"] for r in chunk], k, params):
+        for c in generate(rollout, [r["prompt_ids"] for r in chunk], k, params):
             c.prompt_index += s
             comps.append(c)
-    texts = [tok.decode([t for t in c.token_ids if t not in params.stop_token_ids], skip_special_tokens=False) for c in comps]
-    rows = [records[c.prompt_index] for c in comps]
-    columns = {key: [r.get(key) for r in rows] for key in records[0] if key not in ("prompt_ids", "prompt_text")}
-    columns["completion_ids"] = [c.token_ids for c in comps]
-    R, _ = score(rewards, [r["prompt_text"] for r in rows], texts, columns, on_error="raise") if rewards else (torch.zeros(len(comps), 0), None)
+    texts, R, _, _ = decode_and_score(tok, rewards, records, comps, params.stop_token_ids)
     samples = [(records[comps[i].prompt_index]["prompt_text"], texts[i]) for i in range(0, len(comps), k)]
     return metrics_from(records, comps, texts, R, rewards, k), samples
 

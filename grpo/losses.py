@@ -78,44 +78,58 @@ def _sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------
 # Aggregations: fn(per_token_loss[B, T], mask[B, T] float, *, max_completion_length,
-# num_tokens) -> scalar
+# num_tokens, local_tokens, num_sequences, num_processes) -> scalar
+#
+# Each returns this (micro-)batch's exact share of the optimizer step's loss: summed over the
+# step's micro-batches on one process, and averaged over processes (DDP / DeepSpeed / FSDP average
+# gradients), the shares give the loss the docstring defines, however the step was split. The step
+# counts default to this batch's own (one call = one whole step on one process).
 
 
 @AGGREGATIONS.register("grpo")
-def _aggregate_grpo(loss: Tensor, mask: Tensor, *, max_completion_length=None, num_tokens=None) -> Tensor:
-    """DeepSeekMath: mean over sequences of (sum_t m*l / sum_t m)."""
+def _aggregate_grpo(loss: Tensor, mask: Tensor, *, num_sequences=None, **_) -> Tensor:
+    """DeepSeekMath: mean over sequences of (sum_t m*l / sum_t m).
+
+    Divided by this process's sequences in the step; every process has the same number of
+    sequences, so the average over processes is the mean over all of them.
+    """
     per_seq = (loss * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
-    return per_seq.mean()
+    return per_seq.sum() / _count(num_sequences, loss.shape[0], "num_sequences")
 
 
 @AGGREGATIONS.register("bnpo")
-def _aggregate_bnpo(loss: Tensor, mask: Tensor, *, max_completion_length=None, num_tokens=None) -> Tensor:
-    """Token mean over the (micro-)batch: sum(m*l) / sum(m)."""
-    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+def _aggregate_bnpo(loss: Tensor, mask: Tensor, *, local_tokens=None, **_) -> Tensor:
+    """Token mean over this process's batch: sum(m*l) / sum(m) (TRL's "local batch" normaliser)."""
+    return (loss * mask).sum() / _count(local_tokens, mask.sum(), "local_tokens").clamp(min=1.0)
 
 
 @AGGREGATIONS.register("dr_grpo")
-def _aggregate_dr_grpo(loss: Tensor, mask: Tensor, *, max_completion_length=None, num_tokens=None) -> Tensor:
+def _aggregate_dr_grpo(loss: Tensor, mask: Tensor, *, max_completion_length=None, num_sequences=None, **_) -> Tensor:
     """Dr. GRPO: sum(m*l) / (n_seqs * max_completion_length), a length-independent constant."""
     if max_completion_length is None or int(max_completion_length) < 1:
         raise ValueError(
             "loss_type='dr_grpo' needs max_completion_length (the generation budget, e.g. "
             f"max_new_tokens) as a positive int, got {max_completion_length!r}"
         )
-    return (loss * mask).sum() / (loss.shape[0] * int(max_completion_length))
+    return (loss * mask).sum() / (_count(num_sequences, loss.shape[0], "num_sequences") * int(max_completion_length))
 
 
 @AGGREGATIONS.register("dapo")
-def _aggregate_dapo(loss: Tensor, mask: Tensor, *, max_completion_length=None, num_tokens=None) -> Tensor:
-    """DAPO: sum(m*l) / num_tokens, num_tokens = completion tokens of the whole optimizer step."""
-    if num_tokens is None:
-        denom = mask.sum()
-    else:
-        denom = torch.as_tensor(num_tokens, dtype=loss.dtype, device=loss.device)
-        if denom.numel() != 1 or float(denom) < 0:
-            raise ValueError(f"num_tokens must be a non-negative scalar, got {num_tokens!r}")
-        denom = denom.reshape(())
-    return (loss * mask).sum() / denom.clamp(min=1.0)
+def _aggregate_dapo(loss: Tensor, mask: Tensor, *, num_tokens=None, num_processes=1, **_) -> Tensor:
+    """DAPO: sum(m*l) / num_tokens, num_tokens = completion tokens of the whole optimizer step on all
+    processes; times num_processes, which the processes' gradient average divides out again."""
+    denom = _count(num_tokens, mask.sum(), "num_tokens").to(loss.dtype)
+    return (loss * mask).sum() / denom.clamp(min=1.0) * int(num_processes)
+
+
+def _count(value, default: Tensor | int, name: str) -> Tensor:
+    """A step count as a 0-d tensor (default: this batch's own)."""
+    if value is None:
+        return torch.as_tensor(default)
+    t = torch.as_tensor(value)
+    if t.numel() != 1 or float(t) < 0:
+        raise ValueError(f"{name} must be a non-negative scalar, got {value!r}")
+    return t.reshape(())
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,6 +184,9 @@ def policy_loss(
     importance_level: str = "token",
     max_completion_length: int | None = None,
     num_tokens: int | float | Tensor | None = None,
+    local_tokens: int | float | Tensor | None = None,
+    num_sequences: int | None = None,
+    num_processes: int = 1,
     entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss with optional k3 KL penalty (DeepSeekMath eq. 3).
@@ -184,9 +201,12 @@ def policy_loss(
       - ``dr_grpo``: ``sum(m*l) / (B * max_completion_length)`` (Dr. GRPO);
       - ``dapo``: ``sum(m*l) / num_tokens`` (DAPO), ``num_tokens`` defaulting to ``sum(m)``.
 
-    For ``dapo`` (and ``dr_grpo``) across processes / gradient accumulation the returned value
-    is this micro-batch's share of the step loss: if the framework then averages gradients
-    over ``W`` processes or ``K`` accumulation steps, the caller multiplies by ``W`` / ``K``.
+    Split steps: the aggregation owns its normaliser. Given the step's counts (``num_sequences``
+    and ``local_tokens`` of this process, ``num_tokens`` of all processes, ``num_processes``), the
+    returned value is this micro-batch's exact share of the step loss: summing the shares of a
+    process's micro-batches and averaging over processes (as DDP/DeepSpeed/FSDP average
+    gradients) gives the loss above for any split. A framework that divides each micro-batch's
+    loss by the accumulation steps (accelerate does) must be undone by the caller.
 
     Gradients flow only through ``logp``; ``old_logp``, ``ref_logp``, ``advantages`` and
     ``entropy`` are treated as constants (detached). Computation is in float32.
@@ -206,7 +226,10 @@ def policy_loss(
       importance_level: name in `IMPORTANCE_LEVELS` (``"token"`` or ``"sequence"``).
       max_completion_length: generation budget, required by ``dr_grpo``.
       num_tokens: completion tokens of the whole optimizer step (all processes, all
-        accumulation micro-batches), used by ``dapo``.
+        accumulation micro-batches), used by ``dapo``; default ``sum(mask)``.
+      local_tokens: completion tokens of this process's step (``bnpo``); default ``sum(mask)``.
+      num_sequences: sequences of this process's step (``grpo``, ``dr_grpo``); default ``B``.
+      num_processes: processes averaging gradients (``dapo``); default 1.
       entropy: optional ``[B, T]`` per-token entropies (`grpo.logprobs.entropy_from_logits`),
         only for the ``entropy`` metric.
 
@@ -244,6 +267,7 @@ def policy_loss(
         if beta != 0.0:
             per_token = per_token + beta * kl
 
-    loss = aggregate(per_token, m, max_completion_length=max_completion_length, num_tokens=num_tokens)
+    loss = aggregate(per_token, m, max_completion_length=max_completion_length, num_tokens=num_tokens,
+                     local_tokens=local_tokens, num_sequences=num_sequences, num_processes=num_processes)
     metrics = _metrics(ratio, adv, m, epsilon_low, epsilon_high, kl, None if entropy is None else entropy.detach())
     return loss, metrics

@@ -78,15 +78,14 @@ def check_launch(accelerator) -> None:
     """
     from accelerate.utils import DistributedType
 
-    flag = lambda name: os.environ.get(name, "false").lower() in ("true", "1", "yes")
     got = accelerator.distributed_type
     fix = "on CPU use recipes/accelerate_configs/cpu_ddp.yaml (with ACCELERATE_USE_CPU=true) or zero2.yaml/zero3.yaml"
-    if flag("ACCELERATE_USE_FSDP") and got != DistributedType.FSDP:
+    if _flag("ACCELERATE_USE_FSDP") and got != DistributedType.FSDP:
         raise UserError(f"the accelerate config asks for FSDP but accelerate set up {got.value} "
                         f"(accelerate runs FSDP on GPUs only{'' if torch.cuda.is_available() else ' and this machine has none'}); {fix}")
-    if flag("ACCELERATE_USE_DEEPSPEED") and got != DistributedType.DEEPSPEED:
+    if _flag("ACCELERATE_USE_DEEPSPEED") and got != DistributedType.DEEPSPEED:
         raise UserError(f"the accelerate config asks for DeepSpeed but accelerate set up {got.value}"
-                        f"{' (ACCELERATE_USE_CPU=true overrides it: unset it)' if flag('ACCELERATE_USE_CPU') else ''}")
+                        f"{' (ACCELERATE_USE_CPU=true overrides it: unset it)' if _flag('ACCELERATE_USE_CPU') else ''}")
     if accelerator.num_processes > 1 and got == DistributedType.NO:
         raise UserError(f"{accelerator.num_processes} processes were launched but accelerate set up no distributed backend "
                         f"(each would train alone); {fix}")
@@ -228,3 +227,49 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
 
     set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def any_rank(flag: bool, accelerator) -> bool:
+    """True if `flag` holds on any process (every rank then takes the same branch: collectives stay aligned)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+class StopRequest:
+    """Catches SIGTERM/SIGINT during training so the loop can checkpoint and exit cleanly.
+
+    The first signal sets `requested`; the loop checks it after each step (all ranks agree via
+    `any_rank`). A second SIGINT raises KeyboardInterrupt as usual.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signal = True, signum
+        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def any_rank(self, accelerator) -> bool:
+        return any_rank(self.requested, accelerator)
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False

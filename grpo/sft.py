@@ -15,7 +15,6 @@ copy when `model.lora.merge_on_save`) is saved to `<run.output_dir>/sft/final`, 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from grpo import runtime
 from grpo.config import Recipe, recipe_to_dict, save_recipe
-from grpo.data import Example, check_columns, load_rows, sft_examples
+from grpo.data import Example, Sampler, check_columns, load_rows, sft_examples
 from grpo.errors import UserError
 from grpo.modeling import count_parameters, load_model, load_tokenizer, save_model
 from grpo.tracking import Tracker
@@ -85,25 +84,6 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     n = int((targets != -100).sum())
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
     return loss / max(n, 1), n
-
-
-class Sampler:
-    """Endless, seeded, epoch-wise shuffled indices; each process takes every world_size-th one."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.rng, self.rank, self.world = n, random.Random(seed), rank, world
-        self.order: list[int] = []
-        self.epoch = 0
-
-    def take(self, k: int) -> list[int]:
-        need = k * self.world
-        while len(self.order) < need:
-            perm = list(range(self.n))
-            self.rng.shuffle(perm)
-            self.order += perm
-            self.epoch += 1
-        chunk, self.order = self.order[:need], self.order[need:]
-        return chunk[self.rank::self.world]
 
 
 @torch.no_grad()

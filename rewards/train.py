@@ -50,7 +50,7 @@ from grpo import runtime
 from grpo.config import Recipe, save_recipe
 from grpo.data import load_rows
 from grpo.errors import UserError, first_line
-from grpo.sft import Sampler
+from grpo.data import Sampler
 from grpo.tracking import Tracker
 from rewards.models import RewardModelScorer, check_template, collate, encode, write_meta
 from rewards.verifiable import is_refusal

@@ -8,6 +8,7 @@ import torch
 
 import grpo.runtime
 import grpo.trainer
+import grpo.train_state
 from grpo.config import load_recipe
 from grpo.tracking import Tracker
 
@@ -28,7 +29,7 @@ def observed_run(tmp_path, model, monkeypatch, *overrides) -> dict:
     bytes that exist during the step beyond those alive before the run."""
     seen = {}
     before = parameter_storages()  # kept alive, so no new tensor can reuse their addresses
-    build_optimizer, make_reference, log = grpo.runtime.build_optimizer, grpo.trainer.make_reference, Tracker.log
+    build_optimizer, make_reference, log = grpo.runtime.build_optimizer, grpo.train_state.make_reference, Tracker.log
 
     def capture_optimizer(*args, **kwargs):
         seen["optimizer"] = build_optimizer(*args, **kwargs)
@@ -43,7 +44,7 @@ def observed_run(tmp_path, model, monkeypatch, *overrides) -> dict:
         return log(self, step, metrics)
 
     monkeypatch.setattr(grpo.runtime, "build_optimizer", capture_optimizer)
-    monkeypatch.setattr(grpo.trainer, "make_reference", capture_reference)
+    monkeypatch.setattr(grpo.train_state, "make_reference", capture_reference)
     monkeypatch.setattr(Tracker, "log", log_and_measure)
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
         f"run.output_dir={tmp_path}", f"model.name_or_path={model}", "run.threads=1", "safety.enabled=false", "grpo.steps=1",

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
-from grpo.prefix import batch_logprobs, pack_batch, pack_groups, packed_logprobs, prefix_attention, shared_prefix_logprobs
+from grpo.batch import PaddedBatch, Rollouts, build_batch, loss_mask, micro_batches, token_logprobs
+from grpo.prefix import PackedGroups, pack_groups, packed_logprobs, prefix_attention, shared_prefix_logprobs, supports_training
 from grpo.rollout import Completion
-from grpo.trainer import build_batch, micro_batches, token_logprobs
 
 TEMPERATURE = 0.7
 ATOL = 1e-5
@@ -32,10 +32,14 @@ def ragged(vocab: int, group_size: int, prompt_lens=(5, 11, 1), seed: int = 0):
 
 
 def plain(model, prompts, comps, group_of):
-    """The reference: grpo.trainer.build_batch + token_logprobs (left-padded prompts, padded completions)."""
-    batch = build_batch(prompts, [Completion(i, c, None, "length") for i, c in zip(group_of, comps)], 0, False)
+    """The reference: grpo.batch.build_batch + token_logprobs (left-padded prompts, padded completions)."""
+    batch = build_batch(prompts, comps, group_of, 0)
     logp = token_logprobs(model, batch, TEMPERATURE)
-    return logp, batch["completion_mask"]
+    return logp, lengths_mask(comps, logp.shape[1])
+
+
+def lengths_mask(comps, width):
+    return (torch.arange(width)[None] < torch.tensor([len(c) for c in comps])[:, None]).float()
 
 
 def grads_of(model, logp, weights):
@@ -152,38 +156,49 @@ def test_lora_policy_and_reference(model):
     assert (base * mask - logp.detach() * mask).abs().max() > 1e-3
 
 
-def test_drop_in_for_token_logprobs_on_trainer_micro_batches(model):
-    """batch_logprobs(model, mb, T) == token_logprobs(model, mb, T) on grpo.trainer's (trimmed) micro-batches."""
+def test_trainer_micro_batches_same_logprobs_either_layout(model):
+    """grpo.batch.micro_batches: the packed and the padded layout of every micro-batch give the same logprobs."""
     G = 4
     prompts, comps = ragged(model.config.vocab_size, G, prompt_lens=(6, 3, 8), seed=7)
     prompts[2] = prompts[0]  # the same prompt twice in a step: one group
     comps[-1] = comps[-1] + [5] * 4  # the longest completion is truncated and masked (mask_truncated)
     completions = [Completion(j // G, c, None, "length" if j == len(comps) - 1 else "stop") for j, c in enumerate(comps)]
-    batch = build_batch(prompts, completions, 0, mask_truncated=True)
+    rollouts = Rollouts([{"prompt_ids": p} for p in prompts], completions, [""] * len(comps), torch.zeros(len(comps), 0),
+                        torch.ones(len(comps), dtype=torch.bool))
+    mask = loss_mask(completions, rollouts.ok, mask_truncated=True)
+    assert mask[-1].sum() == 0 and mask.shape[1] == max(len(c) for c in comps)
+    adv = torch.randn(len(comps))
     for size in (12, 6):
-        for mb in micro_batches(batch, size, "cpu"):
-            ref = token_logprobs(model, mb, TEMPERATURE)
-            logp = batch_logprobs(model, mb, TEMPERATURE)
-            assert logp.shape == ref.shape == mb["completion_mask"].shape
-            m = mb["completion_mask"]
+        packed = micro_batches(rollouts, mask, adv, size, shared_prefix=True, pad_id=0, device="cpu")
+        padded = micro_batches(rollouts, mask, adv, size, shared_prefix=False, pad_id=0, device="cpu")
+        assert len(packed) == len(padded) == -(-len(comps) // size)
+        for k, (a, b) in enumerate(zip(packed, padded)):
+            assert isinstance(a.layout, PackedGroups) and isinstance(b.layout, PaddedBatch)
+            torch.testing.assert_close(a.mask, b.mask)
+            m = a.mask
+            logp, ref = a.logprobs(model, TEMPERATURE), b.logprobs(model, TEMPERATURE)
+            assert logp.shape == ref.shape == m.shape
             torch.testing.assert_close(logp * m, ref * m, atol=ATOL, rtol=0)
-            assert mb["prefix_pack"].groups == len({tuple(r) for r in mb["input_ids"][:, :-m.shape[1]].tolist()})
-    whole = pack_batch(build_batch(prompts, completions, 0, mask_truncated=False))
+            rows = slice(k * size, k * size + size)
+            assert a.layout.groups == len({tuple(prompts[c.prompt_index]) for c in completions[rows]})
+    whole = micro_batches(rollouts, mask, adv, len(comps), shared_prefix=True, pad_id=0, device="cpu")[0].layout
     assert whole.groups == 2 and whole.group_size == 0  # prompt 0 and 2 merged: 8 + 4 rows
+    # the width of a micro-batch is its last scored column: the masked, truncated tail is not fed
+    assert whole.width == max(len(c) for c in comps[:-1])
 
 
 def test_gradient_checkpointing(tmp_path):
-    """With grad, the packed path refuses checkpointing and the drop-in falls back to the plain forward."""
+    """With grad, the packed path refuses checkpointing (the trainer then builds the padded layout)."""
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"), dtype=torch.float32).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompts, comps = ragged(model.config.vocab_size, 2)
+    assert not supports_training(model)
     with pytest.raises(NotImplementedError, match="gradient checkpointing"):
         shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)
     with torch.no_grad():  # reference / old logprobs are fine
         shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)
-    batch = build_batch(prompts, [Completion(j // 2, c, None, "stop") for j, c in enumerate(comps)], 0, False)
-    logp = batch_logprobs(model, batch, TEMPERATURE)
-    assert "prefix_pack" not in batch and logp.requires_grad
+    logp = token_logprobs(model, build_batch(prompts, comps, [j // 2 for j in range(len(comps))], 0), TEMPERATURE)
+    assert logp.requires_grad
 
 
 def test_under_ddp(model, tmp_path):
@@ -197,9 +212,11 @@ def test_under_ddp(model, tmp_path):
     try:
         ddp = DistributedDataParallel(copy.deepcopy(model))
         prompts, comps = ragged(model.config.vocab_size, 3, seed=11)
-        batch = build_batch(prompts, [Completion(j // 3, c, None, "stop") for j, c in enumerate(comps)], 0, False)
-        weights = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(3)) * batch["completion_mask"]
-        got = grads_of(ddp.module, batch_logprobs(ddp, batch, TEMPERATURE), weights)
+        group_of = [j // 3 for j in range(len(comps))]
+        batch = build_batch(prompts, comps, group_of, 0)
+        mask = lengths_mask(comps, batch.completion_ids.shape[1])
+        weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(3)) * mask
+        got = grads_of(ddp.module, packed_logprobs(ddp, pack_groups(prompts, comps, group_of), TEMPERATURE), weights)
         assert_same_grads(got, grads_of(model, token_logprobs(model, batch, TEMPERATURE), weights))
     finally:
         dist.destroy_process_group()

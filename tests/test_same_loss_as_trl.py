@@ -5,7 +5,7 @@ Two layers:
   whose loss and gradient are computed by hand below: checked against `grpo.losses.policy_loss`
   always, and against TRL's `_compute_loss` when TRL is installed;
 - a tiny random Llama with fixed ragged completions, advantages, old and reference logprobs:
-  our `token_logprobs` + `policy_loss` vs TRL's `_compute_loss` (its own model forward, with its
+  our `grpo.batch.token_logprobs` + `policy_loss` vs TRL's `_compute_loss` (its own model forward, with its
   fused lm head), same loss value and the same parameter gradients.
 
 TRL is a benchmark-only dependency (the `bench` extra), not a CI one: the TRL tests skip without it
@@ -20,7 +20,7 @@ import torch
 
 from grpo.losses import policy_loss
 from grpo.rollout import Completion
-from grpo.trainer import build_batch, token_logprobs
+from grpo.batch import build_batch, loss_mask, token_logprobs
 
 LN2 = math.log(2.0)
 BETA = 0.1
@@ -99,11 +99,11 @@ def make_trainer(trl, path, loss_type: str, temperature: float = 1.0):
     return trainer
 
 
-def trl_inputs(batch, adv, old, ref, num_items):
+def trl_inputs(batch, mask, adv, old, ref, num_items):
     """The dict `_generate_and_score_completions` hands to `_compute_loss` (left-padded prompt | completion)."""
-    C = batch["completion_ids"].shape[1]
-    return {"prompt_ids": batch["input_ids"][:, :-C], "prompt_mask": batch["attention_mask"][:, :-C],
-            "completion_ids": batch["completion_ids"], "completion_mask": batch["completion_mask"].long(),
+    C = batch.completion_ids.shape[1]
+    return {"prompt_ids": batch.input_ids[:, :-C], "prompt_mask": batch.attention_mask[:, :-C],
+            "completion_ids": batch.completion_ids, "completion_mask": mask.long(),
             "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
             "num_items_in_batch": torch.tensor(float(num_items))}
 
@@ -135,8 +135,8 @@ def test_same_loss_and_gradients_as_trl_on_a_model(trl, tiny, loss_type):
     lens = [4, 2, 6, 1]  # ragged completions, G = 2
     comps = [Completion(j // 2, [int(t) for t in torch.randint(3, V, (n,), generator=gen)], None, "length")
              for j, n in enumerate(lens)]
-    batch = build_batch(prompts, comps, pad_id=0, mask_truncated=False)
-    mask = batch["completion_mask"]
+    batch = build_batch(prompts, [c.token_ids for c in comps], [c.prompt_index for c in comps], pad_id=0)
+    mask = loss_mask(comps, torch.ones(len(comps), dtype=torch.bool), mask_truncated=False)
     adv = torch.tensor([0.7, -0.7, 1.2, -1.2])
     with torch.no_grad():
         base = token_logprobs(model, batch, temperature)
@@ -152,7 +152,7 @@ def test_same_loss_and_gradients_as_trl_on_a_model(trl, tiny, loss_type):
     ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     model.zero_grad(set_to_none=True)
-    theirs = trainer._compute_loss(model, trl_inputs(batch, adv, old, ref, num_items))
+    theirs = trainer._compute_loss(model, trl_inputs(batch, mask, adv, old, ref, num_items))
     theirs.backward()
     trl_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

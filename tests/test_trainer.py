@@ -9,7 +9,8 @@ import torch
 from grpo import checkpoint
 from grpo.config import load_recipe
 from grpo.errors import UserError
-from grpo.trainer import build_batch, run_grpo, token_logprobs
+from grpo.batch import build_batch, loss_mask, token_logprobs
+from grpo.trainer import run_grpo
 from grpo.rollout import Completion
 
 from conftest import ROOT
@@ -66,7 +67,7 @@ def test_token_logprobs_match_a_fresh_forward(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     comps = [Completion(0, [13, 14], None, "length"), Completion(1, [15, 16, 17], None, "stop"), Completion(1, [18], None, "stop")]
-    batch = build_batch(prompts, comps, pad_id=0, mask_truncated=False)
+    batch = build_batch(prompts, [c.token_ids for c in comps], [c.prompt_index for c in comps], pad_id=0)
     with torch.no_grad():
         lp = token_logprobs(model, batch, temperature=0.7)
         for i, c in enumerate(comps):
@@ -75,9 +76,10 @@ def test_token_logprobs_match_a_fresh_forward(tiny_model):
             P = len(prompts[c.prompt_index])
             for j, t in enumerate(c.token_ids):
                 assert lp[i, j].item() == pytest.approx(ref[P + j - 1, t].item(), abs=1e-5)
-    assert batch["completion_mask"].tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
-    masked = build_batch(prompts, comps, pad_id=0, mask_truncated=True)
-    assert masked["completion_mask"][0].sum() == 0
+    ok = torch.ones(3, dtype=torch.bool)
+    assert loss_mask(comps, ok, mask_truncated=False).tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert loss_mask(comps, ok, mask_truncated=True).tolist() == [[0, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert loss_mask(comps, torch.tensor([True, False, True]), mask_truncated=False)[1].sum() == 0  # skipped sample
 
 
 @pytest.mark.parametrize("reward, message", [("rewards_for_tests:nan_reward", "returned nan for sample 0"),
@@ -114,64 +116,19 @@ def test_resume_continues_exactly(tmp_path, tiny_model):
 
 
 def test_constrained_advantage_matches_the_formula():
-    from types import SimpleNamespace
+    from grpo.advantages import LagrangeMultiplier, reward_and_cost_advantages
 
-    from grpo.advantages import LagrangeMultiplier
-    from grpo.scoring import Reward
-    from grpo.trainer import compute_advantages
-
-    class OneProcess:  # the accelerator's reduce on one process is the identity
-        num_processes, device = 1, "cpu"
-
-        def reduce(self, t, reduction="mean"):
-            return t
-
-    g = SimpleNamespace(num_generations=2, reward_mode="sum", scale="group", eps=1e-4)
-    rewards = [Reward("useful", None, 1.0, "usefulness"), Reward("cost", None, 0.0, "safety")]
     # two groups of 2: group 1 complies (cost +3) vs refuses (cost -3); group 2 both safe
     R = torch.tensor([[4.0, 3.0], [-4.0, -3.0], [1.0, -4.0], [0.0, -4.0]])
-    lam = LagrangeMultiplier.from_lambda(2.0, lr=0.5, threshold=0.1, lam_max=10.0)
-    adv, m = compute_advantages(R, rewards, g, lam, OneProcess(), constrain="violation_rate", cost_std_floor=1.0)
+    adv, m = reward_and_cost_advantages(R, [1.0, 0.0], [False, True], 2, cost_std_floor=1.0, lam=2.0)
     # hand-computed: A_useful = +-1/sqrt(2)*... group std of (4,-4) = 5.657 -> +-0.70709; of (1,0) = 0.7071 -> +-0.70700
     a_u = torch.tensor([4 / (5.656854 + 1e-4), -4 / (5.656854 + 1e-4), 0.5 / (0.707107 + 1e-4), -0.5 / (0.707107 + 1e-4)])
     a_c = torch.tensor([3 / (4.242641 + 1.0), -3 / (4.242641 + 1.0), 0.0, 0.0])  # std of (3,-3) = 4.2426, floor 1
     torch.testing.assert_close(adv, (a_u - 2.0 * a_c) / 3.0, atol=1e-4, rtol=1e-4)
-    assert m["unsafe_rate"] == 0.25 and m["lambda"] == pytest.approx(2.0)
+    assert m["unsafe_rate"] == 0.25 and m["cost"] == pytest.approx(-2.0)
+    # unconstrained: A_useful - w_cost * A_cost (weight 0.5 here)
+    adv0, _ = reward_and_cost_advantages(R, [1.0, 0.5], [False, True], 2, cost_std_floor=1.0, lam=None)
+    torch.testing.assert_close(adv0, a_u - 0.5 * a_c, atol=1e-4, rtol=1e-4)
+    lam = LagrangeMultiplier.from_lambda(2.0, lr=0.5, threshold=0.1, lam_max=10.0)
+    lam.update(m["unsafe_rate"])
     assert lam.lam == pytest.approx(2.0 * math.exp(0.5 * (0.25 - 0.1)))  # violation above threshold: lambda goes up
-
-
-def test_constrained_run_logs_lambda(tmp_path, tiny_model):
-    r = recipe(tmp_path, tiny_model, "grpo.steps=3", "safety.enabled=true", "safety.lambda_lr=0.5",
-               "rewards=[{name: 'rewards_for_tests:sevens'}, {name: 'rewards_for_tests:sevens', role: safety}]")
-    run_grpo(r)
-    h = history(tmp_path / "train" / "metrics.jsonl")
-    assert [x["lambda"] for x in h][0] == pytest.approx(1.0)
-    assert all("unsafe_rate" in x and "constraint_violation" in x for x in h)
-
-
-def test_dynamic_sampling_never_keeps_a_zero_std_group(tmp_path, tiny_model):
-    # a reward that is 1 for every sample of half the prompts' groups: those groups carry no signal
-    r = recipe(tmp_path, tiny_model, "grpo.steps=3", "grpo.dynamic_sampling=true", "grpo.max_generation_rounds=4",
-               "grpo.lr=1e-2", "tracking.samples_every=0", "rewards=[{name: 'rewards_for_tests:sevens'}]")
-    run_grpo(r)
-    h = history(tmp_path / "train" / "metrics.jsonl")
-    assert all(x["zero_std_frac"] == 0.0 for x in h)  # enough prompts exist: every kept group is informative
-    assert all(1 <= x["generation_rounds"] <= 4 and 0 <= x["filtered_groups_frac"] < 1 for x in h)
-    assert any(x["filtered_groups_frac"] > 0 for x in h)  # some groups were dropped and refilled
-
-
-def test_a_new_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, tiny_model):
-    common = ["grpo.lr=1e-2", "rewards=[{name: 'rewards_for_tests:sevens'}]", "grpo.save_every=2", "rollout.backend=hf"]
-    # an earlier, unfinished run left ckpt-2, ckpt-4 and ckpt-6 behind
-    run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=6", "grpo.keep_last=5", *common))
-    (tmp_path / "train" / "DONE").unlink()
-    (tmp_path / "train" / "final" / "stale.txt").write_text("from the earlier run")
-    # starting again without resume or overwrite is refused: the checkpoints would be lost or mixed
-    with pytest.raises(UserError, match=r"holds checkpoints of an earlier run \(ckpt-2, ckpt-4, ckpt-6\).*grpo.resume=true.*run.overwrite=true"):
-        run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=2", *common))
-    from grpo.preflight import preflight
-    assert any("holds checkpoints of an earlier run" in p for p in preflight(recipe(tmp_path, tiny_model, "grpo.steps=2", *common), "train"))
-    # with run.overwrite=true the earlier checkpoints go, and a later resume picks this run's own
-    run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=2", "run.overwrite=true", *common))
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "train")] == ["ckpt-2"]
-    assert not (tmp_path / "train" / "final" / "stale.txt").exists()  # final/ is replaced whole

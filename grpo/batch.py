@@ -1,0 +1,161 @@
+"""The data of one GRPO step: scored rollouts, and the micro-batches the forward/backward runs on.
+
+`Rollouts` is what a step generated and scored (one prompt record per group, G completions per
+record, rewards). `micro_batches` cuts a step's rows into `MicroBatch`es, each carrying its
+completion mask, advantages and (filled in by the trainer) old/reference log-probs, and a token
+layout the policy forward runs on:
+
+- shared prefix (the default, `grpo.prefix.PackedGroups`): built straight from the rollout's
+  token lists, each group's prompt once, no padding tokens;
+- `PaddedBatch` (``grpo.shared_prefix: false``, or gradient checkpointing): G rows
+  ``[left-padded prompt | right-padded completion]``, the plain forward (`token_logprobs`).
+
+Both give the same ``[n, C]`` log-probs (tests/test_prefix.py). A micro-batch's completion width C
+is the last column any of its rows scores (a row whose loss is masked is still fed, cut to C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from grpo.logprobs import selective_log_softmax
+from grpo.prefix import PackedGroups, pack_groups, packed_logprobs
+from grpo.rollout import Completion
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollouts:
+    """G scored completions for each of a step's prompts (on this process).
+
+    rows: one prompt record per group (``prompt_ids``, ``prompt_text`` and the dataset columns);
+    completions: ``len(rows) * G``, completion ``i * G + j`` continues ``rows[i]``;
+    texts: the completions decoded (stop tokens dropped); rewards: ``[N, K]`` (NaN = not applicable);
+    ok: ``[N]`` bool, False for samples whose reward failed under ``on_reward_error: skip``;
+    score_seconds: time spent in the reward functions.
+    """
+
+    rows: list[dict]
+    completions: list[Completion]
+    texts: list[str]
+    rewards: Tensor
+    ok: Tensor
+    score_seconds: float = 0.0
+
+    @staticmethod
+    def select(parts: Sequence["Rollouts"], chosen: Sequence[tuple[int, int]], G: int) -> "Rollouts":
+        """The groups ``(part, group)`` in `chosen`, concatenated in that order (prompt indices renumbered)."""
+        rows, comps, texts, Rs, oks = [], [], [], [], []
+        for new_index, (k, i) in enumerate(chosen):
+            part, span = parts[k], slice(i * G, (i + 1) * G)
+            rows.append(part.rows[i])
+            comps += [dataclasses.replace(c, prompt_index=new_index) for c in part.completions[span]]
+            texts += part.texts[span]
+            Rs.append(part.rewards[span])
+            oks.append(part.ok[span])
+        return Rollouts(rows, comps, texts, torch.cat(Rs), torch.cat(oks), sum(p.score_seconds for p in parts))
+
+
+# ------------------------------------------------------------------------------------- plain layout
+@dataclass
+class PaddedBatch:
+    """G rows ``[left-padded prompt | right-padded completion]`` (the plain forward).
+
+    input_ids, attention_mask, position_ids: ``[N, P + C]``; completion_ids: ``[N, C]``. Completion
+    token j of row i sits at column P + j, so the logits predicting it are at column P + j - 1.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    completion_ids: Tensor
+
+
+def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], prompt_index: Sequence[int],
+                pad_id: int, width: int | None = None, device=None) -> PaddedBatch:
+    """The padded layout of completion j continuing ``prompt_ids[prompt_index[j]]``, completions cut to `width`
+    columns (default: the longest), prompts left-padded to the longest one used."""
+    n = len(completions)
+    P = max(len(prompt_ids[i]) for i in prompt_index)
+    C = max(1, max(len(c) for c in completions)) if width is None else width
+    ids = torch.full((n, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, P + C), dtype=torch.long)
+    for j, (c, i) in enumerate(zip(completions, prompt_index)):
+        p, c = prompt_ids[i], list(c)[:C]
+        ids[j, P - len(p):P] = torch.tensor(p)
+        attn[j, P - len(p):P] = 1
+        if c:
+            ids[j, P:P + len(c)] = torch.tensor(c)
+            attn[j, P:P + len(c)] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return PaddedBatch(*(t.to(device) for t in (ids, attn, pos, ids[:, P:])))
+
+
+def token_logprobs(model, batch: PaddedBatch, temperature: float) -> Tensor:
+    """log pi(completion token) under `model` at `temperature`: [N, C]. Only C+1 positions get logits."""
+    C = batch.completion_ids.shape[1]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                use_cache=False, logits_to_keep=C + 1)
+    return selective_log_softmax(out.logits[:, :-1], batch.completion_ids, temperature=temperature)
+
+
+# ------------------------------------------------------------------------------------- micro-batches
+@dataclass
+class MicroBatch:
+    """One forward/backward's rows. mask: ``[n, C]`` 1 on completion tokens that carry loss;
+    advantages: ``[n]``; old_logp / ref_logp: ``[n, C]`` when computed; layout: what the forward runs on."""
+
+    layout: PackedGroups | PaddedBatch
+    mask: Tensor
+    advantages: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+
+    def logprobs(self, model, temperature: float) -> Tensor:
+        """log pi(completion tokens) under `model`: ``[n, C]`` (the same numbers for either layout)."""
+        if isinstance(self.layout, PackedGroups):
+            return packed_logprobs(model, self.layout, temperature)
+        return token_logprobs(model, self.layout, temperature)
+
+
+def loss_mask(completions: Sequence[Completion], ok: Tensor, mask_truncated: bool) -> Tensor:
+    """``[N, C]`` 1 on each completion's tokens (stop token included), 0 for skipped samples and, with
+    `mask_truncated` (DAPO), for completions cut at max_new_tokens. C = the longest completion (>= 1)."""
+    C = max(1, max(len(c.token_ids) for c in completions))
+    mask = torch.zeros(len(completions), C)
+    for i, c in enumerate(completions):
+        if c.token_ids and bool(ok[i]) and not (mask_truncated and c.finish_reason == "length"):
+            mask[i, :len(c.token_ids)] = 1
+    return mask
+
+
+def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, size: int, *, shared_prefix: bool, pad_id: int,
+                  device) -> list[MicroBatch]:
+    """Rows ``[s, s + size)`` per micro-batch, each with its own layout on `device`, trimmed to its widths.
+
+    Rows whose prompts have the same tokens share one group in the packed layout (also when the same
+    prompt was drawn twice in a step), so each distinct prompt is computed once per micro-batch.
+    """
+    distinct: dict[tuple[int, ...], int] = {}
+    group = [distinct.setdefault(tuple(row["prompt_ids"]), len(distinct)) for row in rollouts.rows]
+    prompts = list(distinct)
+    out = []
+    for s in range(0, len(rollouts.completions), size):
+        comps = rollouts.completions[s:s + size]
+        m = mask[s:s + size]
+        used = m.sum(0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        tokens = [c.token_ids for c in comps]
+        index = [group[c.prompt_index] for c in comps]
+        if shared_prefix:
+            layout = pack_groups(prompts, tokens, index, device, width=width)
+        else:
+            layout = build_batch(prompts, tokens, index, pad_id, width=width, device=device)
+        out.append(MicroBatch(layout, m[:, :width].to(device), advantages[s:s + size].to(device)))
+    return out
