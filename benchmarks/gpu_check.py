@@ -17,8 +17,9 @@ default 450; a section or row that would start past its share is recorded as ski
                     (1 GiB copies, bytes read + written).
   correctness_bf16  on the device in bf16: `engine` greedy == `hf` generate token for token (data/tiny_base,
   correctness_fp32  trained, so no near-ties decide it); engine sampling logprobs vs a fresh model's forward;
-                    shared-prefix (`grpo.prefix`) and plain padded (`token_logprobs`) logprobs vs a reference
-                    (each sequence alone, full logits, fp32 log_softmax), values and parameter gradients,
+                    shared-prefix (`grpo.prefix`), plain padded (`token_logprobs`) and chunked LM-head
+                    (`grpo.logprobs.chunked_logprobs`, where it exists) logprobs vs a reference (each sequence
+                    alone, full logits, fp32 log_softmax), values and parameter gradients,
                     on tiny_base (Llama) and a tiny random Qwen2 (GQA, biases). Errors are relative L2 norms;
                     limits: bf16 1e-2 (values), 3e-2 (gradients); fp32 1e-5. A "sensitivity" line shows each
                     comparison would catch a wrong context (prompt cut to one token).
@@ -213,7 +214,7 @@ def section_correctness(s: Section, ctx: dict, dtype_name: str) -> None:
 
 
 def _logprob_checks(s: Section, label: str, model, fresh, prompts, eos: int, pad: int, tol: dict, G: int = 4, T: float = 0.8) -> None:
-    """Engine sampling logprobs vs a fresh forward; shared-prefix and plain logprobs (values, grads) vs the reference."""
+    """Engine sampling logprobs vs a fresh forward; shared-prefix, plain and chunked logprobs (values, grads) vs the reference."""
     from grpo.prefix import shared_prefix_logprobs
     from grpo.rollout import SamplingParams, make_rollout
 
@@ -243,8 +244,16 @@ def _logprob_checks(s: Section, label: str, model, fresh, prompts, eos: int, pad
         return sum((w[j, :len(c)] * lp).sum() for j, (c, lp) in enumerate(zip(comps, lps))), torch.cat(lps)
 
     ref_vals, ref_grads = _with_grads(model, ref_loss)
-    for name, fn in (("shared-prefix", lambda: shared_prefix_logprobs(model, prompts, comps, G, T)[0]),
-                     ("plain forward", lambda: _plain_logprobs(model, prompts, comps, G, T, pad))):
+    paths = [("shared-prefix", lambda: shared_prefix_logprobs(model, prompts, comps, G, T)[0]),
+             ("plain forward", lambda: _plain_logprobs(model, prompts, comps, G, T, pad))]
+    try:
+        from grpo.logprobs import chunked_logprobs  # issue 14's chunked LM head (absent in older trees)
+    except ImportError:
+        s.row({"name": f"chunked LM head ({label})", "not_available": "grpo.logprobs has no chunked_logprobs"})
+    else:
+        paths.append(("chunked LM head", lambda: torch.nn.utils.rnn.pad_sequence(
+            _reference(model, prompts, comps, G, T, chunked=chunked_logprobs), batch_first=True)))
+    for name, fn in paths:
         def loss(fn=fn):
             lp = fn()[:, :C]
             return (w * lp * mask).sum(), lp[mask.bool()]
@@ -254,15 +263,24 @@ def _logprob_checks(s: Section, label: str, model, fresh, prompts, eos: int, pad
                 rel_err_grads=eg, limit_values=tol["values"], limit_grads=tol["grads"], tokens=int(mask.sum()))
 
 
-def _reference(model, prompts, comps, G: int, T: float) -> list[torch.Tensor]:
-    """Per completion [len(c)] fp32: each sequence run alone (no padding, no packing), full logits, fp32 log_softmax."""
+def _reference(model, prompts, comps, G: int, T: float, chunked=None) -> list[torch.Tensor]:
+    """Per completion [len(c)] fp32: each sequence run alone (no padding, no packing), full logits, fp32 log_softmax.
+
+    With `chunked` (grpo.logprobs.chunked_logprobs): the same sequences, but the output layer, log-softmax and
+    gather run 3 tokens at a time from the decoder's hidden states (several chunks per sequence).
+    """
     dev = next(model.parameters()).device
     out = []
     for j, c in enumerate(comps):
         p = prompts[j // G]
         ids = torch.tensor([p + c], device=dev)
-        logits = model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:len(p) + len(c) - 1]
-        out.append(torch.log_softmax(logits.float() / T, dim=-1).gather(1, ids[0, len(p):, None]).squeeze(1))
+        at, target = slice(len(p) - 1, len(p) + len(c) - 1), ids[0, len(p):]
+        if chunked is not None:
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, at]
+            out.append(chunked(hidden, model.get_output_embeddings(), target, T, chunk_size=3).float())
+            continue
+        logits = model(input_ids=ids, use_cache=False).logits[0, at]
+        out.append(torch.log_softmax(logits.float() / T, dim=-1).gather(1, target[:, None]).squeeze(1))
     return out
 
 
