@@ -511,7 +511,7 @@ def _write_train_assets(work: Path, sh: dict, dev: torch.device, dtype: str, thr
     ids = torch.randint(2, V, (n_rows, sh["prompt_len"]), generator=g).tolist()
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": " ".join(f"w{i}" for i in row)}) + "\n" for row in ids))
     recipe = {
-        "run": {"output_dir": str(work / "run"), "stages": ["train"], "seed": 0, "threads": threads},
+        "run": {"output_dir": str(work / "run"), "stages": ["train"], "seed": 0, "threads": threads or None},
         "model": {"name_or_path": str(work / "model"), "tokenizer": str(work / "tokenizer"), "dtype": dtype},
         "data": {"sft_train": None, "sft_eval": None, "train": str(work / "prompts.jsonl"), "eval": None,
                  "max_prompt_length": sh["prompt_len"]},
