@@ -1,16 +1,31 @@
-"""Per-token log-probabilities and entropies from logits, without a full log-softmax copy.
+"""Per-token log-probabilities and entropies, without ever holding ``[tokens, vocab]`` logits.
 
-A ``[B, T, V]`` log-softmax doubles peak memory for large vocabularies (V = 32k-150k), so
-both functions work one batch row (or one chunk of rows) at a time: only ``[T, V]`` (or
-``[chunk, V]``) temporaries exist at once. Same approach as TRL's ``selective_log_softmax``
-and ``entropy_from_logits``.
+From logits (`selective_log_softmax`, `entropy_from_logits`): one batch row (or chunk of rows) at a
+time, so only ``[T, V]`` temporaries exist beside the logits (as TRL's functions of the same names).
+
+From hidden states (`chunked_logprobs`, `forward_logprobs`): the logits themselves are never whole.
+At V = 151,936 a ``[tokens, V]`` fp32 tensor is 0.6 MB per token (2.5 GB for 16 x 256 completion
+tokens), and its gradient and the log-softmax temporaries come on top: the output layer, the fp32
+log-sum-exp and the gather run a chunk of tokens at a time and are recomputed in the backward, so
+this part's memory is O(chunk x V) whatever the number of tokens (as TRL's / Liger's chunked
+LM-head losses). `forward_logprobs` gets the hidden states out of the real (wrapped) model call by
+standing in for its output layer during the forward (see there). Exact against the full-logits path
+(tests/test_chunked_logprobs.py: values and gradients <= 1e-5 in fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Iterator
+
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -76,3 +91,235 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     if not out:
         return torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     return torch.cat(out).reshape(logits.shape[:-1])
+
+
+# ------------------------------------------------------------------------------------- from hidden states
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32, ~110 tokens at Qwen's 151,936 vocabulary
+_FULL_LOGITS: set[type] = set()  # model classes that post-process their logits (softcapping, scaling): full path
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's logits hold about `DEFAULT_CHUNK_ELEMENTS` entries (at least 1)."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, int(vocab_size)))
+
+
+class _LogSoftmaxGather(torch.autograd.Function):
+    """``log softmax(logits / T)[target]`` for one chunk ``[c, V]``, in fp32 (fp64 stays fp64).
+
+    Saves only the logits (in their own dtype) and the log-sum-exp; the backward builds
+    ``(onehot - softmax) * grad / T`` in one fp32 ``[c, V]`` buffer, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, temperature: float) -> Tensor:
+        x = logits if logits.dtype == torch.float64 else logits.float()
+        if temperature != 1.0:
+            x = x / temperature
+        lse = torch.logsumexp(x, dim=-1)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.temperature = temperature
+        return x.gather(-1, target[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        logits, target, lse = ctx.saved_tensors
+        T = ctx.temperature
+        x = logits if logits.dtype == torch.float64 else logits.float()
+        x = x / T if T != 1.0 else (x.clone() if x.data_ptr() == logits.data_ptr() else x)
+        x.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -grad * softmax
+        x.scatter_add_(1, target[:, None], grad[:, None])  # + grad at the target
+        if T != 1.0:
+            x.div_(T)
+        return x.to(logits.dtype), None, None
+
+
+def _chunk_logprobs(head: nn.Module, hidden: Tensor, target: Tensor, temperature: float,
+                    entropy_slot: list | None) -> Tensor:
+    """One chunk: logits through `head` (the module: its hooks and LoRA run), then log-softmax + gather."""
+    logits = head(hidden)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != hidden.shape[0]:
+        raise RuntimeError(f"the output layer {type(head).__name__} did not map [tokens, hidden] to [tokens, vocab] "
+                           f"(got {getattr(logits, 'shape', type(logits))}); chunked log-probs need a per-token head")
+    if entropy_slot is not None and not entropy_slot:  # the first call only, not the backward's recompute
+        with torch.no_grad():
+            scaled = logits.float() / temperature if temperature != 1.0 else logits
+            entropy_slot.append(entropy_from_logits(scaled, chunk_size=max(1, logits.shape[0])))
+    return _LogSoftmaxGather.apply(logits, target, temperature)
+
+
+def chunked_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float = 1.0,
+                     chunk_size: int | None = None, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``log softmax(head(hidden) / temperature)[targets]`` without ever holding ``[tokens, vocab]`` logits.
+
+    The tokens (all leading dims of `hidden`, flattened) go through `head` `chunk_size` at a time;
+    each chunk's log-sum-exp is taken in fp32 whatever the head's dtype. With grad, every chunk is
+    a non-reentrant `torch.utils.checkpoint`: its logits are dropped after the forward and
+    recomputed (through `head` again) in the backward, so this part's peak memory is
+    O(chunk_size x vocab) for any number of tokens. Gradients reach `hidden` and `head`'s
+    parameters (a trained or tied lm_head, LoRA on it). `head` is called as a module, so its hooks
+    (DeepSpeed ZeRO-3's parameter gather, FSDP's) and wrappers (peft) run on every call.
+
+    Args:
+      hidden: ``[..., H]`` final hidden states at the scoring positions (any float dtype).
+      head: the output layer, mapping ``[c, H]`` to ``[c, V]`` logits row by row.
+      targets: ``[...]`` int token ids, one per position of `hidden`.
+      temperature: > 0; logits are divided by it (in fp32) before the softmax.
+      chunk_size: tokens per chunk (default `default_chunk_size` of the head's vocabulary).
+      with_entropy: also return the entropy of ``softmax(logits / temperature)`` (no grad).
+
+    Returns:
+      ``[...]`` log-probs in float32 (float64 for a float64 head), or ``(logp, entropy)``.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"expected hidden [..., H] and targets [...], got {tuple(hidden.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(getattr(head, "out_features", 0) or 32768)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    need_grad = torch.is_grad_enabled() and (flat_h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    logps, entropies = [], []
+    for s in range(0, flat_h.shape[0], chunk_size):
+        slot = [] if with_entropy else None
+        args = (head, flat_h[s:s + chunk_size], flat_t[s:s + chunk_size], float(temperature), slot)
+        logps.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if need_grad else _chunk_logprobs(*args))
+        if with_entropy:
+            entropies.append(slot[0])
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if not logps:  # no tokens: an empty result that still belongs to the graph
+        logp = (flat_h.sum(-1) * 0).to(acc)
+        entropy = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    else:
+        logp = torch.cat(logps)
+        entropy = torch.cat(entropies) if with_entropy else None
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if with_entropy else logp
+
+
+def forward_logprobs(model: nn.Module, inputs: dict, targets: Tensor, positions: Tensor | None = None,
+                     temperature: float = 1.0, chunk_size: int | None = None,
+                     with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """log pi(targets) from ONE call of `model` (as given: DDP, DeepSpeed, FSDP2, peft wrappers run), chunked.
+
+    For the duration of the call, the HF model's output layer (``get_output_embeddings()``, found
+    under any wrapper) is replaced by a module that receives the final hidden states of the kept
+    positions and runs `chunked_logprobs` through the real output layer, inside the model's own
+    forward: so the wrappers' hooks fire (an FSDP2 root's parameters are unsharded there, ZeRO-3
+    gathers the head's weight by its module hooks), a LoRA'd / ``modules_to_save`` lm_head applies,
+    and ``out.logits`` comes back as the ``[B, K]`` log-probs. No ``[tokens, vocab]`` tensor exists
+    beyond one chunk, forward or backward.
+
+    Args:
+      model: a transformers causal LM, possibly wrapped.
+      inputs: forward kwargs (``input_ids``, ``attention_mask``, ``position_ids``, ``prefix_layout``...);
+        ``use_cache`` defaults to False, ``logits_to_keep`` is set here.
+      targets: ``[B, K]`` token ids to score.
+      positions: None: the K positions predicting the LAST K input tokens (plain layout: targets =
+        completion_ids, the last C columns of input_ids); or a ``[K]`` long tensor of sequence positions
+        whose next token is ``targets[:, k]`` (the packed layout's ``keep_idx``, B = 1).
+      temperature: > 0, the sampling temperature (logits / temperature, in fp32).
+      chunk_size: tokens per chunk; default `default_chunk_size` of the config's vocabulary.
+      with_entropy: also return per-token entropies ``[B, K]`` (fp32, no grad).
+
+    Returns:
+      ``[B, K]`` log-probs, float32 whatever the weights' dtype (log-sum-exp in fp32), grad following
+      the caller's grad mode; or ``(logp, entropy)``.
+
+    Models that transform logits after the output layer (Gemma2's final softcapping, Cohere's or
+    Granite's scaling), or have no output embeddings, are detected (the model's ``logits`` differ from
+    what the replacement returned) and use the full-logits path, with one warning per model class.
+    """
+    hf = _hf_model(model)
+    B, K = targets.shape
+    keep = K + 1 if positions is None else positions
+    head = hf.get_output_embeddings() if hf is not None else None
+    if head is None or type(hf) in _FULL_LOGITS:
+        if hf is not None and type(hf) not in _FULL_LOGITS:
+            _FULL_LOGITS.add(type(hf))
+            log.warning("%s has no output embeddings module: log-probs use full [tokens x vocab] logits",
+                        type(hf).__name__)
+        return _full_logits(model, inputs, targets, positions, temperature, with_entropy)
+    vocab = getattr(hf.config.get_text_config(), "vocab_size", None) or getattr(head, "out_features", 32768)
+    probe = _LogprobHead(head, targets, positions, temperature, chunk_size or default_chunk_size(vocab), with_entropy)
+    with _swapped(hf, head, probe):
+        out = model(**{"use_cache": False, **inputs, "logits_to_keep": keep})
+    logp = out.logits if hasattr(out, "logits") else out[0]
+    if probe.logp is None:
+        raise RuntimeError(f"{type(hf).__name__}'s forward never called its output layer {type(head).__name__}")
+    if logp.shape != probe.logp.shape or not torch.equal(logp.detach(), probe.logp.detach()):
+        _FULL_LOGITS.add(type(hf))
+        log.warning("%s transforms its logits after the output layer (e.g. final softcapping or scaling): log-probs "
+                    "use full [tokens x vocab] logits for this model class (more memory)", type(hf).__name__)
+        return _full_logits(model, inputs, targets, positions, temperature, with_entropy)
+    return (logp, probe.entropy) if with_entropy else logp
+
+
+class _LogprobHead(nn.Module):
+    """Stands in for the output layer during one forward: hidden states in, `chunked_logprobs` out."""
+
+    def __init__(self, head: nn.Module, targets: Tensor, positions: Tensor | None, temperature: float,
+                 chunk_size: int, with_entropy: bool):
+        super().__init__()
+        # plain attributes, not submodules: the real head keeps its one place in the module tree
+        self.__dict__.update(head=head, targets=targets, positions=positions, temperature=temperature,
+                             chunk_size=chunk_size, with_entropy=with_entropy, logp=None, entropy=None)
+
+    @property
+    def weight(self) -> Tensor:  # for models that read lm_head.weight (its dtype / device)
+        return self.head.weight
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        hidden = _select(hidden, self.targets.shape[1], self.positions)
+        out = chunked_logprobs(hidden, self.head, self.targets, self.temperature, self.chunk_size, self.with_entropy)
+        logp, self.entropy = out if self.with_entropy else (out, None)
+        self.logp = logp.clone()  # not a view: FSDP2 hooks the root's outputs for its backward
+        return self.logp
+
+
+def _select(x: Tensor, K: int, positions: Tensor | None) -> Tensor:
+    """The K scoring positions of ``x [B, S, ...]`` (S: the K(+1) kept, or all if the model ignored logits_to_keep)."""
+    if positions is None:
+        if x.shape[1] < K + 1:
+            raise RuntimeError(f"the model kept {x.shape[1]} positions, {K + 1} were asked for (logits_to_keep)")
+        return x[:, x.shape[1] - K - 1:-1]
+    return x if x.shape[1] == positions.numel() else x[:, positions]
+
+
+def _full_logits(model: nn.Module, inputs: dict, targets: Tensor, positions: Tensor | None, temperature: float,
+                 with_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """The reference path: the model's own [B, K(+1), V] logits, then `selective_log_softmax`."""
+    keep = targets.shape[1] + 1 if positions is None else positions
+    out = model(**{"use_cache": False, **inputs, "logits_to_keep": keep})
+    logits = _select(out.logits if hasattr(out, "logits") else out[0], targets.shape[1], positions)
+    logp = selective_log_softmax(logits, targets, temperature=temperature)
+    logp = logp if logp.dtype == torch.float64 else logp.float()
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        return logp, entropy_from_logits(logits.float() / temperature)
+
+
+def _hf_model(model: nn.Module) -> nn.Module | None:
+    """The outermost transformers model under any wrapper (DDP / DeepSpeed `.module`, peft, FSDP2 in place)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+@contextlib.contextmanager
+def _swapped(root: nn.Module, old: nn.Module, new: nn.Module) -> Iterator[None]:
+    """Puts `new` where `old` sits in `root`'s module tree for the block."""
+    name = next((n for n, m in root.named_modules() if m is old), None)
+    if not name:
+        raise RuntimeError(f"{type(root).__name__}: its output layer is not one of its submodules")
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, new)
+    try:
+        yield
+    finally:
+        setattr(parent, leaf, old)
