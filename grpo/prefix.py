@@ -37,14 +37,21 @@ the call for reference logprobs) and under DDP (pass the wrapped module: its for
 hooks fire). Any decoder whose attention goes through transformers' `AttentionInterface` with RoPE
 positions from ``position_ids`` works; a forward that never reached the attention function raises.
 
-Limits: no gradient checkpointing with grad enabled (its backward recompute would run after the
-attention switch is undone: `batch_logprobs` then runs the plain forward, see `supports_training`),
-no attention logit softcapping / sinks, sequences no longer than a sliding window.
+Limits: gradient checkpointing works when the model's own attention implementation is one of
+transformers' `AttentionInterface` entries (sdpa, flash_attention_*, flex_attention; the default):
+the backward's recompute runs after the switch to ``"grpo_prefix"`` is undone, so that entry is
+wrapped once to run `prefix_attention` on calls carrying a ``prefix_layout`` (every other call goes
+to the original function unchanged). Under ``attn_implementation="eager"`` (each model file's own
+function, not in the registry) it cannot be routed: with grad and checkpointing `packed_logprobs`
+refuses, `supports_training` is False. No attention logit softcapping / sinks, sequences no longer
+than a sliding window. The output layer runs chunk by chunk (`grpo.logprobs.forward_logprobs`):
+no ``[tokens, vocab]`` logits, forward or backward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -52,8 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from grpo.logprobs import selective_log_softmax
+from grpo.logprobs import forward_logprobs
 from grpo.rollout.base import unwrap_model
 
 Tensor = torch.Tensor
@@ -199,28 +207,32 @@ def pack_batch(batch: dict[str, Tensor]) -> PackedGroups:
 
 
 # ------------------------------------------------------------------------------------- forward
-def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float) -> Tensor:
+def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float, chunk_size: int | None = None,
+                    with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(completion token) at `temperature` for every row of `packed`: [N, width], 0 where not scored.
 
-    `model` is called as given (DDP / peft wrappers included); grad follows the caller's grad mode.
+    `model` is called as given (DDP / peft wrappers included); grad follows the caller's grad mode, gradient
+    checkpointing included (see `supports_training`). The output layer runs `chunk_size` tokens at a time
+    (`grpo.logprobs.forward_logprobs`); `with_entropy` also returns the per-token entropies ([N, width], no grad).
     """
     hf = unwrap_model(model)
-    if torch.is_grad_enabled() and _checkpointing(hf):
-        raise NotImplementedError("shared-prefix logprobs do not support gradient checkpointing with grad enabled; "
-                                  "use the plain forward (grpo.trainer.token_logprobs) there")
+    if torch.is_grad_enabled() and not supports_training(model):
+        raise NotImplementedError(
+            f"shared-prefix logprobs under gradient checkpointing need an attention implementation from transformers' "
+            f"AttentionInterface, not {hf.config._attn_implementation!r}: load the model with attn_implementation='sdpa' "
+            "or use the plain forward")
     packed.calls = 0
     with _attention(hf, ATTN_NAME):
-        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                    logits_to_keep=packed.keep_idx, prefix_layout=packed)
+        out = forward_logprobs(model, dict(input_ids=packed.input_ids, position_ids=packed.position_ids, prefix_layout=packed),
+                               packed.target[None], packed.keep_idx, temperature, chunk_size, with_entropy)
     if packed.calls == 0:
         raise RuntimeError(f"{type(hf).__name__} never called the '{ATTN_NAME}' attention: its attention does not go "
                            "through transformers' AttentionInterface, so shared-prefix logprobs cannot be used with it")
-    logits = out.logits
-    if logits.shape[1] != packed.keep_idx.numel():  # a model that ignores a tensor logits_to_keep
-        logits = logits[:, packed.keep_idx]
-    logp = selective_log_softmax(logits, packed.target[None], temperature=temperature)[0]
-    full = logp.new_zeros(packed.n_rows, packed.width)
-    return full.index_put((packed.rows, packed.cols), logp)
+    logp, entropy = out if with_entropy else (out, None)
+    full = logp.new_zeros(packed.n_rows, packed.width).index_put((packed.rows, packed.cols), logp[0])
+    if not with_entropy:
+        return full
+    return full, entropy.new_zeros(packed.n_rows, packed.width).index_put((packed.rows, packed.cols), entropy[0])
 
 
 def batch_logprobs(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
@@ -256,23 +268,55 @@ def shared_prefix_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]]
 
 
 def supports_training(model: nn.Module) -> bool:
-    """Whether `packed_logprobs` can run with grad on `model` (not under gradient checkpointing)."""
-    return not _checkpointing(unwrap_model(model))
+    """Whether `packed_logprobs` can run with grad on `model`: always, except under gradient checkpointing with an
+    attention implementation outside transformers' `AttentionInterface` (``"eager"``; see the module's Limits)."""
+    hf = unwrap_model(model)
+    return not _checkpointing(hf) or _routable(hf.config._attn_implementation)
 
 
 def _checkpointing(hf: nn.Module) -> bool:
     return hf.training and any(getattr(m, "gradient_checkpointing", False) is True for m in hf.modules())
 
 
+def _routable(name: str | None) -> bool:
+    return name == ATTN_NAME or (name is not None and name in ALL_ATTENTION_FUNCTIONS)
+
+
 @contextlib.contextmanager
 def _attention(hf: nn.Module, name: str) -> Iterator[None]:
+    """Switches the model to attention `name` for the forward (no mask is built for it). The model's own
+    implementation is routed too (`_route_prefix`): a gradient-checkpointing recompute in the backward runs
+    after this block, under the model's own implementation, and must still reach `prefix_attention`."""
     config = hf.config
     previous = config._attn_implementation
+    _route_prefix(previous)
     config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def _route_prefix(name: str | None) -> None:
+    """Wraps the attention function registered as `name` (once) so that a call carrying ``prefix_layout`` runs
+    `prefix_attention`; every other call goes to the original function with the same arguments."""
+    if name == ATTN_NAME or not _routable(name):
+        return
+    original = ALL_ATTENTION_FUNCTIONS[name]
+    if getattr(original, "grpo_prefix_routed", False):
+        return
+
+    @functools.wraps(original)
+    def routed(module, query, key, value, attention_mask, *args, prefix_layout: PackedGroups | None = None, **kwargs):
+        if prefix_layout is not None:
+            return prefix_attention(module, query, key, value, attention_mask, *args, prefix_layout=prefix_layout, **kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    routed.grpo_prefix_routed = True
+    if name in ALL_ATTENTION_FUNCTIONS._local_mapping:
+        ALL_ATTENTION_FUNCTIONS[name] = routed
+    else:
+        AttentionInterface.register(name, routed)
 
 
 # ------------------------------------------------------------------------------------- attention

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import random
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, make_tiny_model
 from grpo.logprobs import chunked_logprobs, entropy_from_logits, forward_logprobs, selective_log_softmax
+from grpo.prefix import pack_groups, packed_logprobs, supports_training
 
 TEMPERATURE = 0.7
 ATOL = 1e-5
@@ -346,3 +348,106 @@ def test_under_deepspeed_zero3(tmp_path):
     code = "from pathlib import Path\n" + ZERO3_CHECK.replace("t.Path", "Path")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "ZERO3 OK" in proc.stdout, proc.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------------- shared prefix
+def packed_and_plain(model, group_size=3, seed=0):
+    """Ragged prompts / completions as a packed layout, and the same rows as a plain padded batch."""
+    rng = random.Random(seed)
+    V = model.config.vocab_size
+    prompts = [[rng.randrange(1, V) for _ in range(n)] for n in (5, 9)]
+    comps = [[rng.randrange(1, V) for _ in range(rng.randint(1, 7))] for _ in range(len(prompts) * group_size)]
+    group_of = [j // group_size for j in range(len(comps))]
+    P, C = max(map(len, prompts)), max(map(len, comps))
+    ids, attn = torch.zeros(len(comps), P + C, dtype=torch.long), torch.zeros(len(comps), P + C, dtype=torch.long)
+    mask = torch.zeros(len(comps), C)
+    for j, (c, i) in enumerate(zip(comps, group_of)):
+        p = prompts[i]
+        ids[j, P - len(p):P], ids[j, P:P + len(c)] = torch.tensor(p), torch.tensor(c)
+        attn[j, P - len(p):P + len(c)] = 1
+        mask[j, :len(c)] = 1
+    inputs = dict(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
+    return pack_groups(prompts, comps, group_of), inputs, ids[:, P:], mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3"])
+def test_packed_layout_chunked(tmp_path, arch):
+    """The shared-prefix path with several chunks equals the plain full-logits path (values, gradients)."""
+    model = tiny(tmp_path, arch, tied=False)
+    packed, inputs, targets, mask = packed_and_plain(model)
+    ref = full_path(model, inputs, targets)
+    logp, ent = packed_logprobs(model, packed, TEMPERATURE, chunk_size=4, with_entropy=True)
+    torch.testing.assert_close(logp * mask, ref * mask, atol=ATOL, rtol=0)
+    assert ent.shape == mask.shape and (ent[mask == 0] == 0).all() and (ent[mask == 1] > 0).all()
+    w = weights_like(ref) * mask
+    assert_same_grads(grads_of(model, packed_logprobs(model, packed, TEMPERATURE, chunk_size=4), w),
+                      grads_of(model, full_path(model, inputs, targets), w))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deepseek_v3"])
+def test_prefix_sharing_under_gradient_checkpointing(tmp_path, arch, reentrant):
+    """With checkpointing on, the backward's recompute still runs the shared-prefix attention: gradients exact."""
+    model = tiny(tmp_path, arch, tied=False)
+    packed, inputs, targets, mask = packed_and_plain(model, seed=1)
+    w = weights_like(targets, seed=2) * mask
+    want = grads_of(model, full_path(model, inputs, targets), w)  # no checkpointing: the reference
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert supports_training(model)
+    logp = packed_logprobs(model, packed, TEMPERATURE, chunk_size=4)
+    torch.testing.assert_close(logp * mask, full_path(model, inputs, targets).detach() * mask, atol=ATOL, rtol=0)
+    calls = packed.calls
+    assert_same_grads(grads_of(model, logp, w), want)
+    assert packed.calls == 2 * calls  # the backward recomputed every layer through the shared-prefix attention
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_prefix_sharing_under_gradient_checkpointing_with_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny(tmp_path, "qwen2")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    packed, inputs, targets, mask = packed_and_plain(model.get_base_model(), seed=3)
+    w = weights_like(targets, seed=4) * mask
+    want = grads_of(model, full_path(model, inputs, targets), w)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = grads_of(model, packed_logprobs(model, packed, TEMPERATURE, chunk_size=4), w)
+    assert got and all("lora_" in n for n in got)
+    assert_same_grads(got, want)
+
+
+def test_eager_attention_under_checkpointing_is_refused(tmp_path):
+    """Eager attention is each model file's own function (not in AttentionInterface): it cannot be routed."""
+    model = tiny(tmp_path, attn_implementation="eager")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    packed, *_ = packed_and_plain(model)
+    assert not supports_training(model)
+    with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):
+        packed_logprobs(model, packed, TEMPERATURE)
+    with torch.no_grad():  # reference / old logprobs are fine
+        packed_logprobs(model, packed, TEMPERATURE)
+    model.gradient_checkpointing_disable()
+    assert supports_training(model)
+
+
+def test_routed_attention_is_transparent_without_a_layout(tmp_path):
+    """The routing wrapper under "sdpa" passes every call without ``prefix_layout`` to the original function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = tiny(tmp_path)
+    packed, *_ = packed_and_plain(model)
+    with torch.no_grad():
+        packed_logprobs(model, packed, TEMPERATURE)  # installs the routing
+    routed = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert routed is not sdpa_attention_forward and routed.grpo_prefix_routed
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))  # 4 query heads, 2 key/value heads
+    module = model.model.layers[0].self_attn
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    for a, b in zip(routed(module, q, k, v, mask, dropout=0.0), sdpa_attention_forward(module, q, k, v, mask, dropout=0.0)):
+        assert (a is None and b is None) or torch.equal(a, b)
