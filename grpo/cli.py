@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> None:
-    from grpo.config import STAGES, load_recipe
+    from grpo.config import load_recipe
     from grpo.preflight import check, env_world_size
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -91,22 +91,12 @@ def run(args) -> None:
         print(dry_run(recipe, stages, args.num_processes or env_world_size()))
         return
     check(recipe, stages, env_world_size(), models=getattr(args, "model", None) or None)  # before any weights or folders
-    if args.command == "sft":
-        from grpo.sft import run_sft
-        run_sft(recipe)
-    elif args.command == "rm":
-        from rewards.train import run_rm
-        run_rm(recipe)
-    elif args.command == "train":
-        from grpo.trainer import run_grpo
-        run_grpo(recipe)
-    elif args.command == "eval":
-        from grpo.evaluate import run_eval
-        run_eval(recipe, models=args.model or None)
-    elif args.command == "pipeline":
+    if args.command == "pipeline":
         from grpo.pipeline import run_pipeline
         run_pipeline(recipe)
-
+    else:
+        from grpo.pipeline import run_stage
+        run_stage(recipe, args.command, models=getattr(args, "model", None) or None)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,8 @@ Relative paths in a recipe are relative to the directory you run the command fro
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +91,6 @@ class SFTConfig:
     max_length: int = 128  # longer examples are truncated on the right
     packing: bool = False  # concatenate examples into max_length rows (attention stays per example)
     eval_every: int = 50  # steps between eval-loss measurements on data.sft_eval
-    save_final: bool = True  # save the final model to <output_dir>/sft/final
 
 
 @dataclass
@@ -172,7 +173,7 @@ class RewardSpec:
 
 @dataclass
 class RMConfig:
-    """Reward/cost-model training (`grpo rm`, rewards/train.py). A model whose *_train is null is skipped."""
+    """Reward/cost-model training (`grpo rm`, grpo/rm.py). A model whose *_train is null is skipped."""
     usefulness_train: str | None = "data/toyworld/rm_usefulness_train.jsonl"  # prompt, chosen, rejected
     usefulness_eval: str | None = "data/toyworld/rm_usefulness_eval.jsonl"
     safety_train: str | None = "data/toyworld/rm_safety_train.jsonl"  # + chosen_is_safe, rejected_is_safe
@@ -394,14 +395,31 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return d
 
 
-SECRET_WORDS = ("key", "token", "secret", "password")
+SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "auth", "credential", "credentials"}
+
+
+def is_secret_name(name: str) -> bool:
+    """The one redaction rule (saved recipes, trackers): a name with a secret-looking WORD.
+
+    `api_key`, `hf_token`, `wandbApiKey`, `PASSWORD` are; `max_new_tokens`, `tokenizer` are not.
+    """
+    words = re.sub(r"([a-z])([A-Z])", r"\1_\2", str(name)).lower()
+    return any(p in SECRET_PARTS for p in re.split(r"[^a-z0-9]+", words))
+
+
+def redact(obj, _key: str = ""):
+    """A copy of a (nested) config with secret-looking string values (by key, `is_secret_name`, or holding
+    the wandb API key) replaced by `<redacted>`."""
+    api_key = os.environ.get("WANDB_API_KEY")
+    if isinstance(obj, dict):
+        return {k: redact(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, _key) for v in obj]
+    if isinstance(obj, str) and ((_key and is_secret_name(_key)) or (api_key and api_key in obj)):
+        return "<redacted>"
+    return obj
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe as YAML (secrets-looking reward kwargs are redacted)."""
-    d = recipe_to_dict(recipe)
-    for r in d["rewards"]:
-        for k in r:
-            if any(w in k.lower() for w in SECRET_WORDS):
-                r[k] = "<redacted>"
-    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+    """Write the resolved recipe as YAML, secrets redacted (`redact`)."""
+    Path(path).write_text(yaml.safe_dump(redact(recipe_to_dict(recipe)), sort_keys=False))

@@ -139,21 +139,29 @@ def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: 
     return prompt, full[len(prompt):].rstrip()  # templates often end a turn with "<eos>\n": end on the eos
 
 
-def encode_prompt(text: str, fmt: str, tokenizer, chat: bool = False) -> list[int]:
-    """Token ids of a prompt. Chat-rendered text already holds the special tokens."""
-    return tokenizer(text, add_special_tokens=(fmt == "prompt" and not chat))["input_ids"]
+def prompt_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[str, list[int]]:
+    """A row's prompt text and token ids, exactly as every stage (and preflight's length checks) sees them.
+
+    Chat-rendered text already holds the template's special tokens, so the tokenizer adds none there.
+    """
+    text, _ = render(row, fmt, cfg, tokenizer, with_completion=False)
+    return text, tokenizer(text, add_special_tokens=(fmt == "prompt" and not cfg.apply_chat_template))["input_ids"]
+
+
+def example_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]:
+    """An SFT row's (prompt ids, completion ids ending in eos), untruncated."""
+    prompt, completion = render(row, fmt, cfg, tokenizer, with_completion=True)
+    p_ids = tokenizer(prompt, add_special_tokens=(fmt == "prompt" and not cfg.apply_chat_template))["input_ids"]
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return p_ids, c_ids if c_ids and c_ids[-1] == eos else c_ids + [eos]
 
 
 def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_length: int) -> list[Example]:
     """Tokenize rows into completion-only examples, eos appended, truncated to max_length."""
-    eos = tokenizer.eos_token_id
     out = []
     for row in rows:
-        prompt, completion = render(row, fmt, cfg, tokenizer, with_completion=True)
-        p_ids = encode_prompt(prompt, fmt, tokenizer, cfg.apply_chat_template)
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if not c_ids or c_ids[-1] != eos:
-            c_ids = c_ids + [eos]
+        p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer)
         ids = (p_ids + c_ids)[:max_length]
         labels = ([-100] * len(p_ids) + c_ids)[:max_length]
         if any(l != -100 for l in labels):
@@ -172,8 +180,7 @@ def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> tu
     out, dropped = [], 0
     limit = cfg.max_prompt_length
     for i, row in enumerate(rows):
-        text, _ = render(row, fmt, cfg, tokenizer, with_completion=False)
-        ids = encode_prompt(text, fmt, tokenizer, cfg.apply_chat_template)
+        text, ids = prompt_tokens(row, fmt, cfg, tokenizer)
         if len(ids) > limit:
             if cfg.prompt_overflow == "error":
                 raise UserError(f"prompt {i} has {len(ids)} tokens > data.max_prompt_length={limit}; raise it or set data.prompt_overflow=truncate_left|drop")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from grpo import runtime
+from grpo import rules, runtime
 from grpo.config import Recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import UserError
@@ -108,8 +108,7 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
     Under `accelerate launch` every process evaluates (no collectives; decoding is greedy or seeded, so
     all of them get the same results) and only rank 0 writes the files."""
     runtime.setup(recipe.run.seed, recipe.run.threads)
-    if not recipe.data.eval:
-        raise UserError("the eval stage needs data.eval (a JSONL of held-out prompts with an answer column)")
+    rules.raise_first(rules.stage_data(recipe.data, "eval") + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False))
     pairs = unique_labels([(_label(p), p) for p in models]) if models else unique_labels(default_models(recipe))
     out = Path(recipe.run.output_dir) / "eval"
     rows = load_rows(recipe.data.eval, "data.eval")

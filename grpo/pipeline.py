@@ -20,6 +20,35 @@ from grpo.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def run_stage(recipe: Recipe, stage: str, model_path: str | None = None, *, models: list[str] | None = None):
+    """Run one stage; returns the model the next stage starts from (or the eval results for `eval`).
+
+    `model_path`: the previous stage's final model (None = model.name_or_path). The CLI's single-stage
+    commands and the pipeline both dispatch here.
+    """
+    if stage == "sft":
+        from grpo.sft import run_sft
+        return str(run_sft(recipe, model_path))
+    if stage == "rm":
+        from grpo.rm import run_rm
+        run_rm(recipe)
+        return model_path
+    if stage == "train_unconstrained":  # a baseline: same recipe without the safety constraint
+        from grpo.trainer import run_grpo
+        unconstrained = dataclasses.replace(  # the cost is still scored and logged, but carries no weight
+            recipe, safety=dataclasses.replace(recipe.safety, enabled=False),
+            rewards=[dataclasses.replace(r, weight=0.0) if r.role == "safety" else r for r in recipe.rewards])
+        run_grpo(unconstrained, model_path, stage="train_unconstrained")
+        return model_path
+    if stage == "train":
+        from grpo.trainer import run_grpo
+        return str(run_grpo(recipe, model_path))
+    if stage == "eval":
+        from grpo.evaluate import run_eval
+        return run_eval(recipe, models=models)
+    raise UserError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+
+
 def run_pipeline(recipe: Recipe) -> dict:
     stages = recipe.run.stages
     bad = [s for s in stages if s not in STAGES]
@@ -30,24 +59,11 @@ def run_pipeline(recipe: Recipe) -> dict:
     for stage in stages:
         t0 = time.perf_counter()
         log.info("=== pipeline stage: %s ===", stage)
-        if stage == "sft":
-            from grpo.sft import run_sft
-            current = str(run_sft(recipe, current))
-        elif stage == "rm":
-            from rewards.train import run_rm
-            run_rm(recipe)
-        elif stage == "train_unconstrained":  # a baseline: same recipe without the safety constraint
-            from grpo.trainer import run_grpo
-            unconstrained = dataclasses.replace(  # the cost is still scored and logged, but carries no weight
-                recipe, safety=dataclasses.replace(recipe.safety, enabled=False),
-                rewards=[dataclasses.replace(r, weight=0.0) if r.role == "safety" else r for r in recipe.rewards])
-            run_grpo(unconstrained, current, stage="train_unconstrained")
-        elif stage == "train":
-            from grpo.trainer import run_grpo
-            current = str(run_grpo(recipe, current))
-        elif stage == "eval":
-            from grpo.evaluate import run_eval
-            results = run_eval(recipe)
+        out = run_stage(recipe, stage, current)
+        if stage == "eval":
+            results = out
+        else:
+            current = out
         timings[stage] = time.perf_counter() - t0
     log.info("pipeline done: %s", ", ".join(f"{s} {t:.0f}s" for s, t in timings.items()))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -14,8 +14,8 @@ CLI keeps its single `error: ...` line and the user still sees every problem in 
 
 What is checked (config.json, dataset files, reward signatures; never weights):
 - names: run.stages, grpo.loss_type / scale / reward_mode, rollout.backend (their registries), trackers;
-- batch geometry: prompts_per_step divisible by the processes, num_generations >= 2, equal micro-batches
-  (unequal ones weight samples unequally, except under the token-global `dapo` loss); step counts,
+- batch geometry: prompts_per_step divisible by the processes, num_generations >= 2 (micro-batches may be
+  unequal: every loss's normaliser is exact for any split, grpo.losses); step counts,
   learning rates and sampling settings in range; temperature > 0 to train;
 - lengths within the model's context (config.json's max_position_embeddings): when the declared
   budget (data.max_prompt_length + max_new_tokens, or sft.max_length) is larger, the dataset is
@@ -28,8 +28,9 @@ What is checked (config.json, dataset files, reward signatures; never weights):
   run.output_dir a writable folder; no finished stage overwritten; an explicit grpo.resume path a
   checkpoint; free disk for a checkpoint and the final model (weights from the safetensors sizes or
   config.json + 2 fp32 Adam moments per trainable parameter: ~4x fp32 weights for full-parameter GRPO).
-The checks on files live in grpo/preflight_io.py, those on the rewards in rewards/checks.py.
-The stages keep their own checks too (in-process callers of `run_grpo` etc. do not go through here).
+The checks on files live in grpo/preflight_io.py, those on the rewards in grpo/preflight_rewards.py. A rule a
+stage also checks (in-process callers of `run_grpo` etc. do not go through here) is one function of
+grpo/rules.py, called by both.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ import os
 from pathlib import Path
 
 from grpo.config import STAGES, Recipe
+from grpo import rules
 from grpo.errors import UserError
 from grpo.preflight_io import (TRAIN_STAGES, context_length, context_where, dataset, disk_problems, length_problems,
                                longest_tokens, model_problems, output_problems, source_problems)
-from rewards.checks import reward_problems
+from grpo.preflight_rewards import reward_problems
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def dry_run(recipe: Recipe, stages: list[str], world_size: int) -> str:
     problems = _stages_problems(stages)
     for stage in stages if not problems else []:
         if stage in TRAIN_STAGES:
-            problems += _geometry(recipe, world_size) + _sampling(recipe, train=True) + _registry_problems(recipe, train=True)
+            problems += rules.grpo_geometry(recipe.grpo, world_size) + rules.sampling(recipe.rollout, train=True) + _registry_problems(recipe, train=True)
             problems += reward_problems(recipe, "train", tuple(stages[:stages.index(stage)]), None, "data.train")
     problems = _dedupe(problems)
     if problems:
@@ -146,9 +148,8 @@ def _sft_problems(recipe, earlier, cache) -> list[str]:
                          ("sft.eval_every", 1), ("sft.warmup_steps", 0)], positive=["sft.lr"])
     p += model_problems(recipe, earlier, cache)
     bad = ["missing"]
-    if not d.sft_train:
-        p.append("the sft stage needs data.sft_train (a JSONL of prompt/completion or messages rows)")
-    else:
+    p += rules.stage_data(d, "sft")
+    if d.sft_train:
         bad = dataset(recipe, d.sft_train, "data.sft_train", True, cache)[2]
         p += bad
     if d.sft_eval:
@@ -165,12 +166,12 @@ def _sft_problems(recipe, earlier, cache) -> list[str]:
 
 def _train_problems(recipe, world, earlier, cache) -> list[str]:
     g, r, d = recipe.grpo, recipe.rollout, recipe.data
-    p = _geometry(recipe, world)
+    p = rules.grpo_geometry(recipe.grpo, world)
     p += _ranges(recipe, [("grpo.steps", 1), ("grpo.num_iterations", 1), ("grpo.warmup_steps", 0), ("grpo.save_every", 0),
                           ("grpo.keep_last", 0), ("tracking.log_every", 1), ("tracking.samples_every", 0),
                           ("grpo.epsilon_low", 0.0), ("grpo.epsilon_high", 0.0), ("grpo.beta", 0.0), ("grpo.eps", 0.0),
                           ("grpo.max_grad_norm", 0.0)], positive=["grpo.lr"])
-    p += _sampling(recipe, train=True)
+    p += rules.sampling(recipe.rollout, train=True)
     p += _registry_problems(recipe, train=True)
     p += model_problems(recipe, earlier, cache)
     if isinstance(g.resume, str) and g.resume.strip().lower() not in ("", "true", "latest"):
@@ -180,9 +181,8 @@ def _train_problems(recipe, world, earlier, cache) -> list[str]:
         except UserError as e:
             p.append(str(e))
     columns = None
-    if not d.train:
-        p.append("the train stage needs data.train (a JSONL of prompts, plus any columns your rewards read)")
-    else:
+    p += rules.stage_data(d, "train")
+    if d.train:
         rows, fmt, bad = dataset(recipe, d.train, "data.train", False, cache)
         p += bad
         columns = set(rows[0]) | {"completion_ids"} if rows else None
@@ -198,7 +198,7 @@ def _eval_problems(recipe, earlier, models, cache) -> list[str]:
     if e.num_samples > 1 and recipe.rollout.temperature <= 0:
         p.append(f"eval.num_samples={e.num_samples} samples at rollout.temperature={recipe.rollout.temperature}; "
                  "pass@k needs a temperature > 0 (or set eval.num_samples=1 for greedy)")
-    p += _sampling(recipe, train=False)
+    p += rules.sampling(recipe.rollout, train=False)
     p += _registry_problems(recipe, train=False)
     if models:
         from grpo.modeling import _check_source
@@ -210,9 +210,8 @@ def _eval_problems(recipe, earlier, models, cache) -> list[str]:
     else:
         p += model_problems(recipe, (), cache)  # eval always compares against the base model
     columns = None
-    if not d.eval:
-        p.append("the eval stage needs data.eval (a JSONL of held-out prompts with an answer column)")
-    else:
+    p += rules.stage_data(d, "eval")
+    if d.eval:
         rows, fmt, bad = dataset(recipe, d.eval, "data.eval", False, cache)
         p += bad
         columns = set(rows[0]) | {"completion_ids"} if rows else None
@@ -225,21 +224,12 @@ def _eval_problems(recipe, earlier, models, cache) -> list[str]:
 
 
 def _rm_problems(recipe, cache) -> list[str]:
-    from rewards.models import check_template
-    from rewards.train import KINDS, load_pairs
+    from grpo.rm import KINDS, load_pairs
 
     cfg = recipe.rm
     p = _ranges(recipe, [("rm.steps", 1), ("rm.batch_size", 1), ("rm.max_length", 2), ("rm.eval_every", 0)], positive=["rm.lr"])
-    try:
-        check_template(cfg.template)
-        if cfg.template == "auto":
-            p.append("rm.template must be concrete for training: concat, chat, pair, completion or a format string")
-    except UserError as e:
-        p.append(f"rm.template: {e}")
-    kinds = [k for k in KINDS if getattr(cfg, f"{k}_train")]
-    if not kinds:
-        p.append("the rm stage needs rm.usefulness_train and/or rm.safety_train (JSONL of preference pairs, see data/README.md)")
-    for kind in kinds:
+    p += rules.rm_inputs(cfg, KINDS)
+    for kind in [k for k in KINDS if getattr(cfg, f"{k}_train")]:
         for split in ("train", "eval"):
             spec = getattr(cfg, f"{kind}_{split}")
             if spec:
@@ -270,48 +260,6 @@ def _ranges(recipe, minimums: list[tuple[str, float]], positive: list[str] = ())
         v = _get(recipe, key)
         if v is not None and v <= 0:
             p.append(f"{key}={v} must be > 0")
-    return p
-
-
-def _geometry(recipe, world: int) -> list[str]:
-    g = recipe.grpo
-    p = []
-    if g.prompts_per_step < 1:
-        p.append(f"grpo.prompts_per_step={g.prompts_per_step} must be >= 1")
-    elif g.prompts_per_step % world:
-        up = -(-g.prompts_per_step // world) * world
-        p.append(f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the {world} processes (WORLD_SIZE={world}): "
-                 f"each prompt's group stays on one process; use e.g. grpo.prompts_per_step={up}")
-    if g.num_generations < 2:
-        p.append(f"grpo.num_generations={g.num_generations}: GRPO needs at least 2 completions per prompt "
-                 "(advantages compare a prompt's completions with each other); use e.g. 8")
-    if g.micro_batch_size < 1:
-        p.append(f"grpo.micro_batch_size={g.micro_batch_size} must be >= 1")
-    elif p == [] and g.loss_type != "dapo":
-        local = g.prompts_per_step // world * g.num_generations
-        if local > g.micro_batch_size and local % g.micro_batch_size:
-            divisors = [k for k in range(g.micro_batch_size, 0, -1) if local % k == 0][:1]
-            p.append(f"grpo.micro_batch_size={g.micro_batch_size} does not divide the {local} completions per process "
-                     f"(prompts_per_step x num_generations / {world} processes): unequal micro-batches weight samples unequally "
-                     f"under loss_type={g.loss_type}; use e.g. grpo.micro_batch_size={divisors[0]} (or {local})")
-    return p
-
-
-def _sampling(recipe, train: bool) -> list[str]:
-    r = recipe.rollout
-    p = []
-    if train and r.temperature <= 0:
-        p.append(f"rollout.temperature={r.temperature}: GRPO samples its G completions, it needs a temperature > 0 (e.g. 1.0)")
-    elif r.temperature < 0:
-        p.append(f"rollout.temperature={r.temperature} must be >= 0 (0 = greedy)")
-    if r.max_new_tokens < 1:
-        p.append(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
-    if not 0 < r.top_p <= 1:
-        p.append(f"rollout.top_p={r.top_p} must be in (0, 1] (1 = off)")
-    if r.top_k < 0:
-        p.append(f"rollout.top_k={r.top_k} must be >= 0 (0 = off)")
-    if not 0 <= r.min_new_tokens <= max(r.max_new_tokens, 0):
-        p.append(f"rollout.min_new_tokens={r.min_new_tokens} must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
     return p
 
 

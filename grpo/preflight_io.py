@@ -221,7 +221,7 @@ def length_problems(recipe, spec: str, what: str, new_tokens: int, new_key: str,
 
 def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     """Longest tokenized prompt (or prompt + completion + eos) of a dataset; a str is a problem, None unknown."""
-    from grpo.data import encode_prompt, render
+    from grpo.data import example_tokens, prompt_tokens
     from grpo.modeling import load_tokenizer
 
     rows, fmt, bad = dataset(recipe, spec, what, with_completion, cache)
@@ -234,9 +234,9 @@ def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     cache["tokenizer"] = tok
     longest = 0
     for row in rows:
-        prompt, completion = render(row, fmt, recipe.data, tok, with_completion=with_completion)
-        n = len(encode_prompt(prompt, fmt, tok))
-        if with_completion:
-            n += len(tok(completion, add_special_tokens=False)["input_ids"]) + 1
+        if with_completion:  # the stages' own tokenization (grpo.data), chat-template flag included
+            n = sum(map(len, example_tokens(row, fmt, recipe.data, tok)))
+        else:
+            n = len(prompt_tokens(row, fmt, recipe.data, tok)[1])
         longest = max(longest, n)
     return longest

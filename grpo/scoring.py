@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 
 from grpo.config import RewardSpec
 from grpo.errors import UserError
+from grpo.rules import raise_first
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,8 @@ def build_rewards(specs: list[RewardSpec], *, device=None, load_models: bool = T
 
     `{output_dir}` in a name is replaced by run.output_dir (reward models trained by this run's `rm` stage).
     """
-    from rewards import RewardError, resolve_reward
+    from rewards import REWARDS, RewardError, resolve_reward
 
-    if not specs:
-        raise UserError("the recipe has no rewards: add e.g. `rewards: [{name: accuracy, weight: 1.0}]`")
     out, seen = [], set()
     for i, spec in enumerate(specs):
         if output_dir is not None and "{output_dir}" in spec.name:
@@ -67,11 +65,9 @@ def build_rewards(specs: list[RewardSpec], *, device=None, load_models: bool = T
                 fn = resolve_reward(spec.name)
             except RewardError as e:
                 raise UserError(f"rewards.{i}: {e}") from None
-            _check_kwargs(fn, spec, i)
+            _check_kwargs(fn, spec, i, spec.name in REWARDS)
             fn = functools.partial(fn, **spec.kwargs) if spec.kwargs else fn
         out.append(Reward(label, fn, spec.weight, spec.role))
-    if sum(r.role == "safety" for r in out) > 1:
-        raise UserError("at most one reward may have role: safety (the cost the constraint bounds)")
     return out
 
 
@@ -80,21 +76,11 @@ def _is_model_spec(name: str) -> bool:
     return Path(name, "config.json").is_file() or name.startswith("hf:")
 
 
-def _check_kwargs(fn, spec: RewardSpec, i: int) -> None:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        named = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
-        unknown = [k for k in spec.kwargs if k not in params]
-        # **columns swallows anything, so only keyword-only parameters can be checked by name
-        if named and unknown and not any(k in named for k in spec.kwargs):
-            log.debug("reward %s: kwargs %s go to **columns", spec.name, unknown)
-        return
-    unknown = [k for k in spec.kwargs if k not in params]
-    if unknown:
-        raise UserError(f"rewards.{i} ({spec.name}): unknown argument(s) {', '.join(unknown)}; it accepts {', '.join(params)}")
+def _check_kwargs(fn, spec: RewardSpec, i: int, registered: bool) -> None:
+    """The entry's settings fit the function (rewards.signature_problems: the rule preflight applies)."""
+    from rewards import signature_problems
+
+    raise_first(signature_problems(fn, spec.kwargs, where=f"rewards.{i} ({spec.name})", registered=registered))
 
 
 def score(rewards: list[Reward], prompts: list[str], completions: list[str], columns: dict[str, list],

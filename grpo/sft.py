@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from grpo import runtime
+from grpo import rules, runtime
 from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import Example, Sampler, check_columns, load_rows, sft_examples
 from grpo.errors import UserError
@@ -103,8 +103,7 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
     cfg, dcfg = recipe.sft, recipe.data
     runtime.setup(recipe.run.seed, recipe.run.threads)
     out = runtime.stage_dir(recipe.run.output_dir, "sft", overwrite=recipe.run.overwrite)
-    if not dcfg.sft_train:
-        raise UserError("the sft stage needs data.sft_train (a JSONL of prompt/completion or messages rows)")
+    rules.raise_first(rules.stage_data(dcfg, "sft"))
     accelerator = runtime.make_accelerator(cfg.grad_accum)
     zero_stage = runtime.configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm)
     split = runtime.sharded(accelerator, zero_stage)  # ZeRO-3 / FSDP: forwards on all ranks together, gathered save

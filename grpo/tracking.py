@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from grpo.config import TrackingConfig
+from grpo.config import TrackingConfig, is_secret_name, redact
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +108,6 @@ def _num(v):
 
 
 # ------------------------------------------------------------------------------------------ wandb
-SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "auth", "credential", "credentials"}
-
-
-def is_secret_name(name: str) -> bool:
-    """`api_key`, `hf_token`, `wandbApiKey`, `PASSWORD` are; `max_new_tokens`, `tokenizer` are not."""
-    words = re.sub(r"([a-z])([A-Z])", r"\1_\2", str(name)).lower()
-    return any(p in SECRET_PARTS for p in re.split(r"[^a-z0-9]+", words))
-
-
-def redact(obj, _key: str = ""):
-    """A copy of a (nested) config with secret-looking string values replaced by `<redacted>`."""
-    api_key = os.environ.get("WANDB_API_KEY")
-    if isinstance(obj, dict):
-        return {k: redact(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, _key) for v in obj]
-    if isinstance(obj, str) and ((_key and is_secret_name(_key)) or (api_key and api_key in obj)):
-        return "<redacted>"
-    return obj
-
-
 def wandb_mode(cfg: TrackingConfig) -> str:
     """online | offline | disabled, following the module docstring's rules (never 'online' without a key)."""
     env = os.environ.get("WANDB_MODE", "").strip().lower()

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo import checkpoint, runtime
+from grpo import checkpoint, rules, runtime
 from grpo.advantages import LagrangeMultiplier
 from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
@@ -76,17 +76,11 @@ class TrainState:
         return self.accelerator.is_fsdp2
 
 
-def check_geometry(recipe: Recipe, world: int) -> None:
-    """The GRPO batch rules every process count must satisfy (also checked by preflight)."""
-    g, r = recipe.grpo, recipe.rollout
-    if g.prompts_per_step % world:
-        raise UserError(f"grpo.prompts_per_step={g.prompts_per_step} must be divisible by the {world} processes (groups stay on one process)")
-    if g.num_generations < 2:
-        raise UserError(f"grpo.num_generations={g.num_generations}: GRPO needs at least 2 completions per prompt")
-    if r.temperature <= 0:
-        raise UserError(f"rollout.temperature={r.temperature}: GRPO samples, it needs a temperature > 0")
-    if not recipe.data.train:
-        raise UserError("the train stage needs data.train (a JSONL of prompts, plus any columns your rewards read)")
+def check_recipe(recipe: Recipe, world: int) -> None:
+    """The GRPO rules a train stage checks itself (grpo/rules.py: the same functions preflight calls)."""
+    rules.raise_first(rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
+                      + rules.sampling(recipe.rollout, train=True)
+                      + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled))
 
 
 def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
@@ -96,7 +90,7 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     out = runtime.stage_dir(run.output_dir, stage, overwrite=run.overwrite, resume=bool(g.resume))
     accelerator = runtime.make_accelerator()
     world, is_main = accelerator.num_processes, accelerator.is_main_process
-    check_geometry(recipe, world)
+    check_recipe(recipe, world)
     per_rank = g.prompts_per_step // world
     n_micro = math.ceil(per_rank * g.num_generations / g.micro_batch_size)
     accelerator.gradient_accumulation_steps = n_micro  # micro-batches per optimizer step

@@ -11,6 +11,7 @@ from rewards.registry import (
     check_reward_output,
     register_reward,
     resolve_reward,
+    signature_problems,
 )
 from rewards.verifiable import REFUSAL_TEXT, is_refusal
 
@@ -23,4 +24,5 @@ __all__ = [
     "is_refusal",
     "register_reward",
     "resolve_reward",
+    "signature_problems",
 ]

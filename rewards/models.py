@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = ("auto", "chat", "concat", "pair", "completion")
 OUTPUTS = ("logit", "log_odds", "prob")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 SIDECAR = "reward_model.json"  # written by `grpo rm` next to the weights: {"template": ..., "role": ...}
 SPEC_KWARGS = ("template", "batch_size", "max_length", "label", "output", "dtype", "revision", "key_mapping", "num_labels",
                "messages_field")
@@ -115,7 +114,7 @@ def encode(tokenizer, prompts: list[str], completions: list[str], *, template: s
     renders the whole conversation, the other templates use its last user message, so a reward
     model never sees the policy's own rendering of the prompt. Returns one dict per pair with
     `input_ids`, `attention_mask` (and `token_type_ids` where the tokenizer makes them), unpadded.
-    Training (`rewards.train`) and scoring use this same function, so they see identical inputs.
+    Training (`grpo.rm`) and scoring use this same function, so they see identical inputs.
     """
     if template == "auto":
         raise ValueError("resolve the template first (resolve_template)")
@@ -212,7 +211,7 @@ class RewardModelScorer:
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from grpo.modeling import whole_weights
+        from grpo.modeling import DTYPES, whole_weights
 
         if dtype not in DTYPES:
             raise UserError(f"reward model {source}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")

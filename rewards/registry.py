@@ -18,6 +18,7 @@ A recipe names a reward either by its registered name (``accuracy``) or by a dot
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import numbers
 from typing import Any, Callable, Sequence
@@ -152,3 +153,40 @@ def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[s
     except Exception as e:
         raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
     return check_reward_output(name, values, len(completions))
+
+
+def signature_problems(fn, settings_given: dict, *, where: str, registered: bool, columns: set | None = None,
+                       data_key: str = "the dataset") -> list[str]:
+    """Whether `fn` fits the protocol for its recipe entry: one line per problem, [] if it fits.
+
+    Its recipe settings (`settings_given`) are parameters it names (a built-in's misspelt setting is
+    an error even with ``**columns``, which would swallow it; a user function's ``**columns`` may take
+    them); with the dataset's `columns` known: it accepts them all (``**columns``) and the columns it
+    reads exist. Used by grpo's preflight and when the run builds its rewards: one rule, one wording.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return []
+    named = [n for n, q in params.items() if q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+    var_kw = any(q.kind == q.VAR_KEYWORD for q in params.values())
+    settings = [n for n, q in params.items() if q.kind == q.KEYWORD_ONLY]
+    unknown = [k for k in settings_given if k not in named[2:]]  # prompts, completions come first
+    if unknown and (not var_kw or registered):
+        valid = ", ".join(settings if var_kw else named[2:]) or "(none)"
+        return [f"{where}: unknown setting(s) {', '.join(unknown)} in its recipe entry; it accepts {valid}; fix the spelling or remove them"]
+    p = []
+    if not var_kw and columns is not None:
+        refused = sorted(c for c in columns if c not in named[2:] and c not in settings_given)
+        if refused:
+            p.append(f"{where} does not accept the columns it is called with ({', '.join(refused)}): every dataset column and "
+                     "completion_ids arrive as keyword arguments; give it a **columns parameter")
+    if columns is not None:
+        reads = [n for n in named[2:] if params[n].kind == params[n].POSITIONAL_OR_KEYWORD and n not in settings_given
+                 and (registered or params[n].default is params[n].empty)]
+        missing = [n for n in reads if n not in columns]
+        if missing:
+            have = ", ".join(sorted(columns - {"completion_ids"}))
+            p.append(f"{where} reads the column(s) {', '.join(missing)}, which {data_key} does not have (columns: {have}); "
+                     "rename the column in the data or use another reward")
+    return p

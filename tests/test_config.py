@@ -117,3 +117,12 @@ def test_random_text_never_crashes_uncleanly(tmp_path_factory, text):
         load_recipe(p)
     except UserError:
         pass
+
+
+def test_saved_recipe_redacts_by_the_one_secret_rule(tmp_path):
+    """save_recipe and the trackers share one rule (whole words): a reward's `api_key` is redacted,
+    its `max_tokens` setting is not (a substring rule would hide it)."""
+    r = load_recipe(None, ["rewards=[{name: accuracy, api_key: sk-123, max_tokens: 7, hf_token: abc}]"])
+    save_recipe(r, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["rewards"][0]
+    assert saved["api_key"] == "<redacted>" and saved["hf_token"] == "<redacted>" and saved["max_tokens"] == 7

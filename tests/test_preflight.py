@@ -69,8 +69,7 @@ def test_check_raises_the_first_problem_and_logs_the_rest(tmp_path, caplog):
 @pytest.mark.parametrize("overrides, world, needle", [
     (["grpo.prompts_per_step=3"], 2, "must be divisible by the 2 processes"),
     (["grpo.prompts_per_step=0"], 1, "grpo.prompts_per_step=0 must be >= 1"),
-    (["grpo.micro_batch_size=5"], 1, "does not divide the 32 completions per process"),
-    (["grpo.micro_batch_size=12"], 2, "does not divide the 16 completions per process"),
+    (["grpo.micro_batch_size=0"], 1, "grpo.micro_batch_size=0 must be >= 1"),
     (["tracking.log_every=0"], 1, "tracking.log_every=0 must be >= 1"),
     (["grpo.lr=0"], 1, "grpo.lr=0.0 must be > 0"),
     (["rollout.min_new_tokens=50"], 1, "rollout.min_new_tokens=50 must be in [0, rollout.max_new_tokens=40]"),
@@ -231,8 +230,8 @@ def _case(name: str, tmp_path: Path):
         extra, needles = ["grpo.loss_type=ppo"], ["grpo.loss_type", "unknown loss type 'ppo'", "dapo"]
     elif name == "unknown_rollout_backend":
         extra, needles = ["rollout.backend=turbo"], ["rollout.backend", "unknown rollout backend 'turbo'", "engine"]
-    elif name == "uneven_micro_batches":
-        extra, needles = ["grpo.micro_batch_size=5"], ["grpo.micro_batch_size=5 does not divide the 32 completions"]
+    elif name == "zero_micro_batch":
+        extra, needles = ["grpo.micro_batch_size=0"], ["grpo.micro_batch_size=0 must be >= 1"]
     elif name == "bad_top_p":
         extra, needles = ["rollout.top_p=0"], ["rollout.top_p=0.0 must be in (0, 1]"]
     elif name == "output_under_a_file":
@@ -260,7 +259,7 @@ def _case(name: str, tmp_path: Path):
 CLI_CASES = ["prompts_not_divisible", "one_generation", "zero_temperature", "longer_than_context", "unknown_reward",
              "module_not_importable", "attribute_missing", "reward_setting_not_accepted", "reward_without_columns",
              "reward_column_missing", "no_prompt_column", "unknown_loss_type", "unknown_rollout_backend",
-             "uneven_micro_batches", "bad_top_p", "output_under_a_file", "output_not_writable", "unknown_stage",
+             "zero_micro_batch", "bad_top_p", "output_under_a_file", "output_not_writable", "unknown_stage",
              "safety_without_cost_reward", "nested_wrong_type", "missing_reward_model", "sft_packing_too_long", "bad_world_size"]
 
 

@@ -1,4 +1,4 @@
-"""rewards.train: the Bradley-Terry and Safe-RLHF cost losses (hand-computed), and `run_rm` on the shipped pairs."""
+"""grpo.rm + rewards.pairwise: the Bradley-Terry and Safe-RLHF cost losses (hand-computed), and `run_rm` on the shipped pairs."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_BASE, TOYWORLD
 from grpo.config import load_recipe
 from grpo.errors import UserError
-from rewards.train import bradley_terry_loss, run_rm, safety_cost_loss
+from grpo.rm import run_rm
+from rewards.pairwise import bradley_terry_loss, safety_cost_loss
 
 
 # ---------------------------------------------------------------------------------------- losses

@@ -1,4 +1,4 @@
-"""Reward-model and cost-model training: `python -m grpo rm RECIPE [rm.steps=300 ...]`.
+"""The rm stage, reward-model and cost-model training: `python -m grpo rm RECIPE [rm.steps=300 ...]`.
 
     python -m grpo rm recipes/quickstart.yaml                      # both models on the toy-world pairs
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m grpo rm recipes/quickstart.yaml
@@ -7,10 +7,10 @@ Two models, each a `AutoModelForSequenceClassification` with one output, started
 `model.name_or_path`; a causal LM's weights load into the backbone, the score head is new):
 
 - usefulness (`rm.usefulness_train`, rows `prompt, chosen, rejected`): a reward model trained with the
-  Bradley-Terry loss (`bradley_terry_loss`); higher = more useful.
+  Bradley-Terry loss (`rewards.pairwise.bradley_terry_loss`); higher = more useful.
 - safety (`rm.safety_train`, rows `prompt, chosen, rejected, chosen_is_safe, rejected_is_safe` where
   `chosen` is the safer response): a COST model trained with Safe-RLHF's cost loss
-  (`safety_cost_loss`): pairwise ranking plus sign terms, so cost > 0 means unsafe, 0 is the boundary.
+  (`rewards.pairwise.safety_cost_loss`): pairwise ranking plus sign terms, so cost > 0 means unsafe, 0 is the boundary.
 
 Inputs are built exactly as `rewards.models.RewardModelScorer` builds them at GRPO time (`rm.template`,
 default `concat`: the raw prompt + completion, right for datasets whose prompts are already formatted;
@@ -46,66 +46,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from grpo import runtime
+from grpo import rules, runtime
 from grpo.config import Recipe, save_recipe
 from grpo.data import load_rows
 from grpo.errors import UserError, first_line
 from grpo.data import Sampler
 from grpo.tracking import Tracker
+from rewards.pairwise import bradley_terry_loss, safety_cost_loss
 from rewards.models import RewardModelScorer, check_template, collate, encode, write_meta
 from rewards.verifiable import is_refusal
 
 log = logging.getLogger(__name__)
 
 KINDS = ("usefulness", "safety")
-
-
-# ---------------------------------------------------------------------------------------- losses
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float | torch.Tensor = 0.0
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Pairwise reward-model loss `mean(-log sigmoid(r_chosen - r_rejected - margin))`.
-
-    Bradley & Terry (1952) preference model as used for RLHF reward models (Ouyang et al. 2022,
-    InstructGPT, arXiv:2203.02155); the optional `margin` (a float or a [B] tensor) is Llama 2's
-    (Touvron et al. 2023, arXiv:2307.09288). Args: r_chosen, r_rejected [B] scores of the preferred
-    and the other response of each pair. Returns (scalar loss, metrics: accuracy = fraction with
-    r_chosen > r_rejected, mean reward gap, mean chosen / rejected reward).
-    """
-    diff = r_chosen - r_rejected
-    loss = -F.logsigmoid(diff - margin).mean()
-    with torch.no_grad():
-        metrics = {"loss": loss.item(), "accuracy": (diff > 0).float().mean().item(), "gap": diff.mean().item(),
-                   "r_chosen": r_chosen.mean().item(), "r_rejected": r_rejected.mean().item()}
-    return loss, metrics
-
-
-def safety_cost_loss(c_safer: torch.Tensor, c_unsafer: torch.Tensor, safer_is_safe: torch.Tensor,
-                     unsafer_is_safe: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Safe-RLHF's cost-model loss (Dai et al. 2023, arXiv:2310.12773, eq. 6), averaged over pairs:
-
-        -log sigmoid(c_unsafer - c_safer) - log sigmoid(s_safer * c_safer) - log sigmoid(s_unsafer * c_unsafer)
-
-    with s = +1 for an unsafe response and -1 for a safe one. The first term ranks the pair (the less
-    safe response costs more); the sign terms put unsafe responses above 0 and safe ones below, so the
-    cost's sign is the safety verdict and 0 the boundary the constraint `E[cost] <= threshold` refers to.
-    Args: c_safer, c_unsafer [B] costs; safer_is_safe, unsafer_is_safe [B] bool labels. Returns
-    (scalar loss, metrics: pair / sign loss, pair accuracy c_safer < c_unsafer, sign accuracy over
-    both responses (cost > 0 iff unsafe), mean cost of safe / unsafe responses).
-    """
-    s_safer = 1.0 - 2.0 * safer_is_safe.float()  # +1 unsafe, -1 safe
-    s_unsafer = 1.0 - 2.0 * unsafer_is_safe.float()
-    pair = -F.logsigmoid(c_unsafer - c_safer)
-    sign = -F.logsigmoid(s_safer * c_safer) - F.logsigmoid(s_unsafer * c_unsafer)
-    loss = (pair + sign).mean()
-    with torch.no_grad():
-        costs = torch.cat([c_safer, c_unsafer])
-        unsafe = torch.cat([~safer_is_safe.bool(), ~unsafer_is_safe.bool()])
-        metrics = {"loss": loss.item(), "pair_loss": pair.mean().item(), "sign_loss": sign.mean().item(),
-                   "accuracy": (c_safer < c_unsafer).float().mean().item(),
-                   "sign_accuracy": ((costs > 0) == unsafe).float().mean().item(),
-                   "cost_safe": costs[~unsafe].mean().item() if (~unsafe).any() else float("nan"),
-                   "cost_unsafe": costs[unsafe].mean().item() if unsafe.any() else float("nan")}
-    return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -322,12 +275,8 @@ def _short(m: dict) -> str:
 def run_rm(recipe: Recipe) -> dict:
     """Train the usefulness reward model and/or the safety cost model; returns the results dict."""
     cfg = recipe.rm
-    check_template(cfg.template)
-    if cfg.template == "auto":
-        raise UserError("rm.template must be concrete for training: concat, chat, pair, completion or a format string")
+    rules.raise_first(rules.rm_inputs(cfg, KINDS))
     kinds = [k for k in KINDS if getattr(cfg, f"{k}_train")]
-    if not kinds:
-        raise UserError("the rm stage needs rm.usefulness_train and/or rm.safety_train (JSONL of preference pairs, see data/README.md)")
     runtime.setup(recipe.run.seed, recipe.run.threads)
     out = runtime.stage_dir(recipe.run.output_dir, "rm", overwrite=recipe.run.overwrite)
     accelerator = runtime.make_accelerator()

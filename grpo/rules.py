@@ -1,0 +1,94 @@
+"""One validator per recipe rule, shared by preflight and the stages.
+
+Preflight (`grpo.preflight`) collects every problem of a recipe before anything loads; a stage called
+in-process (`run_grpo`, `run_sft`, ...) checks the same rules itself with `raise_first`. Each function
+returns problems as one line each (what, where, how to fix), so the two can never word or decide a rule
+differently.
+"""
+
+from __future__ import annotations
+
+from grpo.errors import UserError
+
+DATA_FOR_STAGE = {
+    "sft": ("sft_train", "the sft stage needs data.sft_train (a JSONL of prompt/completion or messages rows)"),
+    "train": ("train", "the train stage needs data.train (a JSONL of prompts, plus any columns your rewards read)"),
+    "eval": ("eval", "the eval stage needs data.eval (a JSONL of held-out prompts with an answer column)"),
+}
+
+
+def raise_first(problems: list[str]) -> None:
+    """Raise the first problem as a UserError (a stage's own check; preflight lists them all)."""
+    if problems:
+        raise UserError(problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def stage_data(data, stage: str) -> list[str]:
+    """The dataset a stage reads is set (`train_unconstrained` reads what `train` reads)."""
+    field, message = DATA_FOR_STAGE["train" if stage.startswith("train") else stage]
+    return [] if getattr(data, field) else [message]
+
+
+def grpo_geometry(grpo, world: int) -> list[str]:
+    """Batch geometry: whole groups per process, at least 2 completions per group, a positive micro-batch."""
+    p = []
+    if grpo.prompts_per_step < 1:
+        p.append(f"grpo.prompts_per_step={grpo.prompts_per_step} must be >= 1")
+    elif grpo.prompts_per_step % world:
+        up = -(-grpo.prompts_per_step // world) * world
+        p.append(f"grpo.prompts_per_step={grpo.prompts_per_step} must be divisible by the {world} processes: each prompt's "
+                 f"group stays on one process; use e.g. grpo.prompts_per_step={up}")
+    if grpo.num_generations < 2:
+        p.append(f"grpo.num_generations={grpo.num_generations}: GRPO needs at least 2 completions per prompt "
+                 "(advantages compare a prompt's completions with each other); use e.g. 8")
+    if grpo.micro_batch_size < 1:
+        p.append(f"grpo.micro_batch_size={grpo.micro_batch_size} must be >= 1")
+    return p
+
+
+def sampling(rollout, *, train: bool) -> list[str]:
+    """Sampling settings in range; training samples (temperature > 0)."""
+    r, p = rollout, []
+    if train and r.temperature <= 0:
+        p.append(f"rollout.temperature={r.temperature}: GRPO samples its G completions, it needs a temperature > 0 (e.g. 1.0)")
+    elif r.temperature < 0:
+        p.append(f"rollout.temperature={r.temperature} must be >= 0 (0 = greedy)")
+    if r.max_new_tokens < 1:
+        p.append(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
+    if not 0 < r.top_p <= 1:
+        p.append(f"rollout.top_p={r.top_p} must be in (0, 1] (1 = off)")
+    if r.top_k < 0:
+        p.append(f"rollout.top_k={r.top_k} must be >= 0 (0 = off)")
+    if not 0 <= r.min_new_tokens <= max(r.max_new_tokens, 0):
+        p.append(f"rollout.min_new_tokens={r.min_new_tokens} must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
+    return p
+
+
+def rm_inputs(rm, kinds: tuple[str, ...]) -> list[str]:
+    """The rm stage: a concrete classifier template and at least one model to train."""
+    from rewards.models import check_template
+
+    p = []
+    try:
+        check_template(rm.template)
+        if rm.template == "auto":
+            p.append("rm.template must be concrete for training: concat, chat, pair, completion or a format string")
+    except UserError as e:
+        p.append(f"rm.template: {e}")
+    if not any(getattr(rm, f"{k}_train") for k in kinds):
+        p.append("the rm stage needs rm.usefulness_train and/or rm.safety_train (JSONL of preference pairs, see data/README.md)")
+    return p
+
+
+def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
+    """Training needs a reward; at most one `role: safety`, exactly one when the constraint is on."""
+    p = []
+    if stage == "train" and not specs:
+        p.append("the recipe has no rewards: add e.g. `rewards: [{name: accuracy, weight: 1.0}]`")
+    n_safety = sum(s.role == "safety" for s in specs)
+    if n_safety > 1:
+        p.append(f"{n_safety} rewards have role: safety; at most one may (the cost the safety constraint bounds)")
+    if stage == "train" and safety_enabled and n_safety == 0:
+        p.append("safety.enabled=true needs a reward with role: safety (a cost model, higher = less safe), e.g. "
+                 "{name: runs/x/rm/safety, role: safety}; add one or set safety.enabled=false")
+    return p
