@@ -25,6 +25,13 @@ Options (``make_rollout("engine", model, tok, **opts)``):
   max_batch: sample rows decoded together (default 128); prompt slots = max(1, max_batch // n).
   max_len: longest prompt + completion allowed (default: config.max_position_embeddings).
   max_prefill_tokens: prompt tokens per prefill forward (default 4096; a longer prompt goes alone).
+  static_decode: decode with the static-shape step of `grpo.rollout.static_decode` (default False):
+    bucketed rows, full-width masked attention, sampling on the device, no host sync inside the
+    step; on CUDA it is captured into CUDA graphs (one per bucket). Greedy output equals `hf`;
+    sampled draws are reproducible per seed but differ from the eager step's once rows finish
+    (each step draws one uniform per storage row instead of one per unfinished row).
+  compile_decode: with static_decode, wrap the step in `torch.compile` (default False).
+  cuda_graphs: with static_decode on CUDA, capture the step into CUDA graphs (default True).
 The KV storage is sized from these and the call's shapes (slots x (longest prompt, max_new_tokens)),
 never from free memory; it is kept and reused by later calls that fit in it.
 """
@@ -43,6 +50,7 @@ from torch import nn
 from grpo.rollout.base import BACKENDS, Completion, Rollout, SamplingParams, check_prompts, eval_mode, make_generator, unwrap_model
 from grpo.rollout.kv_cache import ATTN_NAME, SharedPrefixKV
 from grpo.rollout.sampling import sample_next
+from grpo.rollout.static_decode import StaticDecoder, storage_size
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,13 @@ class _Batch:
         self.tokens = torch.zeros(rows, max_new, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
 
+    def reset(self) -> None:
+        """Back to all slots free, in place (the static decoder's buffers keep their addresses)."""
+        self.slot_prompt = [-1] * len(self.slot_prompt)
+        self.prompt_len.zero_()
+        self.gen_len.zero_()
+        self.done.fill_(True)
+
     def slot_rows(self, slots: list[int]) -> torch.Tensor:
         """[len(slots) * n] row ids of the given slots, slot-major."""
         s = torch.tensor(slots, dtype=torch.long, device=self.gen_len.device)
@@ -89,13 +104,18 @@ class EngineRollout(Rollout):
     """Shared-prefix, continuously batched generation on the live HF model (see module docstring)."""
 
     def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 128, max_len: int | None = None,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, static_decode: bool = False, compile_decode: bool = False,
+                 cuda_graphs: bool = True):
         if max_batch < 1 or max_prefill_tokens < 1:
             raise ValueError(f"engine: max_batch={max_batch} and max_prefill_tokens={max_prefill_tokens} must be >= 1")
+        if compile_decode and not static_decode:
+            raise ValueError("engine: compile_decode=True needs static_decode=True (only the static step is compiled)")
         self.model = model
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.max_len = max_len or getattr(unwrap_model(model).config, "max_position_embeddings", None) or 1 << 30
+        self.static_decode, self.compile_decode, self.cuda_graphs = static_decode, compile_decode, cuda_graphs
         self.cache: SharedPrefixKV | None = None
+        self.static: StaticDecoder | None = None
 
     def sync_weights(self, model: nn.Module) -> None:
         """The engine reads the live parameters: nothing to copy. Follows `model` if it is a new object."""
@@ -113,7 +133,10 @@ class EngineRollout(Rollout):
                              f"exceeds max_len={self.max_len}; shorten prompts or raise max_len")
         weight = next(hf.parameters())
         slots = max(1, min(len(prompts), self.max_batch // n))
-        cache = self._cache_for(slots, n, longest, params.max_new_tokens, weight.device, weight.dtype)
+        prefix, suffix = longest, params.max_new_tokens
+        if self.static_decode:  # rounded up: fewer storage reallocations, hence fewer captures/compilations
+            prefix, suffix = storage_size(prefix), storage_size(suffix)
+        cache = self._cache_for(slots, n, prefix, suffix, weight.device, weight.dtype)
         with torch.inference_mode(), eval_mode(hf), _engine_attention(hf):
             return self._run(hf, cache, prompts, n, params)
 
@@ -121,7 +144,7 @@ class EngineRollout(Rollout):
     def _cache_for(self, slots: int, n: int, prefix: int, suffix: int, device, dtype) -> SharedPrefixKV:
         """Reuses the KV storage when it fits this call, else allocates one sized for it."""
         if self.cache is None or not self.cache.fits(slots, n, prefix, suffix, device, dtype):
-            self.cache = None  # free the old storage before allocating the new one
+            self.cache = self.static = None  # free the old storage (and graphs reading it) before allocating
             self.cache = SharedPrefixKV(slots, n, prefix, suffix, device, dtype)
             log.debug("engine: KV storage for %d prompts x %d samples, prefix %d, suffix %d", slots, n, prefix, suffix)
         return self.cache
@@ -130,24 +153,42 @@ class EngineRollout(Rollout):
              params: SamplingParams) -> list[Completion]:
         """The scheduling loop: admit prompts into free slots, decode, harvest finished groups."""
         device = cache.device
-        state = _Batch(cache.slots, n, params.max_new_tokens, device)
+        static = self._static_decoder(cache, hf, params) if self.static_decode else None
+        state = static.state if static else _Batch(cache.slots, n, params.max_new_tokens, device)
         gen = make_generator(params.seed, device)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
         queue = deque(range(len(prompts)))
         results: list[list[Completion] | None] = [None] * len(prompts)
+        unfinished = 0  # static: an upper bound on the unfinished rows (the bucket is sized from it)
         while True:
             free = [s for s, p in enumerate(state.slot_prompt) if p < 0]
             while queue and free:
                 batch = self._take_prefill_batch(queue, prompts, len(free))
                 slots, free = free[:len(batch)], free[len(batch):]
                 self._prefill(hf, cache, state, slots, batch, prompts, params, gen, stop_ids)
-            active = (~state.done).nonzero().squeeze(1)
-            if active.numel():
-                self._decode(hf, cache, state, active, params, gen, stop_ids)
-            self._harvest(state, results, set(params.stop_token_ids))
+                unfinished += len(batch) * n
+                if static:
+                    static.admit(slots)
+            if static:
+                unfinished, slot_done = static.decode(hf, params, unfinished, gen)
+            else:
+                active = (~state.done).nonzero().squeeze(1)
+                if active.numel():
+                    self._decode(hf, cache, state, active, params, gen, stop_ids)
+                slot_done = state.done.view(-1, n).all(dim=1).tolist()
+            self._harvest(state, results, set(params.stop_token_ids), slot_done)
             if not queue and all(p < 0 for p in state.slot_prompt):
                 break
         return [c for group in results for c in group]
+
+    def _static_decoder(self, cache: SharedPrefixKV, hf: nn.Module, params: SamplingParams) -> StaticDecoder:
+        """The static decoder of this KV storage (built on first use), reset for a new call."""
+        if self.static is None:
+            state = _Batch(cache.slots, cache.n, cache.suffix_len, cache.device)
+            self.static = StaticDecoder(cache, state, compile_decode=self.compile_decode, cuda_graphs=self.cuda_graphs)
+        self.static.state.reset()
+        self.static.start(hf, params)
+        return self.static
 
     def _take_prefill_batch(self, queue: deque, prompts: list[list[int]], max_prompts: int) -> list[int]:
         """Pops up to `max_prompts` queued prompts whose total length fits `max_prefill_tokens` (>= 1 prompt)."""
@@ -206,10 +247,9 @@ class EngineRollout(Rollout):
         state.done[rows] = torch.isin(tok, stop_ids) | (t + 1 >= params.max_new_tokens)
 
     @staticmethod
-    def _harvest(state: _Batch, results: list, stop: set[int]) -> None:
-        """Turns every slot whose n rows are all done into completions and frees the slot."""
+    def _harvest(state: _Batch, results: list, stop: set[int], slot_done: list[bool]) -> None:
+        """Turns every slot whose n rows are all done (`slot_done`) into completions and frees the slot."""
         n = state.n
-        slot_done = state.done.view(-1, n).all(dim=1).tolist()
         for s, p in enumerate(state.slot_prompt):
             if p < 0 or not slot_done[s]:
                 continue

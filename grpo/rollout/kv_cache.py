@@ -73,13 +73,31 @@ class SharedPrefixKV:
         self.mode, self.rows_active, self.write_pos = "decode", rows, write_pos
         self.all_rows = rows.numel() == self.rows
         self.span_p, self.span_s = max(max_prompt, 1), max(max_gen, 1)
-        # Additive mask [rows, 1, span_p + span_s] over [prompt | own tokens]; every length is >= 1 so
-        # idle slots/rows attend to finite stale entries instead of producing NaN.
+        self.window_span = self.span_p + self.span_s
+        self.bias = self._decode_bias(prompt_len, gen_len)
+
+    def begin_static_decode(self, rows: torch.Tensor, write_pos: torch.Tensor, prompt_len: torch.Tensor,
+                            gen_len: torch.Tensor, all_rows: bool) -> None:
+        """Next forward is a static-shape decode step (no host sync, CUDA-graph capturable).
+
+        As `begin_decode`, except: `rows` [B] are distinct row ids in any order (rows the caller
+        pads with are computed and their outputs discarded by the caller); `all_rows` (a Python bool
+        fixed per step shape) says `rows` is `arange(rows)`; attention spans the whole storage
+        (prefix_len + suffix_len) with a mask, so no shape depends on the lengths.
+        """
+        self.mode, self.rows_active, self.write_pos, self.all_rows = "decode", rows, write_pos, all_rows
+        self.span_p, self.span_s = self.prefix_len, self.suffix_len
+        self.window_span = self.prefix_len + self.suffix_len
+        self.bias = self._decode_bias(prompt_len, gen_len)
+
+    def _decode_bias(self, prompt_len: torch.Tensor, gen_len: torch.Tensor) -> torch.Tensor:
+        """Additive mask [rows, 1, span_p + span_s] over [prompt | own tokens]; every length counts as
+        >= 1 so idle slots/rows attend to finite stale entries instead of producing NaN."""
         pos_p = torch.arange(self.span_p, device=self.device)
         pos_s = torch.arange(self.span_s, device=self.device)
         keep = torch.cat([(pos_p < prompt_len.clamp_min(1)[:, None]).repeat_interleave(self.n, dim=0),
                           pos_s < gen_len.clamp_min(1)[:, None]], dim=1)
-        self.bias = torch.zeros(keep.shape, device=self.device).masked_fill_(~keep, float("-inf"))[:, None]
+        return torch.zeros(keep.shape, device=self.device).masked_fill_(~keep, float("-inf"))[:, None]
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -101,7 +119,7 @@ class SharedPrefixKV:
                 raise NotImplementedError(f"engine: sequences longer than the sliding window ({sliding_window})")
             return self._prefill(layer, query, key, value, scale)
         if self.mode == "decode":
-            if sliding_window is not None and self.span_p + self.span_s > sliding_window:
+            if sliding_window is not None and self.window_span > sliding_window:
                 raise NotImplementedError(f"engine: sequences longer than the sliding window ({sliding_window})")
             return self._decode(layer, query, key, value, scale)
         raise RuntimeError("SharedPrefixKV: call begin_prefill/begin_decode before the forward")

@@ -77,14 +77,53 @@ def sample_next(
     x = logits / params.temperature if params.temperature != 1.0 else logits
     x = suppress_stops(x, stop_ids, too_short)
     x = top_p_filter(top_k_filter(x, params.top_k), params.top_p)
-    # Inverse-CDF draw on unnormalised probabilities: one exp pass, one cumsum, R uniforms
-    # (torch.multinomial and the exponential race both cost ~20x more on CPU at vocab 32k).
+    u = torch.rand(x.shape[0], 1, generator=generator, device=x.device)
+    return inverse_cdf_draw(x, u)
+
+
+def inverse_cdf_draw(x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws one token per row of the distribution softmax(x) from uniforms u [R, 1] in [0, 1).
+
+    Inverse-CDF draw on unnormalised probabilities: one exp pass, one cumsum (torch.multinomial and
+    the exponential race both cost ~20x more on CPU at vocab 32k). Returns tokens [R] long and their
+    logprobs [R] float32 under softmax(x). No host sync: the same code runs in a CUDA graph.
+    """
     m = x.amax(dim=-1, keepdim=True)
     e = (x - m).exp_()
     cdf = e.cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(x.shape[0], 1, generator=generator, device=x.device) * total
+    u = u * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: never a zero-mass token
     tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)
     logprobs = (x.gather(1, tokens[:, None]) - m - e.sum(dim=-1, keepdim=True).log()).squeeze(1)
     return tokens, logprobs
+
+
+def sample_static(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    u: torch.Tensor | None,
+    stop_ids: torch.Tensor,
+    too_short: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_next` without host syncs or data-dependent shapes (for the engine's static decode step).
+
+    Same distribution, processing order and logprobs as `sample_next`; differences: the uniforms `u`
+    [R, 1] are drawn by the caller (outside a captured graph), and stop ids are suppressed with a
+    vocabulary mask whenever `params.min_new_tokens > 0` instead of only in rows that need it.
+    """
+    logits = logits.float()
+    suppress = stop_ids.numel() > 0 and params.min_new_tokens > 0
+    if suppress:
+        stop_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, stop_ids, True)
+        blocked = too_short[:, None] & stop_mask
+    if params.greedy:
+        x = logits.masked_fill(blocked, float("-inf")) if suppress else logits
+        tokens = x.argmax(dim=-1)
+        chosen = logits.gather(1, tokens[:, None]).squeeze(1)
+        return tokens, chosen - torch.logsumexp(logits, dim=-1)
+    x = logits / params.temperature if params.temperature != 1.0 else logits
+    if suppress:
+        x = x.masked_fill(blocked, float("-inf"))
+    x = top_p_filter(top_k_filter(x, params.top_k), params.top_p)
+    return inverse_cdf_draw(x, u)
