@@ -232,6 +232,19 @@ def forward_logprobs(model: nn.Module, inputs: dict, targets: Tensor, positions:
     Models that transform logits after the output layer (Gemma2's final softcapping, Cohere's or
     Granite's scaling), or have no output embeddings, are detected (the model's ``logits`` differ from
     what the replacement returned) and use the full-logits path, with one warning per model class.
+
+    Why inside the forward, through the module: under FSDP2 the head's weight is a sharded DTensor
+    outside the root's forward (calling the head there fails: mixed Tensor and DTensor); inside it the
+    root has unsharded it, and the chunks' recompute runs in the root's backward, when it is unsharded
+    again (a head wrapped as its own FSDP unit unshards at each call). Under DeepSpeed ZeRO-3 the
+    weight is gathered by DeepSpeed's own module hooks at each call of the head (forward, and the
+    recompute and backward of each chunk), which is also what a tied weight's backward needs; nothing
+    here imports deepspeed. `deepspeed.zero.GatheredParameters` around the loop would not do: the
+    weight would be re-partitioned at its exit, before the backward that needs it. Seen with deepspeed
+    0.19.8 (one process, counting its gathers of the head's weight): when a step's chunk count
+    matches DeepSpeed's recorded module trace the weight is gathered once per step and kept; when it
+    changes (token counts vary step to step) DeepSpeed re-traces and gathers it at every chunk call,
+    about 3 per chunk: a larger `chunk_size` means fewer gathers.
     """
     hf = _hf_model(model)
     B, K = targets.shape

@@ -284,9 +284,11 @@ def test_under_ddp(tmp_path, find_unused):
         dist.destroy_process_group()
 
 
-def test_under_fsdp2(tmp_path):
+@pytest.mark.filterwarnings("error:FSDP2-wrapped module")  # our output is no view (FSDP2 hooks the root's outputs)
+@pytest.mark.parametrize("head_unit", [False, True], ids=["head_in_root", "head_own_unit"])
+def test_under_fsdp2(tmp_path, head_unit):
     """FSDP2 (fully_shard): the head runs inside the root's forward, where its DTensor weight is unsharded
-    (called outside that forward it would fail: mixed Tensor and DTensor)."""
+    (called outside that forward it would fail: mixed Tensor and DTensor), or as its own FSDP unit."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -299,6 +301,8 @@ def test_under_fsdp2(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         for layer in sharded.model.layers:
             fully_shard(layer, mesh=mesh)
+        if head_unit:
+            fully_shard(sharded.lm_head, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
         w = weights_like(targets)
         logp = forward_logprobs(sharded, inputs, targets, temperature=TEMPERATURE, chunk_size=4)
