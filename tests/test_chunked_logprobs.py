@@ -178,6 +178,23 @@ def test_forward_logprobs_bf16_model_is_close(tmp_path):
         assert ((got[name].float() - want[name].float()).abs().max() / scale) < 5e-2, name
 
 
+def test_under_autocast_bf16(tmp_path):
+    """Mixed precision as accelerate runs it (autocast around the forward): the chunks' recompute runs under the
+    same autocast, the log-sum-exp in fp32; close to the full path under the same autocast."""
+    model = tiny(tmp_path, "qwen2", tied=False)
+    inputs, targets = padded_inputs(model.config.vocab_size, seed=9)
+    w = weights_like(targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = forward_logprobs(model, inputs, targets, temperature=TEMPERATURE, chunk_size=4)
+        ref = full_path(model, inputs, targets)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp, ref.float(), atol=2e-2, rtol=1e-2)
+    got, want = grads_of(model, logp, w), grads_of(model, ref, w)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert (got[name] - want[name]).abs().max() <= 5e-2 * want[name].abs().max().clamp(min=1e-3), name
+
+
 @pytest.mark.parametrize("lm_head", ["lora", "modules_to_save"])
 def test_lora_including_the_output_layer(tmp_path, lm_head):
     """peft wraps lm_head (LoRA on it, or a trained copy): the wrapped module runs chunk by chunk, gradients exact."""
