@@ -35,8 +35,7 @@ from grpo.config import Recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import UserError
 from grpo.modeling import load_model, load_tokenizer, whole_weights
-from grpo.generation import decode_and_score, generate, sampling_params
-from grpo.rollout import make_rollout
+from grpo.generation import decode_and_score, generate, make_backend, sampling_params
 from grpo.scoring import build_rewards
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def evaluate_model(recipe: Recipe, path: str, records: list[dict], rewards, devi
     # the training sampling distribution (grpo.generation.sampling_params), greedy unless pass@k is asked for
     params = sampling_params(recipe.rollout, tok.eos_token_id, seed=recipe.run.seed, max_new_tokens=recipe.eval.max_new_tokens,
                              temperature=0.0 if k == 1 else None)
-    rollout = make_rollout(recipe.rollout.backend, model, tok)
+    rollout = make_backend(recipe.rollout, model, tok)
     comps = []
     bs = max(1, recipe.eval.batch_size // k)
     for s in range(0, len(records), bs):

@@ -14,7 +14,8 @@ import time
 import torch
 
 from grpo.config import RolloutConfig
-from grpo.rollout import Completion, SamplingParams
+from grpo.rules import raise_first, sampling
+from grpo.rollout import Completion, SamplingParams, make_rollout
 from grpo.scoring import score
 
 
@@ -25,6 +26,18 @@ def sampling_params(cfg: RolloutConfig, eos_token_id: int | None, *, seed: int |
                           temperature=cfg.temperature if temperature is None else temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k, min_new_tokens=cfg.min_new_tokens,
                           stop_token_ids=tuple(dict.fromkeys([eos_token_id, *cfg.stop_token_ids])), seed=seed)
+
+
+def make_backend(cfg: RolloutConfig, model, tokenizer):
+    """The recipe's rollout backend on `model`, with the engine's options (`rollout.static_decode`, `max_batch`)."""
+    opts = {}
+    if cfg.backend == "engine":
+        raise_first(sampling(cfg, train=False))
+        static = cfg.static_decode
+        if isinstance(static, str):  # "auto"
+            static = next(model.parameters()).device.type == "cuda"
+        opts = {"static_decode": bool(static), "max_batch": cfg.max_batch}
+    return make_rollout(cfg.backend, model, tokenizer, **opts)
 
 
 def generate(rollout, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: list[int] | None = None) -> list[Completion]:

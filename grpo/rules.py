@@ -61,6 +61,10 @@ def sampling(rollout, *, train: bool) -> list[str]:
         p.append(f"rollout.top_k={r.top_k} must be >= 0 (0 = off)")
     if not 0 <= r.min_new_tokens <= max(r.max_new_tokens, 0):
         p.append(f"rollout.min_new_tokens={r.min_new_tokens} must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
+    if isinstance(r.static_decode, str) and r.static_decode != "auto":
+        p.append(f"rollout.static_decode={r.static_decode!r}: use true, false or auto (on with CUDA)")
+    if r.max_batch < 1:
+        p.append(f"rollout.max_batch={r.max_batch} must be >= 1")
     return p
 
 

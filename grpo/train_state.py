@@ -24,7 +24,7 @@ from grpo.errors import UserError
 from grpo.metrics import curves, run_info
 from grpo.modeling import (count_parameters, load_model, load_tokenizer, local_parameter_count, make_reference, reference_config,
                            save_model)
-from grpo.rollout import make_rollout
+from grpo.generation import make_backend
 from grpo.scoring import build_rewards
 from grpo.tracking import Tracker, truncate_history
 
@@ -126,7 +126,7 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     multiplier = LagrangeMultiplier.from_lambda(sc.lambda_init, lr=sc.lambda_lr, threshold=sc.cost_threshold, lam_max=sc.lambda_max,
                                                 delay_steps=sc.lambda_delay) if sc.enabled else None
     state = TrainState(recipe, out, accelerator, zero_stage, tok, prompts, rewards, model, policy, gen_model, ref, optimizer, scheduler,
-                       make_rollout(recipe.rollout.backend, gen_model or policy, tok),
+                       make_backend(recipe.rollout, gen_model or policy, tok),
                        Sampler(len(prompts), run.seed, accelerator.process_index, world), multiplier, None, per_rank, n_micro, total)
     if resume_from:
         state.start = restore(state, resume_from)
