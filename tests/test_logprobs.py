@@ -53,3 +53,15 @@ def test_entropy_from_logits():
     x = torch.randn(3, 4, 6, generator=g)
     p = torch.softmax(x, -1)
     torch.testing.assert_close(entropy_from_logits(x, chunk_size=5), -(p * p.log()).sum(-1))
+
+
+def test_chunked_logprobs_hand_value_and_gradient():
+    # identity head, logits [0, ln 3] -> p = [.25, .75]; target 1: log .75, d/dlogits = onehot - p = [-.25, .25]
+    from grpo.logprobs import chunked_logprobs
+
+    head = torch.nn.Identity()
+    hidden = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    logp = chunked_logprobs(hidden, head, torch.tensor([1]), chunk_size=1)
+    assert logp.item() == pytest.approx(math.log(0.75))
+    (grad,) = torch.autograd.grad(logp.sum(), hidden)
+    torch.testing.assert_close(grad, torch.tensor([[-0.25, 0.25]]))
