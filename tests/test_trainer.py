@@ -1,4 +1,5 @@
 """The GRPO loop end to end on tiny models: learning signal, outputs, resume, reward errors."""
+import dataclasses
 import json
 import math
 import sys
@@ -8,7 +9,7 @@ import torch
 
 from grpo import checkpoint
 from grpo.config import load_recipe
-from grpo.errors import UserError
+from grpo.errors import Interrupted, UserError
 from grpo.batch import build_batch, loss_mask, token_logprobs
 from grpo.trainer import run_grpo
 from grpo.rollout import Completion
@@ -99,20 +100,99 @@ def test_bad_reward_skipped_when_asked(tmp_path, tiny_model):
     assert h[0]["skipped_samples"] == 32
 
 
-def test_resume_continues_exactly(tmp_path, tiny_model):
-    # beta > 0: the reference must be the starting model again, not the checkpoint's weights
-    common = ["grpo.lr=1e-2", "grpo.beta=0.1", "rewards=[{name: 'rewards_for_tests:sevens'}]", "grpo.save_every=2", "rollout.backend=hf"]
-    run_grpo(recipe(tmp_path / "full", tiny_model, "grpo.steps=4", *common))
-    full = history(tmp_path / "full" / "train" / "metrics.jsonl")
-    run_grpo(recipe(tmp_path / "part", tiny_model, "grpo.steps=2", *common))
-    # continue the interrupted run to 4 steps from its checkpoint
-    run_grpo(recipe(tmp_path / "part", tiny_model, "grpo.steps=4", "grpo.resume=true", *common))
-    part = history(tmp_path / "part" / "train" / "metrics.jsonl")
-    assert [x["step"] for x in part] == [1, 2, 3, 4]
-    for a, b in zip(full[2:], part[2:]):
-        assert a["sevens"] == pytest.approx(b["sevens"], abs=1e-6)
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["kl"] == pytest.approx(b["kl"], abs=1e-7)
+CONSTRAINED = ["safety.enabled=true", "safety.cost_threshold=-0.5", "safety.lambda_init=0.5", "safety.lambda_lr=1.0",
+               "safety.lambda_max=4.0", "safety.lambda_delay=1", "safety.cost_std_floor=1.0"]
+EVEN_AND_COST = "{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}"
+
+
+def test_resume_mid_run_continues_exactly(tmp_path, tiny_model):
+    """A run stopped by Ctrl-C mid-run and resumed ends with the same weights, bit for bit, as the run that was
+    never stopped: a decaying learning rate, the safety constraint (lambda), LoRA (with dropout: the RNG) and
+    the engine backend, beta > 0 (the reference: the adapter disabled). Steps 4-6 after the resume depend on
+    the restored optimizer, scheduler, RNG, data position and lambda. Checkpoints: only keep_last are kept."""
+    from safetensors.torch import load_file
+
+    common = ["grpo.steps=6", "grpo.lr=3e-2", "grpo.lr_scheduler=linear", "grpo.beta=0.1", "grpo.save_every=1", "grpo.keep_last=2",
+              "grpo.prompts_per_step=2", "grpo.num_generations=4", "rollout.backend=engine", "model.lora.enabled=true",
+              "model.lora.r=4", "model.lora.dropout=0.1", *CONSTRAINED]
+    stopper = "{{name: 'rewards_for_tests:signal_self', weight: 0.0, key: '{}', at_call: {}}}"
+    full = recipe(tmp_path / "full", tiny_model, *common, f"rewards=[{EVEN_AND_COST}, {stopper.format(tmp_path / 'full', 0)}]")
+    run_grpo(full)
+    part = recipe(tmp_path / "part", tiny_model, *common, f"rewards=[{EVEN_AND_COST}, {stopper.format(tmp_path / 'part', 3)}]")
+    with pytest.raises(Interrupted, match="checkpoint saved at .*ckpt-3; continue with grpo.resume=true") as stopped:
+        run_grpo(part)  # SIGINT arrives while step 3 is scored: the step ends, ckpt-3 is written, the run stops
+    assert stopped.value.code == 130
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "part" / "train")] == ["ckpt-2", "ckpt-3"]  # keep_last=2
+    assert not (tmp_path / "part" / "train" / "final").exists()
+    run_grpo(dataclasses.replace(part, grpo=dataclasses.replace(part.grpo, resume=True)))
+
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "full" / "train")] == ["ckpt-5", "ckpt-6"]
+    a, b = history(tmp_path / "full" / "train" / "metrics.jsonl"), history(tmp_path / "part" / "train" / "metrics.jsonl")
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
+    lrs = [x["lr"] for x in a]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # the schedule decays
+    assert len({x["lambda"] for x in a}) > 2  # lambda moves
+    for x, y in zip(a, b):
+        for key in ("even_tokens", "odd_first_token_cost", "lambda", "cost", "loss", "kl", "grad_norm", "lr", "clip_frac"):
+            assert x[key] == y[key], (x["step"], key)
+    w_full = load_file(tmp_path / "full" / "train" / "final" / "adapter_model.safetensors")
+    w_part = load_file(tmp_path / "part" / "train" / "final" / "adapter_model.safetensors")
+    assert w_full.keys() == w_part.keys() and any("lora_B" in k for k in w_full)
+    for name in w_full:
+        assert torch.equal(w_full[name], w_part[name]), name
+
+
+def _advantages_by_hand(rows: list[dict], G: int, lam: float | None, cost_weight: float = 0.0) -> list[float]:
+    """The advantage of each sample from its logged reward and cost (DESIGN.md: group normalisation,
+    A = (A_r - lam A_c) / (1 + lam) under the constraint, A_r - w_c A_c without it)."""
+    out = []
+    for g in range(0, len(rows), G):
+        r = torch.tensor([x["even_tokens"] for x in rows[g:g + G]], dtype=torch.float64)
+        c = torch.tensor([x["odd_first_token_cost"] for x in rows[g:g + G]], dtype=torch.float64)
+        a_r = (r - r.mean()) / (r.std() + 1e-4)
+        a_c = (c - c.mean()) / (c.std() + 1.0)  # cost_std_floor = 1
+        out += ((a_r - lam * a_c) / (1 + lam) if lam is not None else a_r - cost_weight * a_c).tolist()
+    return out
+
+
+@pytest.mark.parametrize("constrain, threshold, measured", [("mean_cost", -0.5, "cost"), ("violation_rate", 0.3, "unsafe_rate")])
+def test_safety_constraint_end_to_end(tmp_path, tiny_model, constrain, threshold, measured):
+    """The Lagrangian on a cost with known values: lambda follows log(lam) += lr * (mean cost - threshold) step by
+    step (after lambda_delay, clamped at lambda_max; the measure is the mean cost or the fraction of samples with
+    cost > 0), each sample's advantage is (A_r - lam A_c) / (1 + lam) with
+    that step's lambda; the pipeline's train_unconstrained baseline logs the cost but trains on A_r alone."""
+    from grpo.pipeline import run_stage
+
+    G = 2
+    r = recipe(tmp_path, tiny_model, "grpo.steps=5", "grpo.prompts_per_step=4", f"grpo.num_generations={G}", "grpo.lr=1e-2",
+               "tracking.samples_every=1", f"rewards=[{EVEN_AND_COST}]", *CONSTRAINED, f"safety.constrain={constrain}",
+               f"safety.cost_threshold={threshold}")
+    run_stage(r, "train")
+    run_stage(r, "train_unconstrained")
+    h = history(tmp_path / "train" / "metrics.jsonl")
+    lam = [x["lambda"] for x in h]
+    assert lam[0] == pytest.approx(0.5) and lam[1] == pytest.approx(0.5)  # lambda_init; lambda_delay=1: the first update waits
+    for t in range(1, len(h) - 1):
+        expected = min(lam[t] * math.exp(1.0 * (h[t][measured] - threshold)), 4.0)
+        assert lam[t + 1] == pytest.approx(expected, rel=1e-6), t
+        assert h[t]["constraint_violation"] == float(h[t][measured] > threshold)
+    assert max(lam) > lam[0]  # the measure goes over the threshold: lambda rises
+    samples = history(tmp_path / "train" / "samples.jsonl")
+    base = history(tmp_path / "train_unconstrained" / "samples.jsonl")
+    assert len(samples) == len(base) == 5 * 4 * G  # every sample of every step
+    differs = 0
+    for step in range(1, 6):
+        rows = [x for x in samples if x["step"] == step]
+        got = [x["advantage"] for x in rows]
+        assert got == pytest.approx(_advantages_by_hand(rows, G, lam[step - 1]), abs=1e-3), step
+        rows0 = [x for x in base if x["step"] == step]
+        got0 = [x["advantage"] for x in rows0]
+        assert got0 == pytest.approx(_advantages_by_hand(rows0, G, None), abs=1e-3), step
+        same_samples = [x["completion"] for x in rows0] == [x["completion"] for x in rows]
+        differs += same_samples and got0 != pytest.approx(got, abs=1e-3)
+    assert differs >= 1  # step 1 samples the same completions in both stages: there the cost changes the advantages
+    h0 = history(tmp_path / "train_unconstrained" / "metrics.jsonl")
+    assert "lambda" not in h0[0] and all("cost" in x for x in h0)
 
 
 def test_constrained_advantage_matches_the_formula():
