@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from grpo.logprobs import selective_log_softmax
+from grpo.logprobs import forward_logprobs
 from grpo.prefix import PackedGroups, pack_groups, packed_logprobs
 from grpo.rollout import Completion
 
@@ -98,24 +98,28 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
 
 
 def token_logprobs(model, batch: PaddedBatch, temperature: float) -> Tensor:
-    """log pi(completion token) under `model` at `temperature`: [N, C]. Only C+1 positions get logits."""
-    C = batch.completion_ids.shape[1]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                use_cache=False, logits_to_keep=C + 1)
-    return selective_log_softmax(out.logits[:, :-1], batch.completion_ids, temperature=temperature)
+    """log pi(completion token) under `model` at `temperature`: [N, C] (float32).
+
+    The output layer runs on the C positions that predict completion tokens only, chunk by chunk
+    (`grpo.logprobs.forward_logprobs`): no ``[tokens, vocab]`` logits, forward or backward.
+    """
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    return forward_logprobs(model, inputs, batch.completion_ids, temperature=temperature)
 
 
 # ------------------------------------------------------------------------------------- micro-batches
 @dataclass
 class MicroBatch:
     """One forward/backward's rows. mask: ``[n, C]`` 1 on completion tokens that carry loss;
-    advantages: ``[n]``; old_logp / ref_logp: ``[n, C]`` when computed; layout: what the forward runs on."""
+    advantages: ``[n]``; old_logp / ref_logp: ``[n, C]`` when computed; rollout_logp: ``[n, C]`` the
+    sampling log-probs the rollout returned (for `mismatch_kl` / TIS); layout: what the forward runs on."""
 
     layout: PackedGroups | PaddedBatch
     mask: Tensor
     advantages: Tensor
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    rollout_logp: Tensor | None = None
 
     def logprobs(self, model, temperature: float) -> Tensor:
         """log pi(completion tokens) under `model`: ``[n, C]`` (the same numbers for either layout)."""
@@ -135,9 +139,72 @@ def loss_mask(completions: Sequence[Completion], ok: Tensor, mask_truncated: boo
     return mask
 
 
-def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, size: int, *, shared_prefix: bool, pad_id: int,
-                  device) -> list[MicroBatch]:
-    """Rows ``[s, s + size)`` per micro-batch, each with its own layout on `device`, trimmed to its widths.
+def split_rows(rollouts: Rollouts, *, size: int, token_budget: int | None = None) -> list[list[int]]:
+    """Which rows go into which micro-batch.
+
+    Without a budget: consecutive runs of `size` rows. With `token_budget` (``grpo.micro_batch_tokens``):
+    packed tokens per micro-batch (each distinct prompt once + its rows' completion tokens), groups kept
+    whole where they fit, placed longest first into the first micro-batch with room (first-fit decreasing);
+    a group over the budget is cut by rows. The loss normalisers are exact for any split (grpo.losses).
+    """
+    n = len(rollouts.completions)
+    if token_budget is None:
+        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(rollouts.completions):
+        groups.setdefault(c.prompt_index, []).append(i)
+
+    def cost(rows: list[int], prompt: int) -> int:
+        return len(rollouts.rows[prompt]["prompt_ids"]) + sum(len(rollouts.completions[i].token_ids) for i in rows)
+
+    pieces = []  # (cost, rows): whole groups, or a group's rows cut to fit the budget
+    for prompt, rows in groups.items():
+        piece: list[int] = []
+        for i in rows:
+            if piece and cost(piece + [i], prompt) > token_budget:
+                pieces.append((cost(piece, prompt), piece))
+                piece = []
+            piece.append(i)
+        pieces.append((cost(piece, prompt), piece))
+    bins: list[tuple[int, list[int]]] = []
+    for c, rows in sorted(pieces, key=lambda x: -x[0]):
+        for k, (used, members) in enumerate(bins):
+            if used + c <= token_budget:
+                bins[k] = (used + c, members + rows)
+                break
+        else:
+            bins.append((c, list(rows)))
+    return [sorted(rows) for _, rows in bins]
+
+
+def split_to_count(splits: list[list[int]], count: int) -> list[list[int]]:
+    """Cut the largest micro-batches in two until there are `count` (every process must run as many
+    micro-batches as the others: gradients are reduced at the last one). Needs `count` <= rows."""
+    splits = [list(r) for r in splits]
+    while len(splits) < count:
+        k = max(range(len(splits)), key=lambda j: len(splits[j]))
+        rows = splits.pop(k)
+        if len(rows) < 2:
+            raise ValueError(f"cannot cut {sum(map(len, splits)) + len(rows)} rows into {count} micro-batches")
+        splits[k:k] = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
+    return splits
+
+
+def rollout_logprobs(completions: Sequence[Completion], width: int) -> Tensor | None:
+    """``[n, width]`` the sampling log-probs the rollout returned (0 past each completion), or None if it returned none."""
+    if any(c.logprobs is None for c in completions):
+        return None
+    out = torch.zeros(len(completions), width)
+    for j, c in enumerate(completions):
+        lp = c.logprobs[:width]
+        if lp:
+            out[j, :len(lp)] = torch.tensor(lp)
+    return out
+
+
+def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, splits: list[list[int]], *, shared_prefix: bool,
+                  pad_id: int, device) -> list[MicroBatch]:
+    """One micro-batch per row list of `splits` (`split_rows`), each with its own layout on `device`, trimmed to its widths.
 
     Rows whose prompts have the same tokens share one group in the packed layout (also when the same
     prompt was drawn twice in a step), so each distinct prompt is computed once per micro-batch.
@@ -146,9 +213,9 @@ def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, size: in
     group = [distinct.setdefault(tuple(row["prompt_ids"]), len(distinct)) for row in rollouts.rows]
     prompts = list(distinct)
     out = []
-    for s in range(0, len(rollouts.completions), size):
-        comps = rollouts.completions[s:s + size]
-        m = mask[s:s + size]
+    for rows in splits:
+        comps = [rollouts.completions[i] for i in rows]
+        m = mask[rows]
         used = m.sum(0).nonzero()
         width = int(used.max()) + 1 if len(used) else 1
         tokens = [c.token_ids for c in comps]
@@ -157,5 +224,7 @@ def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, size: in
             layout = pack_groups(prompts, tokens, index, device, width=width)
         else:
             layout = build_batch(prompts, tokens, index, pad_id, width=width, device=device)
-        out.append(MicroBatch(layout, m[:, :width].to(device), advantages[s:s + size].to(device)))
+        sampled = rollout_logprobs(comps, width)
+        out.append(MicroBatch(layout, m[:, :width].to(device), advantages[rows].to(device),
+                              rollout_logp=None if sampled is None else sampled.to(device)))
     return out

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -120,6 +120,9 @@ class GRPOConfig:
     prompts_per_step: int = 4  # across all processes; each prompt's group stays on one process
     num_generations: int = 8  # G, completions per prompt
     micro_batch_size: int = 32  # sequences per forward/backward
+    # instead of micro_batch_size: a budget of packed tokens per forward/backward (each prompt once + completion
+    # tokens), groups kept whole where they fit, longest first; not under DeepSpeed (fixed accumulation steps)
+    micro_batch_tokens: Optional[int] = None
     # compute each group's prompt once in the training forward/backward (grpo/prefix.py: exact, no padding);
     # false = the plain padded forward, G copies of the prompt
     shared_prefix: bool = True
@@ -142,10 +145,17 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     max_generation_rounds: int = 3
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens get no loss (DAPO)
+    # rollout/training mismatch (logged every step as mismatch_kl): tis = truncated importance sampling,
+    # each token's surrogate weighted by min(pi_train / pi_rollout, rollout_is_cap) (grpo.losses.rollout_correction)
+    rollout_is: Literal["none", "tis"] = "none"
+    rollout_is_cap: float = 2.0
     on_reward_error: Literal["raise", "skip"] = "raise"  # a failing reward stops the run, or its samples are skipped
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     resume: Union[bool, str] = False  # true = latest checkpoint in the stage folder, or a path
+    # stop after this many steps in a row in which no reward applied to any sample (every reward returned None:
+    # no learning signal); 0 = never stop. The first such step is warned about at once.
+    max_steps_without_reward: int = 10
 
 
 @dataclass
@@ -173,6 +183,9 @@ class RewardSpec:
     weight: float = 1.0  # weight in the reward sum
     role: Literal["reward", "usefulness", "safety"] = "reward"  # safety = a cost (higher is less safe)
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other key of the entry is passed to the reward
+    # seconds one call may take before the run stops naming the reward (or, under grpo.on_reward_error: skip, the
+    # call's samples are skipped); null = no limit
+    timeout_s: float | None = 600.0
 
 
 @dataclass
@@ -251,11 +264,43 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or first_line(e)
             raise UserError(f"{where}:{loc}: invalid YAML: {problem} (fix the syntax; tags like !!python are not allowed)") from None
+        except RecursionError:
+            raise UserError(f"{where}: invalid YAML: nested too deeply (a recipe value may nest at most {MAX_DEPTH} levels)") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
         if not isinstance(raw, dict):
             raise UserError(f"{where}: a recipe must be a mapping of sections ({', '.join(_field_names(Recipe))}), got {type(raw).__name__}")
     for ov in overrides:
         _apply_override(raw, ov)
+    check_size(raw, where)
     return _build(Recipe, raw, where, "")
+
+
+MAX_VALUES = 100_000  # values in a whole recipe, aliases expanded (a reward's word list fits; an alias bomb does not)
+MAX_DEPTH = 50  # nesting levels of a recipe value
+
+
+def check_size(raw: Any, where: str) -> None:
+    """Refuse a recipe whose values, with YAML aliases expanded, exceed MAX_VALUES or nest deeper than MAX_DEPTH.
+
+    `yaml.safe_load` shares an aliased node instead of copying it, so nine nested lists of nine aliases
+    (a "billion laughs" alias bomb) load instantly, then take minutes and gigabytes in anything that walks
+    the recipe (saving it, comparing it, passing kwargs on). Counting stops at the limit, so this is fast.
+    """
+    count, stack = 0, [(raw, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise UserError(f"{where}: the recipe holds more than {MAX_VALUES:,} values once its YAML aliases (*name) are expanded "
+                            f"(at '{path or '<top>'}'); an alias nested in aliases multiplies: write the values out, or read big "
+                            "data from a file in your reward instead")
+        if depth > MAX_DEPTH:
+            raise UserError(f"{where}: '{path}' nests more than {MAX_DEPTH} levels deep; flatten it")
+        if isinstance(node, dict):
+            stack += [(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(node)]
 
 
 def _apply_override(raw: dict, override: str) -> None:
@@ -266,6 +311,8 @@ def _apply_override(raw: dict, override: str) -> None:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
+    except RecursionError:
+        raise UserError(f"override '{key}=...': its value nests too deeply (at most {MAX_DEPTH} levels)") from None
     parts = key.strip().split(".")
     if not all(parts):
         raise UserError(f"override '{override}': empty key part in '{key}'")

@@ -107,7 +107,8 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
     Under `accelerate launch` every process evaluates (no collectives; decoding is greedy or seeded, so
     all of them get the same results) and only rank 0 writes the files."""
     runtime.setup(recipe.run.seed, recipe.run.threads)
-    rules.raise_first(rules.stage_data(recipe.data, "eval") + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False))
+    rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data) + rules.stage_data(recipe.data, "eval")
+                      + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False))
     pairs = unique_labels([(_label(p), p) for p in models]) if models else unique_labels(default_models(recipe))
     out = Path(recipe.run.output_dir) / "eval"
     rows = load_rows(recipe.data.eval, "data.eval")

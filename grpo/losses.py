@@ -188,6 +188,7 @@ def policy_loss(
     num_sequences: int | None = None,
     num_processes: int = 1,
     entropy: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped-surrogate GRPO loss with optional k3 KL penalty (DeepSeekMath eq. 3).
 
@@ -232,6 +233,8 @@ def policy_loss(
       num_processes: processes averaging gradients (``dapo``); default 1.
       entropy: optional ``[B, T]`` per-token entropies (`grpo.logprobs.entropy_from_logits`),
         only for the ``entropy`` metric.
+      is_weights: optional ``[B, T]`` importance weights multiplying each token's surrogate term
+        (not the KL term), e.g. `rollout_correction`'s truncated IS weights; treated as constants.
 
     Returns:
       ``(loss, metrics)``: scalar float32 loss; python floats computed without grad:
@@ -242,7 +245,7 @@ def policy_loss(
     """
     aggregate = AGGREGATIONS.get(loss_type)
     log_ratio_fn = IMPORTANCE_LEVELS.get(importance_level)
-    _check_shapes(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy)
+    _check_shapes(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, entropy=entropy, is_weights=is_weights)
     if not 0.0 <= epsilon_low < 1.0 or epsilon_high < 0.0:
         raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low}, {epsilon_high}")
     if beta != 0.0 and ref_logp is None:
@@ -259,6 +262,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().float()
 
     kl = None
     if ref_logp is not None:
@@ -271,3 +276,42 @@ def policy_loss(
                      local_tokens=local_tokens, num_sequences=num_sequences, num_processes=num_processes)
     metrics = _metrics(ratio, adv, m, epsilon_low, epsilon_high, kl, None if entropy is None else entropy.detach())
     return loss, metrics
+
+
+ROLLOUT_IS = ("none", "tis")
+
+
+@torch.no_grad()
+def rollout_correction(train_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, mode: str = "none",
+                       cap: float = 2.0) -> tuple[Tensor | None, dict[str, float]]:
+    """Rollout/training mismatch: the KL between the sampler's and the trainer's distribution, and
+    truncated importance sampling (TIS) weights that correct for it.
+
+    The rollout engine samples with its own forward (low precision, other kernels); the trainer's
+    forward of the same tokens gives other log-probs. Per token ``d = train_logp - rollout_logp``:
+      ``mismatch_kl`` = masked mean of ``exp(d) - d - 1`` (k3 estimate of KL(rollout || train), the
+      tokens being drawn from the rollout; 0 iff they agree);
+      ``tis`` (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+      training"; verl / OpenRLHF's ``rollout_is``): weights ``min(exp(d), cap)``, the IS ratio from the
+      sampling distribution to the trainer's old policy, truncated to bound its variance.
+    Note: the engine's log-probs are those of the distribution it sampled from, after top-k/top-p and
+    min_new_tokens filtering (grpo.rollout.base), so with filtering on the mismatch includes it.
+
+    Args: ``[B, T]`` tensors (mask 1 on scored tokens); mode: ``"none"`` or ``"tis"``; cap > 0.
+    Returns ``(weights [B, T] or None, metrics)``: ``mismatch_kl``, ``tokens``, and with tis
+    ``is_weight_mean`` and ``is_capped_frac``.
+    """
+    if mode not in ROLLOUT_IS:
+        raise ValueError(f"unknown rollout_is {mode!r}; valid: {', '.join(ROLLOUT_IS)}")
+    valid = mask.bool()
+    n = valid.sum().clamp(min=1)
+    d = torch.where(valid, train_logp.float() - rollout_logp.float(), 0.0)
+    metrics = {"mismatch_kl": float((torch.exp(d) - d - 1.0).sum() / n), "tokens": float(valid.sum())}
+    if mode == "none":
+        return None, metrics
+    if not cap > 0:
+        raise ValueError(f"rollout_is_cap must be > 0, got {cap}")
+    raw = torch.exp(d)
+    weights = torch.where(valid, raw.clamp(max=cap), 0.0)
+    metrics.update({"is_weight_mean": float(weights.sum() / n), "is_capped_frac": float(((raw > cap) & valid).sum() / n)})
+    return weights, metrics

@@ -41,7 +41,8 @@ def reward_metrics(R: torch.Tensor, rewards) -> dict[str, float]:
     return out
 
 
-TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl", "entropy")
+TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl", "entropy", "mismatch_kl", "is_weight_mean",
+               "is_capped_frac")
 
 
 def token_means(ds: list[dict], accelerator) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Shared-prefix log-probabilities: each group's prompt is computed once, not G times.
 
-GRPO scores G completions of the same prompt. The plain forward (`grpo.trainer.build_batch` +
-`grpo.trainer.token_logprobs`) lays out G rows ``[left-padded prompt | right-padded completion]`` and
+GRPO scores G completions of the same prompt. The plain forward (`grpo.batch.build_batch` +
+`grpo.batch.token_logprobs`) lays out G rows ``[left-padded prompt | right-padded completion]`` and
 runs the prompt G times, forward and backward, plus the padding. Here a micro-batch is packed into
 ONE row without padding tokens::
 
@@ -21,14 +21,13 @@ and gathers the outputs back into the packed row. Gradients from all G completio
 shared prompt keys/values, so the prompt's backward is also done once. Both gathers have gathers as
 backward (each position feeds exactly one real buffer entry), never a CPU scatter-add. Padding
 exists only inside that attention buffer, never in the linear layers. Logits are computed only at
-the positions that predict completion tokens (``logits_to_keep`` = an index tensor), then
-`grpo.logprobs.selective_log_softmax`. Tokens through the model per group: P + sum_j C_j instead of
-G (P_max + C_max). (The completion attention reads its prompt's K/V as G broadcast copies, as much
+the positions that predict completion tokens (``logits_to_keep`` = an index tensor), through
+`grpo.logprobs.forward_logprobs` (the output layer chunk by chunk: no ``[tokens, vocab]`` logits).
+Tokens through the model per group: P + sum_j C_j instead of G (P_max + C_max). (The completion attention reads its prompt's K/V as G broadcast copies, as much
 K/V memory as the plain forward; a cascade/LSE-merge attention would remove that copy.)
 
-API: `batch_logprobs(model, batch, temperature)` is a drop-in for `grpo.trainer.token_logprobs`
-on the trainer's (micro-)batch dicts; `shared_prefix_logprobs` takes token lists; `pack_groups` /
-`pack_batch` + `packed_logprobs` separate building the layout from running it.
+API: `shared_prefix_logprobs` takes token lists; `pack_groups` + `packed_logprobs` separate building
+the layout from running it (the trainer builds one layout per micro-batch: `grpo.batch.micro_batches`).
 
 Exact against the plain forward (same math, summation order aside: <= 1e-5 in fp32, values and
 gradients, see tests/test_prefix.py: Llama, Qwen2, DeepSeek-V3 MLA+MoE, LoRA, DDP). Works with peft
@@ -189,23 +188,6 @@ def pack_groups(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
         max_len=max(plens[i] + clens[j] for j, i in enumerate(row_group)))
 
 
-def pack_batch(batch: dict[str, Tensor]) -> PackedGroups:
-    """The packed layout of a `grpo.trainer.build_batch` / `micro_batches` dict, on its device.
-
-    Reads ``input_ids``, ``attention_mask`` (left-padded prompt | right-padded completion) and the
-    width of ``completion_ids``; rows with the same prompt tokens form one group, wherever they are.
-    """
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    split = ids.shape[1] - batch["completion_ids"].shape[1]
-    prompts: dict[tuple[int, ...], int] = {}
-    completions, prompt_index = [], []
-    for row, keep in zip(ids.tolist(), attn.bool().tolist()):
-        prompt = tuple(t for t, k in zip(row[:split], keep[:split]) if k)
-        prompt_index.append(prompts.setdefault(prompt, len(prompts)))
-        completions.append([t for t, k in zip(row[split:], keep[split:]) if k])
-    return pack_groups(list(prompts), completions, prompt_index, ids.device, width=ids.shape[1] - split)
-
-
 # ------------------------------------------------------------------------------------- forward
 def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float, chunk_size: int | None = None,
                     with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -235,29 +217,13 @@ def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float, 
     return full, entropy.new_zeros(packed.n_rows, packed.width).index_put((packed.rows, packed.cols), entropy[0])
 
 
-def batch_logprobs(model: nn.Module, batch: dict[str, Tensor], temperature: float) -> Tensor:
-    """Drop-in for `grpo.trainer.token_logprobs` (same arguments, same [N, C] result), prompts computed once.
-
-    The layout is built on first use and cached in ``batch["prefix_pack"]``, so the old, reference and
-    policy passes over one micro-batch pack it once. Under gradient checkpointing with grad enabled
-    it runs the plain forward (`supports_training`).
-    """
-    if torch.is_grad_enabled() and not supports_training(model):
-        from grpo.trainer import token_logprobs  # the plain forward; imported here, the trainer imports this module
-
-        return token_logprobs(model, batch, temperature)
-    if "prefix_pack" not in batch:
-        batch["prefix_pack"] = pack_batch(batch)
-    return packed_logprobs(model, batch["prefix_pack"], temperature)
-
-
 def shared_prefix_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
                            group_size: int, temperature: float) -> tuple[Tensor, Tensor]:
     """Completion log-probs with each group's prompt computed once.
 
     Rows are grouped as everywhere in GRPO: completions ``i*G .. i*G+G-1`` continue ``prompt_ids[i]``.
     Returns ``(logp [N, C], mask [N, C])``, C = the longest completion; logp is 0 where mask is 0.
-    Equals `grpo.trainer.token_logprobs` on `grpo.trainer.build_batch` of the same data (to fp32 rounding).
+    Equals `grpo.batch.token_logprobs` on `grpo.batch.build_batch` of the same data (to fp32 rounding).
     """
     if group_size < 1 or len(completions) != len(prompt_ids) * group_size:
         raise ValueError(f"need len(completions) == len(prompt_ids) * group_size, got {len(completions)}, "

@@ -43,6 +43,10 @@ def grpo_geometry(grpo, world: int) -> list[str]:
                  "(advantages compare a prompt's completions with each other); use e.g. 8")
     if grpo.micro_batch_size < 1:
         p.append(f"grpo.micro_batch_size={grpo.micro_batch_size} must be >= 1")
+    if grpo.micro_batch_tokens is not None and grpo.micro_batch_tokens < 1:
+        p.append(f"grpo.micro_batch_tokens={grpo.micro_batch_tokens} must be >= 1 (or null: micro_batch_size rows)")
+    if not grpo.rollout_is_cap > 0:
+        p.append(f"grpo.rollout_is_cap={grpo.rollout_is_cap} must be > 0")
     return p
 
 
@@ -96,3 +100,39 @@ def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
         p.append("safety.enabled=true needs a reward with role: safety (a cost model, higher = less safe), e.g. "
                  "{name: runs/x/rm/safety, role: safety}; add one or set safety.enabled=false")
     return p
+
+
+def finite_numbers(recipe) -> list[str]:
+    """Every number in the recipe is finite: `grpo.lr=.inf`, `rewards.0.weight=.nan` (YAML's inf/nan) are refused.
+
+    A NaN reward weight makes every advantage NaN, an infinite learning rate every weight; both used to end
+    in a run that exits 0 with the model unchanged or broken. Reward kwargs are walked too.
+    """
+    import dataclasses
+    import math
+
+    p = []
+
+    def walk(value, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(f"{path}={value} is not a finite number; give a real value (YAML .inf / .nan are not allowed in a recipe)")
+        elif dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}.{i}")
+
+    walk(recipe, "")
+    return [x.replace(".kwargs.", ".") for x in p]  # a reward's kwargs are keys of its entry: rewards.1.scale
+
+
+def prompt_length(data) -> list[str]:
+    """data.max_prompt_length >= 1 (0 used to mean "no truncation at all": ids[-0:] is the whole prompt)."""
+    if data.max_prompt_length < 1:
+        return [f"data.max_prompt_length={data.max_prompt_length} must be >= 1 (tokens kept of each prompt; "
+                "longer prompts are handled per data.prompt_overflow); e.g. data.max_prompt_length=256"]
+    return []

@@ -229,6 +229,17 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
+def max_over_ranks(value: int, accelerator) -> int:
+    """The largest `value` of any process (every rank gets the same answer)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool, accelerator) -> bool:
     """True if `flag` holds on any process (every rank then takes the same branch: collectives stay aligned)."""
     if accelerator.num_processes == 1:

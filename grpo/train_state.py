@@ -78,7 +78,8 @@ class TrainState:
 
 def check_recipe(recipe: Recipe, world: int) -> None:
     """The GRPO rules a train stage checks itself (grpo/rules.py: the same functions preflight calls)."""
-    rules.raise_first(rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
+    rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data)
+                      + rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
                       + rules.sampling(recipe.rollout, train=True)
                       + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled))
 
@@ -95,6 +96,9 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     n_micro = math.ceil(per_rank * g.num_generations / g.micro_batch_size)
     accelerator.gradient_accumulation_steps = n_micro  # micro-batches per optimizer step
     zero_stage = runtime.configure_deepspeed(accelerator, g.micro_batch_size, n_micro, g.max_grad_norm)
+    if zero_stage and g.micro_batch_tokens:
+        raise UserError("grpo.micro_batch_tokens does not work under DeepSpeed (its accumulation steps are fixed when the engine "
+                        "is built, a token budget changes them every step): use grpo.micro_batch_size there")
 
     # Data, rewards, model
     resume_from = checkpoint.find_resume(out, g.resume)

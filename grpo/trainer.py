@@ -35,11 +35,11 @@ from tqdm.auto import tqdm
 from grpo import runtime
 from grpo import train_state as state_io
 from grpo.advantages import reward_and_cost_advantages
-from grpo.batch import MicroBatch, Rollouts, loss_mask, micro_batches
+from grpo.batch import MicroBatch, Rollouts, loss_mask, micro_batches, split_rows, split_to_count
 from grpo.config import Recipe
 from grpo.errors import Interrupted, UserError
 from grpo.generation import decode_and_score, generate, sampling_params
-from grpo.losses import policy_loss
+from grpo.losses import policy_loss, rollout_correction
 from grpo.metrics import console_line, curves, mean_dicts, reduce_metrics, reward_metrics, token_means
 from grpo.modeling import reference_context
 from grpo.prefix import supports_training
@@ -70,7 +70,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
             # Old / reference logprobs, then num_iterations passes of updates
             mask = loss_mask(rollouts.completions, rollouts.ok, cfg.mask_truncated_completions)
             shared = cfg.shared_prefix and supports_training(s.model)  # else the plain padded forward (same numbers)
-            micro = micro_batches(rollouts, mask, advantages, cfg.micro_batch_size, shared_prefix=shared,
+            micro = micro_batches(rollouts, mask, advantages, row_splits(s, rollouts), shared_prefix=shared,
                                   pad_id=s.tok.pad_token_id, device=s.accelerator.device)
             old_and_reference_logprobs(s, micro, temperature)
             t3 = time.perf_counter()
@@ -170,6 +170,16 @@ def step_advantages(s: TrainState, r: Rollouts) -> tuple[torch.Tensor, dict]:
     return adv * r.ok, metrics
 
 
+def row_splits(s: TrainState, r: Rollouts) -> list[list[int]]:
+    """The step's micro-batches (rows each): fixed size, or a token budget with the same count on every process."""
+    cfg = s.recipe.grpo
+    splits = split_rows(r, size=cfg.micro_batch_size, token_budget=cfg.micro_batch_tokens)
+    if cfg.micro_batch_tokens:
+        splits = split_to_count(splits, runtime.max_over_ranks(len(splits), s.accelerator))
+    s.accelerator.gradient_accumulation_steps = len(splits)
+    return splits
+
+
 @torch.no_grad()
 def old_and_reference_logprobs(s: TrainState, micro: list[MicroBatch], temperature: float) -> None:
     """Old-policy logprobs (only if num_iterations > 1) and reference logprobs (only if beta > 0)."""
@@ -194,10 +204,14 @@ def update(s: TrainState, micro: list[MicroBatch], mask: torch.Tensor, step: int
         for mb in micro:
             with acc.accumulate(s.model):
                 logp = mb.logprobs(s.model, s.recipe.rollout.temperature)
+                weights, mismatch = None, {}
+                if mb.rollout_logp is not None:  # the sampler's log-probs vs the trainer's (old) policy's
+                    weights, mismatch = rollout_correction(logp.detach() if mb.old_logp is None else mb.old_logp, mb.rollout_logp,
+                                                           mb.mask, mode=cfg.rollout_is, cap=cfg.rollout_is_cap)
                 loss, m = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
                                       epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=mb.ref_logp,
-                                      importance_level=cfg.importance_level, **counts)
-                acc.backward(loss * s.n_micro)  # accelerate divides by the accumulation steps: the shares are exact already
+                                      importance_level=cfg.importance_level, is_weights=weights, **counts)
+                acc.backward(loss * len(micro))  # accelerate divides by the accumulation steps: the shares are exact already
                 grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or math.inf) if acc.sync_gradients else None
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     nonfinite = _skip_nonfinite(step + 1, loss, grad_norm, nonfinite + 1)
@@ -207,7 +221,7 @@ def update(s: TrainState, micro: list[MicroBatch], mask: torch.Tensor, step: int
                     if acc.sync_gradients:  # once per optimizer step (the scheduler is not prepared: see setup)
                         s.scheduler.step()
                 s.optimizer.zero_grad()
-            loss_metrics.append({"loss": loss.item(), **m})
+            loss_metrics.append({"loss": loss.item(), **mismatch, **m})
     return loss_metrics, grad_norm, nonfinite
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
-from grpo.batch import PaddedBatch, Rollouts, build_batch, loss_mask, micro_batches, token_logprobs
+from grpo.batch import PaddedBatch, Rollouts, build_batch, loss_mask, micro_batches, split_rows, token_logprobs
 from grpo.prefix import PackedGroups, pack_groups, packed_logprobs, prefix_attention, shared_prefix_logprobs, supports_training
 from grpo.rollout import Completion
 
@@ -169,8 +169,9 @@ def test_trainer_micro_batches_same_logprobs_either_layout(model):
     assert mask[-1].sum() == 0 and mask.shape[1] == max(len(c) for c in comps)
     adv = torch.randn(len(comps))
     for size in (12, 6):
-        packed = micro_batches(rollouts, mask, adv, size, shared_prefix=True, pad_id=0, device="cpu")
-        padded = micro_batches(rollouts, mask, adv, size, shared_prefix=False, pad_id=0, device="cpu")
+        splits = split_rows(rollouts, size=size)
+        packed = micro_batches(rollouts, mask, adv, splits, shared_prefix=True, pad_id=0, device="cpu")
+        padded = micro_batches(rollouts, mask, adv, splits, shared_prefix=False, pad_id=0, device="cpu")
         assert len(packed) == len(padded) == -(-len(comps) // size)
         for k, (a, b) in enumerate(zip(packed, padded)):
             assert isinstance(a.layout, PackedGroups) and isinstance(b.layout, PaddedBatch)
@@ -181,24 +182,25 @@ def test_trainer_micro_batches_same_logprobs_either_layout(model):
             torch.testing.assert_close(logp * m, ref * m, atol=ATOL, rtol=0)
             rows = slice(k * size, k * size + size)
             assert a.layout.groups == len({tuple(prompts[c.prompt_index]) for c in completions[rows]})
-    whole = micro_batches(rollouts, mask, adv, len(comps), shared_prefix=True, pad_id=0, device="cpu")[0].layout
+    whole = micro_batches(rollouts, mask, adv, [list(range(len(comps)))], shared_prefix=True, pad_id=0, device="cpu")[0].layout
     assert whole.groups == 2 and whole.group_size == 0  # prompt 0 and 2 merged: 8 + 4 rows
     # the width of a micro-batch is its last scored column: the masked, truncated tail is not fed
     assert whole.width == max(len(c) for c in comps[:-1])
 
 
 def test_gradient_checkpointing(tmp_path):
-    """With grad, the packed path refuses checkpointing (the trainer then builds the padded layout)."""
+    """Under gradient checkpointing (sdpa) the packed path trains: values and gradients equal the plain forward's."""
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"), dtype=torch.float32).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     prompts, comps = ragged(model.config.vocab_size, 2)
-    assert not supports_training(model)
-    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
-        shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)
-    with torch.no_grad():  # reference / old logprobs are fine
-        shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)
-    logp = token_logprobs(model, build_batch(prompts, comps, [j // 2 for j in range(len(comps))], 0), TEMPERATURE)
-    assert logp.requires_grad
+    assert supports_training(model)
+    group_of = [j // 2 for j in range(len(comps))]
+    logp, mask = shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)
+    ref = token_logprobs(model, build_batch(prompts, comps, group_of, 0), TEMPERATURE)
+    torch.testing.assert_close(logp * mask, ref * mask, atol=ATOL, rtol=0)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
+    assert_same_grads(grads_of(model, shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)[0], weights),
+                      grads_of(model, token_logprobs(model, build_batch(prompts, comps, group_of, 0), TEMPERATURE), weights))
 
 
 def test_under_ddp(model, tmp_path):
