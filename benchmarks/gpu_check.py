@@ -402,7 +402,8 @@ def section_train(s: Section, ctx: dict) -> None:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t = time.perf_counter()
-        rc, cut = _train_in_process(recipe, s.left() - 5)
+        rc, cut = _train_in_process(recipe, s.left() - 5, ctx.get("train_set", []))
+        s.data["overrides"] = ctx.get("train_set", [])
         _sync(dev)
         summary = {"name": "train (one process)", "rc": rc, "wall_s": round(time.perf_counter() - t, 1), "dtype": ctx["dtype"],
                    "prompts_per_step": sh["train_prompts"], "G": sh["G"], "new_tokens": sh["new"], "prompt_len": sh["prompt_len"]}
@@ -423,7 +424,7 @@ def section_train(s: Section, ctx: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _train_in_process(recipe: Path, seconds: float) -> tuple[int, bool]:
+def _train_in_process(recipe: Path, seconds: float, overrides: list[str] = ()) -> tuple[int, bool]:
     """`grpo.cli.main(["train", recipe])` here; past `seconds` a SIGTERM makes the loop checkpoint and stop.
 
     The signal repeats every 2 s until the call returns (one sent before the loop starts, during loading, hits our
@@ -445,7 +446,7 @@ def _train_in_process(recipe: Path, seconds: float) -> tuple[int, bool]:
     thread = threading.Thread(target=watchdog, daemon=True)
     thread.start()
     try:
-        rc = cli_main(["train", str(recipe)])
+        rc = cli_main(["train", str(recipe), *overrides])
     finally:
         done.set()
         thread.join()
@@ -539,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-prompts", type=int, default=None, help="prompts per GRPO step (default 16 = one engine batch of 128)")
     ap.add_argument("--zero2", choices=("auto", "on", "off"), default="auto", help="auto: only on CUDA with deepspeed installed")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; tiny: 1)")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for the train section (repeatable), e.g. model.fp32_lm_head=true")
     ap.add_argument("--sections", default=",".join(SHARES), help="comma-separated subset of: " + ", ".join(SHARES))
     args = ap.parse_args(argv)
     try:
@@ -560,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = dict(TINY if args.tiny else FULL)
     overrides = {"hf_prompts": args.hf_prompts, "train_steps": args.train_steps, "train_prompts": args.train_prompts}
     shape.update({k: v for k, v in overrides.items() if v})
-    ctx = {"device": device, "shape": shape, "dtype": args.dtype, "zero2": args.zero2, "threads": threads or 0}
+    ctx = {"device": device, "shape": shape, "dtype": args.dtype, "zero2": args.zero2, "threads": threads or 0,
+           "train_set": args.train_set}
     meta = {"device": str(device), "mode": "tiny" if args.tiny else "full", "argv": sys.argv[1:], "versions": versions(),
             "shape": {k: v for k, v in shape.items() if k != "model"}, "model": shape["model"]}
     rep = Report(Path(args.out), args.budget, meta, SHARES)

@@ -58,6 +58,9 @@ class ModelConfig:
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # bf16/fp16 weights: run the output layer in fp32 (weights stay as they are, upcast per call), for the sampler
+    # and the trainer alike: logits and log-probs without bf16 rounding (lower mismatch_kl)
+    fp32_lm_head: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

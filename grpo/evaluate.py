@@ -34,7 +34,7 @@ from grpo import rules, runtime
 from grpo.config import Recipe
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import UserError
-from grpo.modeling import load_model, load_tokenizer, whole_weights
+from grpo.modeling import fp32_output_layer, load_model, load_tokenizer, whole_weights
 from grpo.generation import decode_and_score, generate, make_backend, sampling_params
 from grpo.scoring import build_rewards
 
@@ -59,6 +59,8 @@ def evaluate_model(recipe: Recipe, path: str, records: list[dict], rewards, devi
     tok = load_tokenizer(mcfg)
     with whole_weights():
         model = load_model(mcfg, path, for_training=False).to(device).eval()
+    if recipe.model.fp32_lm_head and recipe.model.dtype != "float32":
+        fp32_output_layer(model)
     k = recipe.eval.num_samples
     # the training sampling distribution (grpo.generation.sampling_params), greedy unless pass@k is asked for
     params = sampling_params(recipe.rollout, tok.eos_token_id, seed=recipe.run.seed, max_new_tokens=recipe.eval.max_new_tokens,

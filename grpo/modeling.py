@@ -203,3 +203,25 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, st
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
     return Path(out_dir)
+
+
+def fp32_output_layer(model) -> None:
+    """Run the model's output layer in fp32 (its weight keeps its dtype and stays shared with a tied
+    embedding; it is upcast on each call). The rollout engine, `hf` generate and the trainer's chunked
+    log-probs all call that module, so sampler and trainer see the same fp32 logits. Needs a plain
+    `nn.Linear` output layer (not a LoRA'd one)."""
+    import types
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    hf = model.get_base_model() if is_peft(model) else model
+    head = hf.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise UserError(f"model.fp32_lm_head: the output layer of {type(hf).__name__} is a {type(head).__name__}, not a plain "
+                        "Linear layer (a LoRA'd lm_head?); set model.fp32_lm_head=false")
+
+    def forward(self, x):
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+    head.forward = types.MethodType(forward, head)

@@ -22,7 +22,7 @@ from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.errors import UserError
 from grpo.metrics import curves, run_info
-from grpo.modeling import (count_parameters, load_model, load_tokenizer, local_parameter_count, make_reference, reference_config,
+from grpo.modeling import (count_parameters, fp32_output_layer, load_model, load_tokenizer, local_parameter_count, make_reference, reference_config,
                            save_model)
 from grpo.generation import make_backend
 from grpo.scoring import build_rewards
@@ -116,6 +116,9 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     model = load_model(recipe.model, source, continue_adapter=bool(resume_from))
     start_from = model_path or recipe.model.name_or_path  # the reference, also when resuming from a checkpoint
     ref = make_reference(model, g.beta, load=lambda: load_model(reference_config(recipe.model), start_from, for_training=False))
+    if recipe.model.fp32_lm_head and recipe.model.dtype != "float32":
+        for m in (model, ref) if ref is not None else (model,):
+            fp32_output_layer(m)
     trainable, total = count_parameters(model)
     optimizer = runtime.build_optimizer(model, g.lr, g.weight_decay)
     scheduler = runtime.build_scheduler(optimizer, g.lr_scheduler, g.warmup_steps, g.steps * g.num_iterations)

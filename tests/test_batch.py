@@ -112,3 +112,23 @@ def test_mismatch_kl_is_zero_in_fp32_and_positive_in_bf16(tmp_path, tiny_model, 
     assert tis["mismatch_kl"] == bf16["mismatch_kl"]  # the same samples
     assert tis["is_capped_frac"] > 0.3 and tis["is_weight_mean"] <= 0.999
     assert tis["grad_norm"] == pytest.approx(bf16["grad_norm"] * tis["is_weight_mean"], rel=0.05)  # weights scale the surrogate
+
+
+def test_fp32_output_layer_keeps_the_tied_weight_and_computes_in_fp32(tiny_model, tmp_path):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from grpo.modeling import fp32_output_layer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    hidden = model.model(input_ids=ids).last_hidden_state
+    fp32_output_layer(model)
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight and head.weight.dtype == torch.bfloat16  # still tied, still bf16
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(hidden.float(), head.weight.float()), atol=1e-5, rtol=0)
+    assert (logits - F.linear(hidden, head.weight).float()).abs().max() > 0  # the bf16 head rounds; this one does not
+    run_grpo(recipe(tmp_path, tiny_model, "model.dtype=bfloat16", "model.fp32_lm_head=true"))  # sampler and trainer run with it
+    assert math.isfinite(first_step(tmp_path)["mismatch_kl"])
