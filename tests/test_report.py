@@ -3,6 +3,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 
 from conftest import ROOT
 from grpo.report import MAX_PANELS, eval_table, read_jsonl, reward_names, samples_section, write_report
@@ -112,19 +113,52 @@ def test_helpers(tmp_path):
     assert table.splitlines()[0] == "| metric | a | b | Δ b − a |" and "| x | 0.500 | - |  |" in table
 
 
-def test_report_of_a_real_tiny_pipeline(tmp_path, tiny_model):
+TIMING = ("tokens_per_s", "time_rollout", "time_score", "time_logprobs", "time_train", "time_step")
+
+
+def _without_timings(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_jsonl(path)]
+
+
+@pytest.mark.slow  # two tiny pipelines, ~30 s
+def test_pipeline_writes_its_report_and_the_same_table_on_every_run(tmp_path, tiny_model):
+    """`pipeline` ends by writing report.md itself (README: "run by `pipeline` when it ends"), and a second run of
+    the same recipe gives the same eval table, reward-model results and GRPO metrics, value for value (README:
+    "the same table on every run"; here on a shortened quickstart: every stage, the engine backend)."""
     from grpo.config import load_recipe
     from grpo.pipeline import run_pipeline
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}", "run.threads=1", "run.stages=[sft,rm,train_unconstrained,train,eval]", "rm.steps=2", "rm.batch_size=4",
-        "sft.steps=2", "sft.batch_size=4", "sft.eval_every=1", "data.sft_eval=null", "grpo.steps=3", "grpo.prompts_per_step=2",
-        "grpo.num_generations=4", "rollout.max_new_tokens=6", "tracking.samples_every=1", "tracking.log_every=1", "eval.limit=4"])
-    run_pipeline(recipe)
-    report = write_report(tmp_path)
+    def run(out: Path) -> dict:
+        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
+            f"run.output_dir={out}", f"model.name_or_path={tiny_model}", "run.threads=1", "run.stages=[sft,rm,train_unconstrained,train,eval]",
+            "rm.steps=2", "rm.batch_size=4", "sft.steps=2", "sft.batch_size=4", "sft.eval_every=1", "data.sft_eval=null", "grpo.steps=3",
+            "grpo.prompts_per_step=2", "grpo.num_generations=4", "rollout.max_new_tokens=6", "tracking.samples_every=1",
+            "tracking.log_every=1", "eval.limit=8"])
+        return run_pipeline(recipe)
+
+    first = run(tmp_path / "a")
+    report = tmp_path / "a" / "report.md"
+    assert report.is_file(), "the pipeline wrote no report.md"
     text = report.read_text()
-    for heading in ("## Evaluation", "## SFT", "## GRPO training", "## Sample completions"):
+    for heading in ("## Evaluation", "## SFT", "## Reward and cost models", "## GRPO training", "## Sample completions"):
         assert heading in text, heading
-    assert "| accuracy |" in text and "Δ grpo − sft" in text
-    assert all((tmp_path / png).is_file() for png in images(report))
-    assert {"report_sft.png", "report_rewards.png", "report_speed.png"} <= set(images(report))
+    results = json.loads((tmp_path / "a" / "eval" / "results.json").read_text())
+    assert list(results["results"]) == ["base", "sft", "grpo_unconstrained", "grpo"] == list(first["eval"]["results"])
+    row = " | ".join(f"{m['accuracy']:.3f}" for m in results["results"].values())
+    assert f"| accuracy | {row} |" in text  # the eval table of results.json
+    assert "Δ grpo − sft" in text
+    assert all((tmp_path / "a" / png).is_file() for png in images(report))
+    assert {"report_sft.png", "report_rm.png", "report_rewards.png", "report_speed.png"} <= set(images(report))
+
+    run(tmp_path / "b")
+    again = json.loads((tmp_path / "b" / "eval" / "results.json").read_text())
+    assert again["results"] == results["results"]  # exactly: the same table
+    assert [m["label"] for m in again["models"]] == [m["label"] for m in results["models"]]
+    assert (tmp_path / "b" / "eval" / "samples.jsonl").read_text() == (tmp_path / "a" / "eval" / "samples.jsonl").read_text()
+    rm_a, rm_b = (json.loads((tmp_path / x / "rm" / "results.json").read_text()) for x in "ab")
+    assert rm_a.keys() == rm_b.keys() == {"usefulness", "safety"}
+    for kind in rm_a:
+        assert {k: v for k, v in rm_b[kind].items() if k not in ("path", "train_seconds")} == \
+            {k: v for k, v in rm_a[kind].items() if k not in ("path", "train_seconds")}, kind
+    for stage in ("sft", "train_unconstrained", "train"):
+        assert _without_timings(tmp_path / "b" / stage / "metrics.jsonl") == _without_timings(tmp_path / "a" / stage / "metrics.jsonl"), stage
