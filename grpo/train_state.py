@@ -21,6 +21,7 @@ from grpo.advantages import LagrangeMultiplier
 from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.errors import UserError
+from grpo.memory import format_budget, memory_budget
 from grpo.metrics import curves, run_info
 from grpo.modeling import (count_parameters, fp32_output_layer, load_model, load_tokenizer, local_parameter_count, make_reference, reference_config,
                            save_model)
@@ -147,6 +148,7 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
                  ", ".join(f"{x.name}({x.role},w={x.weight:g})" for x in rewards), out)
         if dropped:
             log.info("dropped %d prompts longer than data.max_prompt_length=%d", dropped, recipe.data.max_prompt_length)
+        log.info(format_budget(memory_budget(policy, ref, recipe), accelerator.device))
         if resume_from:
             truncate_history(out / "metrics.jsonl", state.start)  # steps logged after the checkpoint are run again
     state.tracker = Tracker(out, recipe.tracking, is_main=is_main, run_config=recipe_to_dict(recipe), name=stage,

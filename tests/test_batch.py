@@ -132,3 +132,28 @@ def test_fp32_output_layer_keeps_the_tied_weight_and_computes_in_fp32(tiny_model
     assert (logits - F.linear(hidden, head.weight).float()).abs().max() > 0  # the bf16 head rounds; this one does not
     run_grpo(recipe(tmp_path, tiny_model, "model.dtype=bfloat16", "model.fp32_lm_head=true"))  # sampler and trainer run with it
     assert math.isfinite(first_step(tmp_path)["mismatch_kl"])
+
+
+def test_memory_budget_matches_what_the_run_allocates(tiny_model):
+    """Parameters, gradients, Adam moments and the engine's KV storage as counted before step 1 equal what exists after it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.generation import make_backend, sampling_params
+    from grpo.memory import format_budget, memory_budget
+
+    r = recipe("/tmp/unused", tiny_model, "rollout.max_batch=16", "data.max_prompt_length=10")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    budget = memory_budget(model, None, r)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    opt.step()
+    assert budget["policy"] == sum(p.numel() * 4 for p in model.parameters())
+    assert budget["gradients"] == sum(p.grad.numel() * 4 for p in model.parameters())
+    assert budget["optimizer"] == sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.dim())
+    assert budget["reference"] == 0 and budget["activations"] > 0
+    engine = make_backend(r.rollout, model.eval(), AutoTokenizer.from_pretrained(tiny_model))
+    engine.generate([[5] * 10, [6] * 10], r.grpo.num_generations, sampling_params(r.rollout, 2, seed=0))
+    kv = engine.cache
+    held = sum(t.numel() * t.element_size() for ts in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v) for t in ts.values())
+    assert budget["rollout_kv"] == held
+    assert "rollout_kv" in format_budget(budget, torch.device("cpu"))
