@@ -99,7 +99,7 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     """Generation during GRPO (and sampling in eval)."""
-    backend: str = "engine"  # engine | hf | vllm
+    backend: str = "engine"  # engine | hf
     max_new_tokens: int = 32  # completion length limit (finish_reason "length" beyond it)
     temperature: float = 1.0  # sampling temperature; logprobs in the loss use the same one
     top_p: float = 1.0  # nucleus sampling (1 = off)

@@ -278,8 +278,10 @@ def _registry_problems(recipe, train: bool) -> list[str]:
             registry.get(name)
         except KeyError as e:
             p.append(f"{key}: {e}")
-    if recipe.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        p.append("rollout.backend=vllm needs the optional vllm extra (GPU only, its own environment); use engine (default) or hf")
+    if recipe.rollout.backend == "vllm":  # what users of other toolkits ask for first: say why it is not here
+        p = [x for x in p if not x.startswith("rollout.backend:")]
+        p.append("rollout.backend=vllm is not offered (vLLM pins its own torch/transformers, see README 'Rollout at scale'); use "
+                 "engine (default; rollout.static_decode runs it in CUDA graphs on a GPU) or hf")
     for tracker in recipe.tracking.report_to:
         if tracker in ("wandb", "tensorboard") and importlib.util.find_spec(tracker) is None:
             p.append(f"tracking.report_to lists {tracker}, which is not installed; pip install {tracker} or remove it")

@@ -76,7 +76,7 @@ def test_check_raises_the_first_problem_and_logs_the_rest(tmp_path, caplog):
     (["rollout.top_k=-1"], 1, "rollout.top_k=-1 must be >= 0"),
     (["grpo.scale=std"], 1, "unknown advantage scale 'std'"),
     (["grpo.reward_mode=mean"], 1, "unknown reward combination mode 'mean'"),
-    (["rollout.backend=vllm"], 1, "needs the optional vllm extra"),
+    (["rollout.backend=vllm"], 1, "rollout.backend=vllm is not offered"),
     (["grpo.resume=/nowhere/ckpt-3"], 1, "not a checkpoint folder"),
 ])
 def test_train_problems(tmp_path, overrides, world, needle):
