@@ -1,5 +1,6 @@
 """SFT: the completion-only mask, packing exactness, and a smoke run on the shipped tiny base."""
 import json
+import re
 
 import pytest
 import torch
@@ -72,30 +73,61 @@ def test_packing_is_exact(tiny_model, tok):
     assert loss_packed.item() == pytest.approx(loss_plain.item(), abs=1e-5)
 
 
-@pytest.mark.slow
+SCRATCHPAD_MINUS = re.compile(r"<t>\d-\d=\d+,\d-\d=\d+</t><a>\d+</a>")
+
+
+def greedy(model, tok, prompt: str) -> str:
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def test_sft_smoke_on_tiny_base(base_model, tmp_path):
+    """SFT teaches the shipped base a format it does not have: 2-digit subtraction with a '-' scratchpad
+    (examples/domain; the base writes '+' steps for these prompts). 30 steps, ~10 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         [f"run.output_dir={tmp_path}", "sft.steps=30", "sft.eval_every=15", "sft.batch_size=16", "run.threads=1"])
+                         [f"run.output_dir={tmp_path}", "sft.steps=30", "sft.eval_every=15", "sft.batch_size=16", "run.threads=1",
+                          "data.sft_train=examples/domain/train.jsonl", "data.sft_eval=examples/domain/eval.jsonl"])
     final = run_sft(recipe)
     history = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    first, last = history[0], history[-1]
-    assert last["loss"] < first["loss"]
+    assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert len(evals) == 2 and evals[1] < evals[0]
     assert (tmp_path / "sft" / "config.yaml").exists() and (tmp_path / "sft" / "sft_curves.png").exists()
-    model = AutoModelForCausalLM.from_pretrained(final)
+    prompts = [json.loads(l)["prompt"] for l in (ROOT / "examples" / "domain" / "eval.jsonl").read_text().splitlines()[:12]]
     tok = AutoTokenizer.from_pretrained(final)
-    out = model.generate(**tok("Q:12+34=", return_tensors="pt"), max_new_tokens=20, do_sample=False)
-    text = tok.decode(out[0, 8:], skip_special_tokens=False)
-    assert "<a>" in text
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    tuned = AutoModelForCausalLM.from_pretrained(final)
+    assert not any(SCRATCHPAD_MINUS.fullmatch(greedy(base, tok, p)) for p in prompts)  # the base adds instead
+    learned = [p for p in prompts if SCRATCHPAD_MINUS.fullmatch(greedy(tuned, tok, p))]
+    assert len(learned) >= 10, learned  # held-out prompts answered in the new format
 
 
 def test_sft_with_lora_saves_adapter(tiny_model, tmp_path):
+    """final/ holds the trained adapter (lora_B moved off zero, no full weights); final/merged is the base with that
+    adapter merged in: the same logits as the base + adapter through peft, not the base's."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
                          [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}", "sft.steps=3", "sft.batch_size=4",
-                          "model.lora.enabled=true", "model.lora.r=4", "model.lora.merge_on_save=true", "data.sft_eval=null"])
+                          "sft.lr=1e-2", "model.lora.enabled=true", "model.lora.r=4", "model.lora.merge_on_save=true",
+                          "data.sft_eval=null"])
     final = run_sft(recipe)
-    assert (final / "adapter_config.json").exists() and (final / "merged" / "model.safetensors").exists()
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    adapter = load_file(final / "adapter_model.safetensors")
+    lora_b = [w for name, w in adapter.items() if "lora_B" in name]
+    assert lora_b and all(w.abs().max() > 0 for w in lora_b)  # trained: a fresh adapter's lora_B is zero
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), final)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(final / "merged")(ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert (merged - base_logits).abs().max() > 1e-3
 
 
 def test_lr_schedule_steps_once_per_optimizer_step(tiny_model, tmp_path):
