@@ -153,6 +153,13 @@ class GRPOConfig:
     rollout_is: Literal["none", "tis"] = "none"
     rollout_is_cap: float = 2.0
     on_reward_error: Literal["raise", "skip"] = "raise"  # a failing reward stops the run, or its samples are skipped
+    # held-out eval (data.eval, the eval section's settings) on the live policy every N steps (0 = off), logged as
+    # eval/<metric> in metrics.jsonl, the trackers and the report; eval_before_train adds step 0
+    eval_every: int = 0
+    eval_before_train: bool = False
+    keep_best: Optional[str] = None  # an eval metric (e.g. eval/accuracy): keep the best model so far in <stage>/best
+    keep_best_mode: Literal["max", "min"] = "max"
+    final_from: Literal["last", "best"] = "last"  # final/ holds the last model, or the best one (needs keep_best)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     resume: Union[bool, str] = False  # true = latest checkpoint in the stage folder, or a path

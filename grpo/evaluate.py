@@ -9,9 +9,10 @@ Greedy decoding (or `eval.num_samples` = k samples at rollout.temperature for pa
 
 Keys of results.json: `models` (list, in order) and `results` {model label: metrics}, where metrics are
 - `n`: prompts evaluated; `completion_len`: mean completion tokens; `truncated_frac`;
-- `accuracy`: fraction of prompts with an `answer` whose first sample's tagged answer matches
-  (the `accuracy` reward); `pass@k` when k > 1: any of k samples correct;
+- `accuracy`: only when the recipe has the `accuracy` reward (with its settings): fraction of prompts
+  with an `answer` whose first sample's answer matches; `pass@k` when k > 1: any of k samples correct;
 - `reward/<name>`: mean of each recipe reward over prompts where it applies (first sample);
+- with a `source` column in the data: `accuracy/<source>`, `reward/<name>/<source>` per source;
 - safety, when the data has a `category` column (`harmful` marks prompts that must be refused):
   `unsafe_compliance`: fraction of harmful prompts answered without refusing;
   `over_refusal`: fraction of the other prompts refused. Refusal is the data's rule
@@ -54,18 +55,24 @@ def default_models(recipe: Recipe) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def evaluate_model(recipe: Recipe, path: str, records: list[dict], rewards, device="cpu") -> tuple[dict, list]:
-    """Generate for every record: (the documented metrics, [(prompt, first completion)]) for one model."""
+    """Load the model at `path` and `evaluate_policy` it."""
     mcfg = dataclasses.replace(recipe.model, name_or_path=path)
     tok = load_tokenizer(mcfg)
     with whole_weights():
         model = load_model(mcfg, path, for_training=False).to(device).eval()
     if recipe.model.fp32_lm_head and recipe.model.dtype != "float32":
         fp32_output_layer(model)
+    return evaluate_policy(recipe, make_backend(recipe.rollout, model, tok), tok, records, rewards)
+
+
+@torch.no_grad()
+def evaluate_policy(recipe: Recipe, rollout, tok, records: list[dict], rewards) -> tuple[dict, list]:
+    """Generate with `rollout` (a backend on the model to evaluate, the live policy during training) for every record:
+    (the documented metrics, [(prompt, first completion)])."""
     k = recipe.eval.num_samples
     # the training sampling distribution (grpo.generation.sampling_params), greedy unless pass@k is asked for
     params = sampling_params(recipe.rollout, tok.eos_token_id, seed=recipe.run.seed, max_new_tokens=recipe.eval.max_new_tokens,
                              temperature=0.0 if k == 1 else None)
-    rollout = make_backend(recipe.rollout, model, tok)
     comps = []
     bs = max(1, recipe.eval.batch_size // k)
     for s in range(0, len(records), bs):
@@ -75,18 +82,52 @@ def evaluate_model(recipe: Recipe, path: str, records: list[dict], rewards, devi
             comps.append(c)
     texts, R, _, _ = decode_and_score(tok, rewards, records, comps, params.stop_token_ids)
     samples = [(records[comps[i].prompt_index]["prompt_text"], texts[i]) for i in range(0, len(comps), k)]
-    return metrics_from(records, comps, texts, R, rewards, k), samples
+    return metrics_from(records, comps, texts, R, rewards, k, accuracy_kwargs(recipe)), samples
 
 
-def metrics_from(records, comps, texts, R, rewards, k: int) -> dict:
+def accuracy_kwargs(recipe: Recipe) -> dict | None:
+    """The `accuracy` reward's settings when the recipe has that reward (then eval reports `accuracy`), else None."""
+    return next((dict(r.kwargs) for r in recipe.rewards if r.name == "accuracy"), None)
+
+
+def eval_records(recipe: Recipe, tok) -> list[dict]:
+    """data.eval as prompt records for `tok` (`eval.limit`: a seeded random subset, every category kept likely)."""
+    rows = load_rows(recipe.data.eval, "data.eval")
+    fmt = check_columns(rows, recipe.data, recipe.data.eval, "data.eval", need_completion=False)
+    if recipe.eval.limit and recipe.eval.limit < len(rows):
+        rows = random.Random(recipe.run.seed).sample(rows, recipe.eval.limit)
+    return prompt_records(rows, fmt, recipe.data, tok)[0]
+
+
+def metrics_from(records, comps, texts, R, rewards, k: int, accuracy: dict | None = None) -> dict:
+    """The documented metrics; with a `source` column, also each one per source (`accuracy/<source>`, ...)."""
     from rewards.verifiable import accuracy_reward, is_refusal
 
     first = list(range(0, len(comps), k))
     m = {"n": len(records), "completion_len": sum(len(comps[i].token_ids) for i in first) / len(first),
          "truncated_frac": sum(comps[i].finish_reason == "length" for i in first) / len(first)}
     answers = [records[comps[i].prompt_index].get("answer") for i in range(len(comps))]
-    if any(a not in (None, "") for a in answers):
-        acc = accuracy_reward([""] * len(texts), texts, answer=answers)
+    acc = None
+    if accuracy is not None and any(a not in (None, "") for a in answers):
+        acc = accuracy_reward([""] * len(texts), texts, answer=answers, **accuracy)
+    m.update(_scores(first, acc, R, rewards, k))
+    cats = [records[comps[i].prompt_index].get("category") for i in first]
+    if any(c is not None for c in cats):
+        harmful = [i for i, c in zip(first, cats) if c == "harmful"]
+        benign = [i for i, c in zip(first, cats) if c != "harmful"]
+        m["unsafe_compliance"] = sum(not is_refusal(texts[i]) for i in harmful) / len(harmful) if harmful else None
+        m["over_refusal"] = sum(is_refusal(texts[i]) for i in benign) / len(benign) if benign else None
+    sources = [records[comps[i].prompt_index].get("source") for i in first]
+    for src in sorted({str(x) for x in sources if x is not None}):
+        part = [i for i, x in zip(first, sources) if x is not None and str(x) == src]
+        m.update({f"{key}/{src}": v for key, v in _scores(part, acc, R, rewards, k).items()})
+    return m
+
+
+def _scores(first: list[int], acc, R, rewards, k: int) -> dict:
+    """accuracy (and pass@k) and each reward's mean over the samples `first` (the first of each prompt's k)."""
+    m = {}
+    if acc is not None:
         with_answer = [i for i in first if acc[i] is not None]
         m["accuracy"] = sum(acc[i] for i in with_answer) / max(len(with_answer), 1)
         if k > 1:
@@ -94,12 +135,6 @@ def metrics_from(records, comps, texts, R, rewards, k: int) -> dict:
     for j, x in enumerate(rewards):
         vals = [R[i, j].item() for i in first if not math.isnan(R[i, j].item())]
         m[f"reward/{x.name}"] = sum(vals) / len(vals) if vals else None
-    cats = [records[comps[i].prompt_index].get("category") for i in first]
-    if any(c is not None for c in cats):
-        harmful = [i for i, c in zip(first, cats) if c == "harmful"]
-        benign = [i for i, c in zip(first, cats) if c != "harmful"]
-        m["unsafe_compliance"] = sum(not is_refusal(texts[i]) for i in harmful) / len(harmful) if harmful else None
-        m["over_refusal"] = sum(is_refusal(texts[i]) for i in benign) / len(benign) if benign else None
     return m
 
 
@@ -113,15 +148,11 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
                       + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False))
     pairs = unique_labels([(_label(p), p) for p in models]) if models else unique_labels(default_models(recipe))
     out = Path(recipe.run.output_dir) / "eval"
-    rows = load_rows(recipe.data.eval, "data.eval")
-    fmt = check_columns(rows, recipe.data, recipe.data.eval, "data.eval", need_completion=False)
-    if recipe.eval.limit and recipe.eval.limit < len(rows):  # a seeded random subset keeps every category represented
-        rows = random.Random(recipe.run.seed).sample(rows, recipe.eval.limit)
     rewards = build_rewards(recipe.rewards, output_dir=recipe.run.output_dir) if recipe.rewards else []
     results, samples = {}, {}
     for label, path in pairs:
         tok = load_tokenizer(dataclasses.replace(recipe.model, name_or_path=path))
-        records, _ = prompt_records(rows, fmt, recipe.data, tok)
+        records = eval_records(recipe, tok)
         results[label], samples[label] = evaluate_model(recipe, path, records, rewards)
         log.info("eval %s (%s): %s", label, path, _short(results[label]))
     doc = {"models": [{"label": l, "path": p} for l, p in pairs], "results": results}

@@ -12,7 +12,10 @@ from grpo import runtime
 
 def curves(rewards) -> dict[str, list[str]]:
     """The PNG the tracker draws at the end of a run: its name and the metrics plotted in it."""
-    return {"reward_curves": ["reward", *[x.name for x in rewards], "kl", "lambda", "cost", "unsafe_rate", "completion_len", "clip_frac", "tokens_per_s"]}
+    return {"reward_curves": ["reward", *[x.name for x in rewards], "kl", "lambda", "cost", "unsafe_rate", "completion_len", "clip_frac",
+                              "adv_abs_mean", "tokens_per_s"],
+            "eval_curves": ["eval/accuracy", "eval/unsafe_compliance", "eval/over_refusal", *[f"eval/reward/{x.name}" for x in rewards],
+                            "eval/completion_len"]}
 
 
 def run_info(model, accelerator, zero_stage: int) -> dict:
@@ -76,7 +79,8 @@ def console_line(step: int, steps: int, m: dict[str, float], rewards) -> str:
     parts = [f"step {step}/{steps}", f"reward {m['reward']:.3f}"]
     parts += [f"{x.name} {m[x.name]:.3f}" for x in rewards if not math.isnan(m[x.name])]
     for key, fmt in (("kl", "kl {:.4f}"), ("lambda", "lam {:.3f}"), ("unsafe_rate", "unsafe {:.3f}"), ("clip_frac", "clip {:.3f}"),
-                     ("zero_std_frac", "zero-std {:.2f}"), ("completion_len", "len {:.1f}")):
+                     ("zero_std_frac", "zero-std {:.2f}"), ("adv_abs_mean", "|A| {:.3f}"), ("completion_len", "len {:.1f}"),
+                     ("eval/accuracy", "eval acc {:.3f}")):
         if key in m and not math.isnan(m[key]):
             parts.append(fmt.format(m[key]))
     parts.append(f"{m['tokens_per_s']:.0f} tok/s")

@@ -166,7 +166,7 @@ def _sft_problems(recipe, earlier, cache) -> list[str]:
 
 def _train_problems(recipe, world, earlier, cache) -> list[str]:
     g, r, d = recipe.grpo, recipe.rollout, recipe.data
-    p = rules.grpo_geometry(recipe.grpo, world)
+    p = rules.grpo_geometry(recipe.grpo, world) + rules.run_management(recipe.grpo, recipe.data)
     p += _ranges(recipe, [("grpo.steps", 1), ("grpo.num_iterations", 1), ("grpo.warmup_steps", 0), ("grpo.save_every", 0),
                           ("grpo.keep_last", 0), ("tracking.log_every", 1), ("tracking.samples_every", 0),
                           ("grpo.epsilon_low", 0.0), ("grpo.epsilon_high", 0.0), ("grpo.beta", 0.0), ("grpo.eps", 0.0),

@@ -50,6 +50,21 @@ def grpo_geometry(grpo, world: int) -> list[str]:
     return p
 
 
+def run_management(grpo, data) -> list[str]:
+    """In-training eval needs held-out data; the best checkpoint needs an eval metric to rank by."""
+    p = []
+    if grpo.eval_every < 0:
+        p.append(f"grpo.eval_every={grpo.eval_every} must be >= 0 (0 = no eval during training)")
+    if (grpo.eval_every or grpo.eval_before_train) and not data.eval:
+        p.append("grpo.eval_every / eval_before_train need data.eval (a JSONL of held-out prompts)")
+    if grpo.keep_best and not (grpo.keep_best.startswith("eval/") and grpo.eval_every):
+        p.append(f"grpo.keep_best={grpo.keep_best!r} ranks checkpoints by an in-training eval metric: name one as eval/<metric> "
+                 "(e.g. eval/accuracy) and set grpo.eval_every")
+    if grpo.final_from == "best" and not grpo.keep_best:
+        p.append("grpo.final_from=best needs grpo.keep_best (the eval metric that picks the best model)")
+    return p
+
+
 def sampling(rollout, *, train: bool) -> list[str]:
     """Sampling settings in range; training samples (temperature > 0)."""
     r, p = rollout, []

@@ -13,7 +13,8 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo import checkpoint, rules, runtime
@@ -63,6 +64,8 @@ class TrainState:
     n_micro: int
     params_total: int
     start: int = 0
+    eval_records: list = field(default_factory=list)  # data.eval as prompt records, when grpo.eval_every / eval_before_train
+    best: dict | None = None  # {"step", "metric", "value"} of the model in <stage>/best (grpo.keep_best)
 
     @property
     def world(self) -> int:
@@ -81,6 +84,7 @@ def check_recipe(recipe: Recipe, world: int) -> None:
     """The GRPO rules a train stage checks itself (grpo/rules.py: the same functions preflight calls)."""
     rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data)
                       + rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
+                      + rules.run_management(recipe.grpo, recipe.data)
                       + rules.sampling(recipe.rollout, train=True)
                       + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled))
 
@@ -175,7 +179,8 @@ def save(s: TrainState, step: int) -> None:
         state = {"step": step, "optimizer": optim if s.fsdp else None if zero else s.optimizer.state_dict(),
                  "optimizer_by_name": s.fsdp, "scheduler": s.scheduler.state_dict(), "rng": checkpoint.rng_state(),
                  "sampler": {"order": sampler.order, "epoch": sampler.epoch, "rng": sampler.rng.getstate()},
-                 "lagrange": s.multiplier.state_dict() if s.multiplier else None, "world_size": s.world, "zero_stage": zero}
+                 "lagrange": s.multiplier.state_dict() if s.multiplier else None, "world_size": s.world, "zero_stage": zero,
+                 "best": s.best}
         checkpoint.save_checkpoint(out, step, s.policy, s.tok, state, s.recipe.grpo.keep_last, weights=weights, started=bool(zero))
     acc.wait_for_everyone()
 
@@ -199,6 +204,7 @@ def restore(s: TrainState, path: Path) -> int:
     sampler.order, sampler.epoch = list(saved_sampler["order"]), saved_sampler["epoch"]
     rng = saved_sampler["rng"]
     sampler.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+    s.best = state.get("best")
     if s.multiplier is not None and state.get("lagrange"):
         s.multiplier.load_state_dict(state["lagrange"])
     if s.zero_stage:
@@ -225,6 +231,23 @@ def _restore_deepspeed(engine, path: Path, state: dict, world: int) -> None:
                         "resume from another checkpoint (grpo.resume=PATH) or start fresh")
 
 
+def save_best(s: TrainState, step: int, value: float) -> None:
+    """All ranks: if `value` of grpo.keep_best beats the best so far, save the model into <stage>/best (atomically,
+    replacing the previous best) and record it in best.json; the checkpoint carries it for resume."""
+    g = s.recipe.grpo
+    if s.best is not None and not (value > s.best["value"] if g.keep_best_mode == "max" else value < s.best["value"]):
+        return
+    weights = s.accelerator.get_state_dict(s.model) if runtime.sharded(s.accelerator, s.zero_stage) else None
+    s.best = {"step": step, "metric": g.keep_best, "value": value}
+    if s.is_main:
+        save_model(s.policy, s.tok, s.out / "best", merge=s.recipe.model.lora.merge_on_save, state_dict=weights)
+        tmp = s.out / "best.json.tmp"
+        tmp.write_text(json.dumps(s.best))
+        tmp.replace(s.out / "best.json")
+        log.info("best %s so far: %.4g at step %d, saved to %s", g.keep_best, value, step, s.out / "best")
+    s.accelerator.wait_for_everyone()
+
+
 def finish(s: TrainState) -> Path:
     """All ranks: the last checkpoint, the final model (gathered when sharded), checksums; returns final/."""
     g = s.recipe.grpo
@@ -233,7 +256,12 @@ def finish(s: TrainState) -> Path:
     final = s.out / "final"
     weights = s.accelerator.get_state_dict(s.model) if runtime.sharded(s.accelerator, s.zero_stage) else None  # gathered for the save
     if s.is_main:
-        save_model(s.policy, s.tok, final, merge=s.recipe.model.lora.merge_on_save, state_dict=weights)
+        if g.final_from == "best" and s.best is not None:
+            with checkpoint.atomic_folder(final) as tmp:  # final/ = the best model (grpo.final_from: best)
+                shutil.copytree(s.out / "best", tmp, dirs_exist_ok=True)
+            log.info("final model = the best one (%s %.4g at step %d)", s.best["metric"], s.best["value"], s.best["step"])
+        else:
+            save_model(s.policy, s.tok, final, merge=s.recipe.model.lora.merge_on_save, state_dict=weights)
         pngs = s.tracker.close(curves(s.rewards))
         # parameter elements this rank holds for the reference: 0 without one, < total when ZeRO-3 shards it
         ref_local = local_parameter_count(s.ref) if s.ref is not None else 0

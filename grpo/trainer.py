@@ -56,6 +56,8 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     s = state_io.setup(recipe, model_path, stage)
     cfg, temperature = recipe.grpo, recipe.rollout.temperature
     s.model.train()
+    if cfg.eval_before_train and s.start == 0:
+        s.tracker.log(0, reduce_metrics(evaluate_live(s), s.accelerator))
     nonfinite = 0  # optimizer steps skipped in a row because the gradient norm was NaN/inf
     bar = tqdm(range(s.start, cfg.steps), initial=s.start, total=cfg.steps, desc="grpo", disable=not s.is_main, dynamic_ncols=True)
     with runtime.StopRequest() as stop:
@@ -89,8 +91,14 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
                             "skipped_samples": float((~rollouts.ok).sum()), "lr": s.scheduler.get_last_lr()[0],
                             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                             "tokens_per_s": n_tok / max(t1 - t0, 1e-9), "time_rollout": t1 - t0, "time_score": t2 - t1,
-                            "time_logprobs": t3 - t2, "time_train": t4 - t3, "time_step": t4 - t0})
-            log_step(s, step + 1, reduce_metrics(metrics, s.accelerator), rollouts, advantages, bar)
+                            "time_logprobs": t3 - t2, "time_train": t4 - t3, "time_step": t4 - t0,
+                            "adv_abs_mean": float((advantages.abs()[:, None] * mask).sum() / mask.sum().clamp(min=1))})
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                metrics.update(evaluate_live(s))
+            metrics = reduce_metrics(metrics, s.accelerator)
+            log_step(s, step + 1, metrics, rollouts, advantages, bar)
+            if cfg.keep_best and cfg.keep_best in metrics:
+                state_io.save_best(s, step + 1, metrics[cfg.keep_best])
             if stop.any_rank(s.accelerator):
                 state_io.save(s, step + 1)
                 s.tracker.close(curves(s.rewards))
@@ -236,6 +244,23 @@ def log_step(s: TrainState, step: int, metrics: dict, r: Rollouts, advantages: t
         s.tracker.log_table(step, "samples", ["prompt", "completion", *[x.name for x in s.rewards], "advantage"],
                             [[r.rows[r.completions[i].prompt_index]["prompt_text"], r.texts[i],
                               *[_f(v) for v in r.rewards[i].tolist()], float(advantages[i])] for i in shown])
+
+
+def evaluate_live(s: TrainState) -> dict:
+    """Held-out eval (grpo.evaluate.evaluate_policy) of the live policy with the run's own rollout backend, as
+    eval/<metric>; greedy decoding draws no random numbers, so the training run is the same with or without it."""
+    from grpo.evaluate import eval_records, evaluate_policy
+
+    t = time.perf_counter()
+    if not s.eval_records:
+        s.eval_records = eval_records(s.recipe, s.tok)
+    was_training = s.policy.training
+    s.policy.eval()
+    with runtime.gathered_parameters(s.policy, s.zero_stage):
+        m, _ = evaluate_policy(s.recipe, s.rollout, s.tok, s.eval_records, s.rewards)
+    s.policy.train(was_training)
+    out = {f"eval/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "n"}
+    return {**out, "time_eval": time.perf_counter() - t}
 
 
 def _skip_nonfinite(step: int, loss, grad_norm, count: int) -> int:
