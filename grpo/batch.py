@@ -228,3 +228,47 @@ def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, splits: 
         out.append(MicroBatch(layout, m[:, :width].to(device), advantages[rows].to(device),
                               rollout_logp=None if sampled is None else sampled.to(device)))
     return out
+
+
+# ------------------------------------------------------------------------------------- dump and replay
+def dump_path(folder, step: int, rank: int):
+    from pathlib import Path
+
+    return Path(folder) / f"step_{step:06d}.rank{rank}.json.gz"
+
+
+def dump_rollouts(folder, step: int, rank: int, r: Rollouts, advantages: Tensor) -> None:
+    """One step's rollouts of this process as gzipped JSON (rows without token-free duplication, completions,
+    rewards with NaN as null, ok, advantages), written atomically."""
+    import gzip
+    import json
+    import math
+    import os
+
+    path = dump_path(folder, step, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"step": step, "rank": rank, "rows": r.rows,
+           "completions": [{"prompt_index": c.prompt_index, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                            "finish_reason": c.finish_reason} for c in r.completions],
+           "rewards": [[None if math.isnan(v) else v for v in row] for row in r.rewards.tolist()],
+           "ok": r.ok.tolist(), "advantages": advantages.tolist()}
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def load_rollouts(folder, step: int, rank: int) -> tuple[list[dict], list[Completion]]:
+    """The prompt records and completions `dump_rollouts` wrote for (step, rank) (to be scored again)."""
+    import gzip
+    import json
+
+    from grpo.errors import UserError
+
+    path = dump_path(folder, step, rank)
+    if not path.is_file():
+        raise UserError(f"replay: {path} does not exist (a rollout.dump_dir folder holds step_NNNNNN.rankR.json.gz for every step "
+                        "it ran; replay as many steps, with the same process count)")
+    with gzip.open(path, "rt") as f:
+        doc = json.load(f)
+    return doc["rows"], [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"]) for c in doc["completions"]]

@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "GRPO training",
     "pipeline": "run the stages listed in run.stages, each feeding the next",
     "eval": "evaluate models on the held-out set",
+    "rollout": "generate and score as GRPO does, no update; dump the rollouts (rollout.dump_dir) for `train --replay`",
 }
 
 
@@ -38,8 +39,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--debug", action="store_true", help="show full tracebacks")
         s.add_argument("--dry-run", action="store_true", help="validate the recipe and batch geometry offline, load nothing, exit")
         s.add_argument("--num-processes", type=int, default=None, help="with --dry-run: the process count to check against")
+        if name == "train":
+            s.add_argument("--replay", default=None, metavar="DIR",
+                           help="train on the rollouts dumped in DIR (rollout.dump_dir / grpo rollout) instead of generating")
         if name == "eval":
             s.add_argument("--model", action="append", default=[], help="model folder(s) to evaluate (repeatable)")
+    d = sub.add_parser("doctor", help="check this machine (and a recipe): versions, devices, batch arithmetic, memory, problems")
+    d.add_argument("recipe", nargs="?", help="a recipe to check too (its run.stages)")
+    d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    d.add_argument("--num-processes", type=int, default=None, help="process count to check the recipe against (default WORLD_SIZE)")
+    d.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
@@ -84,6 +93,9 @@ def run(args) -> None:
     from grpo.config import load_recipe
     from grpo.preflight import check, env_world_size
 
+    if args.command == "doctor":
+        return doctor(args)
+
     recipe = load_recipe(args.recipe, args.overrides)
     stages = recipe.run.stages if args.command == "pipeline" else [args.command]
     if args.dry_run:
@@ -97,6 +109,24 @@ def run(args) -> None:
     else:
         from grpo.pipeline import run_stage
         run_stage(recipe, args.command, models=getattr(args, "model", None) or None)
+
+def doctor(args) -> None:
+    """`grpo doctor [RECIPE]` (grpo/doctor.py): prints the report; problems raise one UserError (exit 2) after it."""
+    from grpo.config import load_recipe
+    from grpo.doctor import environment, recipe_report
+    from grpo.preflight import env_world_size
+
+    lines, problems = environment()
+    if args.recipe:
+        more, recipe_problems = recipe_report(load_recipe(args.recipe, args.overrides), args.num_processes or env_world_size())
+        lines, problems = lines + more, problems + recipe_problems
+    print("\n".join(lines))
+    for p in problems:
+        print(f"problem: {p}")
+    if problems:
+        raise UserError(f"grpo doctor found {len(problems)} problem(s), listed above")
+    print("doctor: no problems found")
+
 
 if __name__ == "__main__":
     sys.exit(main())

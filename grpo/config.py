@@ -113,6 +113,10 @@ class RolloutConfig:
     # engine: a static-shape decode step (bucketed rows, preallocated buffers, no host sync), captured in CUDA
     # graphs on a GPU (4.1x eager tokens/s on an H100, benchmarks/README.md); auto = on with CUDA, off on CPU
     static_decode: Union[bool, str] = "auto"
+    # write each step's rollouts (prompts, completion ids and logprobs, rewards, advantages) to this folder, one
+    # gzipped JSON per step and process; `grpo train --replay DIR` trains on such a folder without generating
+    dump_dir: Optional[str] = None
+    replay_dir: Optional[str] = None
     max_batch: int = 128  # engine: sample rows decoded together (prompt slots = max_batch // G)
 
 
@@ -255,7 +259,7 @@ class Recipe:
 
 
 # train_unconstrained: GRPO with safety.enabled=false, for comparison with the constrained `train` run
-STAGES = ("sft", "rm", "train_unconstrained", "train", "eval")
+STAGES = ("sft", "rm", "train_unconstrained", "train", "eval", "rollout")
 
 
 # ---------------------------------------------------------------------------------------- loading

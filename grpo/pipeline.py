@@ -46,6 +46,10 @@ def run_stage(recipe: Recipe, stage: str, model_path: str | None = None, *, mode
     if stage == "eval":
         from grpo.evaluate import run_eval
         return run_eval(recipe, models=models)
+    if stage == "rollout":
+        from grpo.trainer import run_rollout
+        run_rollout(recipe, model_path)
+        return model_path
     raise UserError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
 
 

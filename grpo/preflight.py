@@ -130,7 +130,7 @@ def _stage_problems(recipe, stage, world, earlier, models, cache) -> list[str]:
     p = output_problems(recipe, stage)
     if stage == "sft":
         p += _sft_problems(recipe, earlier, cache)
-    elif stage in TRAIN_STAGES:
+    elif stage in TRAIN_STAGES or stage == "rollout":
         if stage != "train":  # the pipeline's baseline run: the same recipe without the safety constraint
             recipe = dataclasses.replace(recipe, safety=dataclasses.replace(recipe.safety, enabled=False))
         p += _train_problems(recipe, world, earlier, cache)

@@ -227,6 +227,9 @@ def train_section(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
            "Faint lines are per-step values, bold lines their moving average over ~1/10 of the steps. "
            "Rewards are means over the step's completions (where the reward applies).\n"]
     out += figures(run_dir, "rewards", train, ["reward", *names], "GRPO rewards", titles)
+    held_out = [k for k in dict.fromkeys(k for r in train for k in r) if k.startswith("eval/") and k.count("/") <= 2
+                and k not in ("eval/truncated_frac", "eval/completion_len")]  # grpo.eval_every: held-out eval on the live policy
+    out += figures(run_dir, "eval_during_training", train, held_out, "held-out eval during training (grpo.eval_every)")
     out += figures(run_dir, "training", train, TRAIN_PANELS, "GRPO policy and constraint", PANEL_TITLES, hlines)
     out += figures(run_dir, "speed", train, SPEED_PANELS, "GRPO speed", PANEL_TITLES)
     times = {k: _mean(_values(train, k)) for k in ("time_rollout", "time_score", "time_logprobs", "time_train", "time_step")}

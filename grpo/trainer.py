@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,8 @@ from tqdm.auto import tqdm
 from grpo import runtime
 from grpo import train_state as state_io
 from grpo.advantages import reward_and_cost_advantages
-from grpo.batch import MicroBatch, Rollouts, loss_mask, micro_batches, split_rows, split_to_count
+from grpo.batch import (MicroBatch, Rollouts, dump_rollouts, load_rollouts, loss_mask, micro_batches, split_rows,
+                        split_to_count)
 from grpo.config import Recipe
 from grpo.errors import Interrupted, UserError
 from grpo.generation import decode_and_score, generate, sampling_params
@@ -67,6 +69,8 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
             rollouts, metrics = collect_rollouts(s, step)
             t1 = time.perf_counter() - rollouts.score_seconds  # time_rollout: generation only
             advantages, adv_metrics = step_advantages(s, rollouts)
+            if s.recipe.rollout.dump_dir:
+                dump_rollouts(s.recipe.rollout.dump_dir, step + 1, s.accelerator.process_index, rollouts, advantages)
             t2 = time.perf_counter()
 
             # Old / reference logprobs, then num_iterations passes of updates
@@ -109,11 +113,41 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     return state_io.finish(s)
 
 
+def run_rollout(recipe: Recipe, model_path: str | None = None):
+    """`grpo rollout RECIPE`: grpo.steps rounds of generation and scoring exactly as training does them, no update.
+
+    For debugging a reward or the sampling: per-step reward statistics in <output_dir>/rollout/metrics.jsonl and
+    every rollout in rollout.dump_dir (default <output_dir>/rollout/rollouts), replayable with `grpo train --replay`.
+    """
+    s = state_io.setup(recipe, model_path, "rollout")
+    folder = recipe.rollout.dump_dir or str(s.out / "rollouts")
+    for step in tqdm(range(recipe.grpo.steps), desc="rollout", disable=not s.is_main, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        rollouts, metrics = collect_rollouts(s, step)
+        advantages, adv_metrics = step_advantages(s, rollouts)
+        dump_rollouts(folder, step + 1, s.accelerator.process_index, rollouts, advantages)
+        n_tok = sum(len(c.token_ids) for c in rollouts.completions)
+        metrics.update({**reward_metrics(rollouts.rewards, s.rewards), **adv_metrics, "completion_len": n_tok / len(rollouts.completions),
+                        "time_step": time.perf_counter() - t0})
+        s.tracker.log(step + 1, reduce_metrics(metrics, s.accelerator))
+    if s.is_main:
+        s.tracker.close(curves(s.rewards))
+        runtime.mark_done(s.out)
+        log.info("rollout: %d steps of rollouts in %s (replay: grpo train RECIPE --replay %s)", recipe.grpo.steps, folder, folder)
+    s.accelerator.wait_for_everyone()
+    return Path(folder)
+
+
 # ------------------------------------------------------------------------------------- steps
 def collect_rollouts(s: TrainState, step: int) -> tuple[Rollouts, dict]:
     """G scored completions for each of this process's prompts. With DAPO dynamic sampling, groups
     whose rewards are all equal are replaced by fresh prompts, for at most max_generation_rounds rounds."""
     cfg, G, per_rank = s.recipe.grpo, s.recipe.grpo.num_generations, s.per_rank
+    if s.recipe.rollout.replay_dir:  # the dumped step's prompts and completions, scored again with today's rewards
+        rows, comps = load_rollouts(s.recipe.rollout.replay_dir, step + 1, s.accelerator.process_index)
+        texts, R, ok, seconds = decode_and_score(s.tok, s.rewards, rows, comps, sampling_params(s.recipe.rollout, s.tok.eos_token_id,
+                                                 seed=None).stop_token_ids, on_error=cfg.on_reward_error)
+        return Rollouts(rows, comps, texts, R, ok, seconds), {}
     parts = [rollout_round(s, s.sampler.take(per_rank), step, 0)]
     if not cfg.dynamic_sampling:
         return Rollouts.select(parts, [(0, i) for i in range(per_rank)], G), {}

@@ -83,3 +83,57 @@ def test_run_management_settings_are_checked(tmp_path, tiny_model, bad, message)
 
     with pytest.raises(UserError, match=message):
         run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=1", *bad))
+
+
+def test_replay_reproduces_the_dumped_run(tmp_path, tiny_model):
+    common = ["grpo.steps=3", "rewards=[{name: 'rewards_for_tests:sevens'}]"]
+    run_grpo(recipe(tmp_path / "orig", tiny_model, *common, f"rollout.dump_dir={tmp_path / 'dump'}"))
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == [f"step_00000{i}.rank0.json.gz" for i in (1, 2, 3)]
+    run_grpo(recipe(tmp_path / "replay", tiny_model, *common, f"rollout.replay_dir={tmp_path / 'dump'}"))
+    for a, b in zip(history(tmp_path / "orig"), history(tmp_path / "replay")):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["sevens"] == b["sevens"]
+    with pytest.raises(Exception, match="replay: .*step_000004.rank0.json.gz does not exist"):
+        run_grpo(recipe(tmp_path / "short", tiny_model, "grpo.steps=4", "rewards=[{name: 'rewards_for_tests:sevens'}]",
+                        f"rollout.replay_dir={tmp_path / 'dump'}"))
+
+
+def test_rollout_command_generates_and_scores_without_touching_weights(tmp_path, tiny_model):
+    import gzip
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    before = load_file(tiny_model / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "grpo", "rollout", str(ROOT / "recipes" / "quickstart.yaml"),
+                           f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}", "run.threads=1", "safety.enabled=false",
+                           "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=4", "rollout.max_new_tokens=6",
+                           "rewards=[{name: accuracy}, {name: format}]"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dumped = sorted((tmp_path / "rollout" / "rollouts").iterdir())
+    assert [p.name for p in dumped] == ["step_000001.rank0.json.gz", "step_000002.rank0.json.gz"]
+    doc = json.loads(gzip.open(dumped[0], "rt").read())
+    assert len(doc["rows"]) == 2 and len(doc["completions"]) == 8 and len(doc["advantages"]) == 8
+    assert all(len(c["token_ids"]) == len(c["logprobs"]) for c in doc["completions"])
+    logged = [json.loads(line) for line in (tmp_path / "rollout" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2] and all("format" in r and "zero_std_frac" in r for r in logged)
+    after = load_file(tiny_model / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "rollout" / "final").exists() and not list((tmp_path / "rollout").glob("ckpt-*"))
+
+
+@pytest.mark.slow
+def test_doctor_reports_the_setup_and_names_a_broken_recipe(tmp_path):
+    import subprocess
+
+    def doctor(*args):
+        return subprocess.run([sys.executable, "-m", "grpo", "doctor", *args], cwd=ROOT, capture_output=True, text=True)
+
+    ok = doctor(str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={tmp_path}", "--num-processes", "2")
+    assert ok.returncode == 0, ok.stderr[-1500:]
+    for needle in ("torch 2.", "transformers ", "batch on 2 process(es): 8 prompts x G=8 = 64 completions", "32 per process",
+                   "memory per process (estimate): policy 1.1 MiB", "doctor: no problems found"):
+        assert needle in ok.stdout, needle
+    bad = doctor(str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={tmp_path}", "data.train=/nonexistent/prompts.jsonl")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "problem: [train] data.train '/nonexistent/prompts.jsonl' does not exist" in bad.stdout
+    assert "error: grpo doctor found" in bad.stderr
