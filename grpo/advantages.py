@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO), multi-reward combination and the safety Lagrangian.
+"""Group-relative advantages (GRPO), multi-reward combination and the constraints' Lagrangian.
 
 Pure functions of tensors; no config objects. Rows are grouped: completions
 ``i*G ... i*G+G-1`` belong to prompt ``i`` (``G = group_size``), so ``N = P * G``.
@@ -16,11 +16,18 @@ References:
     group before summing, then batch-normalise (``mode="normalize_then_sum"``).
   - Safe RLHF: Dai et al. 2023 (arXiv:2310.12773): PPO-Lagrangian,
     ``A = (A_r - lam * A_c) / (1 + lam)`` with ``lam`` updated by dual ascent on
-    ``J_c - d``. Here it is applied to critic-free group advantages.
+    ``J_c - d``. Here it is applied to critic-free group advantages, with K costs:
+    ``A = (A_r - sum_k lam_k A_k) / (1 + sum_k lam_k)``, one multiplier per constraint.
+  - Constrained GRPO: Girgis et al. 2026 (arXiv:2602.05863): indicator costs for violation-rate
+    constraints (``cost_signal(c, "indicator")``), and the two ways to combine (``CONSTRAINT_SCHEMES``): normalise
+    each part then combine (``separate``, their "scalarized advantages", which they recommend) or
+    combine raw values then normalise once (``scalarized``, their "scalarized rewards").
 
 Registries (one signature each, see `grpo.registry.Registry`):
   - `SCALES`: ``fn(rewards[P, G], valid[P, G] bool, eps) -> advantages[P, G]``.
   - `COMBINE_MODES`: ``fn(R[N, K], weights[K], group_size, scale, eps) -> advantages[N]``.
+  - `CONSTRAINT_SCHEMES`: ``fn(R[N, J] rewards, w[J], C[N, K] cost signals, mu[K] coefficients, denom,
+    floors[K], group_size, mode, scale, eps) -> advantages[N]``.
 """
 
 from __future__ import annotations
@@ -233,32 +240,72 @@ def combine_rewards(
 
 
 # ----------------------------------------------------------------------------------------
-# Safety constraint (Safe RLHF Lagrangian on group advantages)
+# Constraints (Safe RLHF's Lagrangian on group advantages, any number of costs)
+
+CONSTRAINT_SCHEMES: Registry = Registry("constraint advantage scheme")
+COST_SIGNALS = ("cost", "indicator")
 
 
-def constrained_advantages(a_useful: Tensor, a_cost: Tensor, lam: float | Tensor) -> Tensor:
-    """Safe RLHF (Dai et al. 2023, arXiv:2310.12773) advantage for the Lagrangian objective.
+def constrained_advantages(a_useful: Tensor, a_cost: Tensor, lam) -> Tensor:
+    """Safe RLHF (Dai et al. 2023, arXiv:2310.12773) advantage for the Lagrangian objective, K costs.
 
-    ``A = (A_useful - lam * A_cost) / (1 + lam)``. The ``1 + lam`` division keeps the scale of
-    ``A`` bounded as ``lam`` grows. Here both inputs are critic-free group advantages (e.g.
-    `group_advantages` of usefulness rewards and of safety-model costs, higher = less safe).
+    ``A = (A_useful - sum_k lam_k * A_k) / (1 + sum_k lam_k)``. The ``1 + sum lam`` division keeps the
+    scale of ``A`` bounded as the multipliers grow. Both inputs are critic-free group advantages (e.g.
+    `group_advantages` of the rewards and of each cost, higher cost = worse).
 
     Args:
       a_useful: ``[N]`` advantages of the reward to maximise.
-      a_cost: ``[N]`` advantages of the cost to keep below its threshold.
-      lam: Lagrange multiplier ``>= 0`` (float or 0-d tensor), e.g. `LagrangeMultiplier.lam`.
+      a_cost: ``[N]`` (one cost) or ``[N, K]`` advantages of the costs to keep below their thresholds.
+      lam: the multipliers ``>= 0``: a float / 0-d tensor for ``[N]`` costs, ``K`` of them for ``[N, K]``.
 
     Returns:
       ``[N]`` combined advantages.
     """
-    if a_useful.shape != a_cost.shape:
-        raise ValueError(
-            f"a_useful {tuple(a_useful.shape)} and a_cost {tuple(a_cost.shape)} must have the same shape"
-        )
-    lam = torch.as_tensor(lam, dtype=a_useful.dtype, device=a_useful.device)
+    one = a_cost.dim() == 1
+    costs = a_cost[:, None] if one else a_cost
+    if costs.dim() != 2 or costs.shape[0] != a_useful.shape[0] or a_useful.dim() != 1:
+        raise ValueError(f"a_useful {tuple(a_useful.shape)} and a_cost {tuple(a_cost.shape)} must have the same shape "
+                         "([N] and [N] or [N, K])")
+    lam = torch.as_tensor(lam, dtype=a_useful.dtype, device=a_useful.device).reshape(-1)
+    if lam.shape[0] != costs.shape[1]:
+        raise ValueError(f"got {lam.shape[0]} multipliers for {costs.shape[1]} costs")
     if (lam < 0).any():
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    return (a_useful - lam * a_cost) / (1.0 + lam)
+        raise ValueError(f"lam must be >= 0, got {lam.tolist()}")
+    return (a_useful - costs @ lam) / (1.0 + lam.sum())
+
+
+def cost_signal(cost: Tensor, signal: str) -> Tensor:
+    """What a cost puts into the advantage: the cost itself (``"cost"``; the quantity of E[c] <= d) or the indicator
+    ``c > 0`` (``"indicator"``; the quantity of P(c > 0) <= d, a chance constraint: Constrained GRPO's indicator
+    costs, Girgis et al. 2026, arXiv:2602.05863). NaN (the cost does not apply) counts as 0."""
+    if signal not in COST_SIGNALS:
+        raise ValueError(f"unknown cost signal {signal!r}; valid: {', '.join(COST_SIGNALS)}")
+    c = torch.nan_to_num(cost, nan=0.0)
+    return (c > 0).to(c.dtype) if signal == "indicator" else c
+
+
+@CONSTRAINT_SCHEMES.register("separate")
+def _scheme_separate(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: float, floors: Tensor, group_size: int, mode: str,
+                     scale: str, eps: float) -> Tensor:
+    """Normalise each part, then combine: ``(A_r - sum_k mu_k A_k) / denom`` with ``A_r`` from `combine_rewards` and
+    ``A_k = (c_k - group mean) / (group std + floor_k)`` (Safe RLHF on group advantages; what Constrained GRPO,
+    arXiv:2602.05863, calls scalarised *advantages*: each multiplier weighs a unit-scale term)."""
+    a_r = combine_rewards(R, w, group_size, mode=mode, scale=scale, eps=eps) if R.shape[1] else torch.zeros(C.shape[0], dtype=C.dtype)
+    a_c = torch.stack([group_advantages(C[:, k], group_size, scale="group", eps=float(floors[k])) for k in range(C.shape[1])], dim=-1)
+    return (a_r - a_c @ mu) / denom
+
+
+@CONSTRAINT_SCHEMES.register("scalarized")
+def _scheme_scalarized(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: float, floors: Tensor, group_size: int, mode: str,
+                       scale: str, eps: float) -> Tensor:
+    """Combine first, normalise once: ``group_advantages((r - sum_k mu_k c_k) / denom)`` with ``r`` the weighted reward
+    sum (NaN = 0). The multipliers trade raw units (reward per unit of cost), and a group's std is that of the
+    combination (Constrained GRPO, arXiv:2602.05863, calls this scalarised *rewards* and shows the group std then
+    reweights the terms). Needs ``mode="sum"``; the floors are unused."""
+    if mode != "sum":
+        raise ValueError(f"the scalarized scheme combines raw rewards: it needs mode='sum', got {mode!r}")
+    total = torch.nan_to_num(R, nan=0.0) @ w if R.shape[1] else torch.zeros(C.shape[0], dtype=C.dtype)
+    return group_advantages((total - C @ mu) / denom, group_size, scale=scale, eps=eps)
 
 
 def reward_and_cost_advantages(
@@ -270,46 +317,66 @@ def reward_and_cost_advantages(
     mode: str = "sum",
     scale: str = "group",
     eps: float = 1e-4,
-    cost_std_floor: float = 1.0,
-    lam: float | None = None,
+    cost_std_floor: float | Sequence[float] = 1.0,
+    lam: float | Sequence[float | None] | None = None,
+    signals: Sequence[str] | None = None,
+    scheme: str = "separate",
 ) -> tuple[Tensor, dict[str, float]]:
-    """Advantages ``[N]`` from rewards ``R[N, K]`` whose columns are rewards or (at most one) cost.
+    """Advantages ``[N]`` from rewards ``R[N, K]`` whose columns are rewards or costs (higher = worse).
 
-    Reward columns: `combine_rewards` with their weights (``mode``, ``scale``, ``eps``). The cost
-    column (higher = less safe; NaN counts as 0) is centred per group and divided by
-    ``group std + cost_std_floor``: groups whose cost barely varies (all safe) get ~0 instead of
-    amplified noise, a real safe/unsafe split ~unit scale. Then:
-      - ``lam`` given (the constraint is on): Safe RLHF's ``(A_r - lam * A_c) / (1 + lam)``
-        (`constrained_advantages`);
-      - ``lam`` None: ``A_r - w_c * A_c`` with the cost column's weight (0 = the cost is only logged).
+    Reward columns are combined with their weights (``mode``, ``scale``, ``eps``, as `combine_rewards`). Each cost
+    column ``k`` enters through `cost_signal` (``signals[k]``: ``cost`` = the cost, NaN = 0; ``indicator`` = ``c > 0``)
+    with a coefficient: its multiplier ``lam_k`` when constrained, else (``lam`` None, or
+    None at its place) its fixed weight, a plain penalty left out of the ``1 + sum lam`` normaliser. Scheme
+    (registry `CONSTRAINT_SCHEMES`):
+      - ``separate``: ``(A_r - sum_k lam_k A_k) / (1 + sum_k lam_k)``, each part group-normalised on its own (the
+        costs with ``group std + cost_std_floor``: groups whose cost barely varies get ~0, not amplified noise);
+      - ``scalarized``: ``r - sum_k lam_k c_k`` (over ``1 + sum_k lam_k``), then group-normalised once.
+    Without a cost column both are the rewards' advantages alone.
 
-    Returns ``(advantages, metrics)``, metrics of this batch only (the caller averages them over
-    processes and updates the multiplier from ``cost`` or ``unsafe_rate``): ``zero_std_frac`` (groups
-    whose weighted reward is constant; only with a reward column), ``cost`` (mean cost) and
-    ``unsafe_rate`` (fraction with cost > 0), only with a cost column.
+    Args:
+      R: ``[N, K]`` rewards, rows grouped by prompt; NaN = not applicable.
+      weights: ``[K]`` weights (a cost's weight is used only when it is not constrained).
+      is_cost: ``[K]`` flags; the cost columns, in column order, are the ones ``lam``, ``signals`` and
+        ``cost_std_floor`` refer to.
+      lam: None (no constraint), one float (one cost column) or one entry per cost column (None = not constrained).
+      signals: one ``cost`` / ``indicator`` per cost column (default all ``cost``).
+      cost_std_floor: one float for every cost, or one per cost column (``separate`` only).
+
+    Returns ``(advantages, metrics)``, metrics of this batch only (the caller averages them over processes and steps
+    the multipliers): ``zero_std_frac`` (groups whose weighted reward is constant; only with a reward column) and,
+    for each cost column at index ``k`` of ``R``, ``cost/k`` (its mean, NaN = 0) and ``rate/k`` (fraction > 0); with
+    exactly one cost column also ``cost`` and ``unsafe_rate``, the same two numbers.
     """
     if len(weights) != R.shape[1] or len(is_cost) != R.shape[1]:
         raise ValueError(f"R has {R.shape[1]} columns but {len(weights)} weights and {len(is_cost)} is_cost flags")
     cost_k = [k for k, c in enumerate(is_cost) if c]
     use_k = [k for k, c in enumerate(is_cost) if not c]
-    if len(cost_k) > 1:
-        raise ValueError(f"at most one cost column, got {len(cost_k)}")
+    n_cost = len(cost_k)
+    lams = [lam] * n_cost if lam is None or isinstance(lam, (int, float, Tensor)) else list(lam)
+    signals = list(signals) if signals is not None else ["cost"] * n_cost
+    floors = [cost_std_floor] * n_cost if isinstance(cost_std_floor, (int, float)) else list(cost_std_floor)
+    if not len(lams) == len(signals) == len(floors) == n_cost:
+        raise ValueError(f"{n_cost} cost columns but {len(lams)} multipliers, {len(signals)} signals, {len(floors)} std floors")
+    scheme_fn = CONSTRAINT_SCHEMES.get(scheme)
     metrics: dict[str, float] = {}
+    useful, w = R[:, use_k], torch.tensor([float(weights[k]) for k in use_k], dtype=R.dtype)
     if use_k:
-        useful, w = R[:, use_k], [weights[k] for k in use_k]
-        a_useful = combine_rewards(useful, w, group_size, mode=mode, scale=scale, eps=eps)
-        total = torch.nan_to_num(useful, nan=0.0) @ torch.tensor(w, dtype=useful.dtype)
-        metrics["zero_std_frac"] = zero_std_fraction(total, group_size)
-    else:
-        a_useful = torch.zeros(R.shape[0])
+        metrics["zero_std_frac"] = zero_std_fraction(torch.nan_to_num(useful, nan=0.0) @ w, group_size)
     if not cost_k:
-        return a_useful, metrics
-    cost = torch.nan_to_num(R[:, cost_k[0]], nan=0.0)
-    a_cost = group_advantages(cost, group_size, scale="group", eps=cost_std_floor)
-    metrics.update({"cost": float(cost.mean()), "unsafe_rate": float((cost > 0).float().mean())})
-    if lam is None:
-        return a_useful - weights[cost_k[0]] * a_cost, metrics
-    return constrained_advantages(a_useful, a_cost, lam), metrics
+        return (combine_rewards(useful, w, group_size, mode=mode, scale=scale, eps=eps) if use_k
+                else torch.zeros(R.shape[0], dtype=R.dtype)), metrics
+    for k in cost_k:
+        c = torch.nan_to_num(R[:, k], nan=0.0)
+        metrics[f"cost/{k}"], metrics[f"rate/{k}"] = float(c.mean()), float((c > 0).to(c.dtype).mean())
+    if n_cost == 1:
+        metrics["cost"], metrics["unsafe_rate"] = metrics[f"cost/{cost_k[0]}"], metrics[f"rate/{cost_k[0]}"]
+    C = torch.stack([cost_signal(R[:, k], sig) for k, sig in zip(cost_k, signals)], dim=-1)
+    mu = torch.tensor([float(weights[k]) if x is None else float(x) for k, x in zip(cost_k, lams)], dtype=R.dtype)
+    if any(x is not None and float(x) < 0 for x in lams):
+        raise ValueError(f"lam must be >= 0, got {[float(x) for x in lams if x is not None]}")
+    denom = 1.0 + sum(float(x) for x in lams if x is not None)
+    return scheme_fn(useful, w, C, mu, denom, torch.tensor(floors, dtype=R.dtype), group_size, mode, scale, eps), metrics
 
 
 @dataclass
@@ -386,3 +453,25 @@ class LagrangeMultiplier:
             raise KeyError(f"unknown LagrangeMultiplier state keys {unknown}; valid: {sorted(names)}")
         for key, value in state.items():
             setattr(self, key, type(getattr(self, key))(value))
+
+
+def multipliers_state_dict(multipliers: dict[str, LagrangeMultiplier]) -> dict[str, dict]:
+    """Every multiplier's state by constraint name, for exact resume."""
+    return {name: m.state_dict() for name, m in multipliers.items()}
+
+
+def load_multipliers(multipliers: dict[str, LagrangeMultiplier], state: dict) -> None:
+    """Restore every multiplier from `multipliers_state_dict` output, or from one `LagrangeMultiplier.state_dict()`
+    (checkpoints written before there could be several constraints), which fits a run with exactly one.
+
+    Raises ValueError when the names differ (a constraint added, removed or renamed since the checkpoint)."""
+    if "log_lam" in state:
+        if len(multipliers) != 1:
+            raise ValueError(f"the checkpoint holds one multiplier (the safety constraint); this run has {len(multipliers)}: "
+                             f"{', '.join(multipliers) or 'none'}")
+        next(iter(multipliers.values())).load_state_dict(state)
+        return
+    if set(state) != set(multipliers):
+        raise ValueError(f"the checkpoint holds multipliers for constraints {sorted(state)}; this run has {sorted(multipliers)}")
+    for name, m in multipliers.items():
+        m.load_state_dict(state[name])

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from grpo.errors import Interrupted, UserError
+from grpo.errors import ForcedStop, Interrupted, UserError
 
 log = logging.getLogger("grpo")
 
@@ -66,8 +66,21 @@ def setup_logging(debug: bool = False) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences deepspeed's accelerator probe on CPU machines
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; `key=value` overrides may come anywhere after the command, also after
+    `--model PATH`, `--dry-run` or `--num-processes N` (argparse alone takes them only before the options)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command is None:
         _parser().print_help()
         return 2
@@ -78,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
+        return _fail(" ".join(str(e).split()))
     except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.code
+    except ForcedStop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
@@ -89,15 +104,64 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    """Print `error: message` once (rank 0 of a launch; every rank hits a recipe problem alike) and return 2.
+
+    Under `accelerate launch` / torchrun the line also goes into the worker's error file, so the launcher's
+    failure summary names it instead of "To enable traceback see ..."; the launcher itself still raises
+    (a non-zero exit of any worker is its failure; the exit code must stay non-zero).
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        print("error: " + message, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import json
+        import time
+        try:
+            with open(error_file, "w") as f:
+                json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+    return 2
+
+
+def start_line(recipe, command: str) -> str | None:
+    """What a stand-alone stage starts from, and why: the first line it logs."""
+    from pathlib import Path
+
+    from grpo.checkpoint import find_resume
+
+    if command not in ("sft", "train", "train_unconstrained"):
+        return None
+    base = recipe.model.name_or_path
+    if command != "sft":
+        try:
+            ckpt = find_resume(Path(recipe.run.output_dir) / command, recipe.grpo.resume)
+        except UserError:
+            ckpt = None  # preflight reports it
+        if ckpt:
+            return f"{command}: continuing the run in {ckpt.parent} from {ckpt} (grpo.resume)"
+    line = f"{command}: starting from model.name_or_path={base}"
+    sft_final = Path(recipe.run.output_dir) / "sft" / "final"
+    if command != "sft" and sft_final.is_dir() and Path(base).resolve() != sft_final.resolve():
+        line += (f" (a stand-alone stage starts from model.name_or_path, not from {sft_final}: to continue from the SFT model "
+                 f"add model.name_or_path={sft_final}, or run the stages together with `grpo pipeline`)")
+    return line
+
+
 def run(args) -> None:
     from grpo.config import load_recipe
     from grpo.preflight import check, env_world_size
 
     if args.command == "doctor":
         return doctor(args)
-
-    recipe = load_recipe(args.recipe, args.overrides)
+    replay = getattr(args, "replay", None)
+    recipe = load_recipe(args.recipe, [*args.overrides, *([f"rollout.replay_dir={replay}"] if replay else [])])
     stages = recipe.run.stages if args.command == "pipeline" else [args.command]
+    line = None if args.dry_run else start_line(recipe, args.command)
+    if line:
+        log.info(line)
     if args.dry_run:
         from grpo.preflight import dry_run
         print(dry_run(recipe, stages, args.num_processes or env_world_size()))
@@ -109,6 +173,7 @@ def run(args) -> None:
     else:
         from grpo.pipeline import run_stage
         run_stage(recipe, args.command, models=getattr(args, "model", None) or None)
+
 
 def doctor(args) -> None:
     """`grpo doctor [RECIPE]` (grpo/doctor.py): prints the report; problems raise one UserError (exit 2) after it."""

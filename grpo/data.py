@@ -12,6 +12,7 @@ travels with the prompt to the reward functions (e.g. `answer`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -47,7 +48,12 @@ def load_rows(spec: str, what: str) -> list[dict]:
                 raise UserError(f"{what} '{spec}' is empty (it needs at least one row)")
             if datasets is None:
                 return _read_jsonl(files, spec, what)
-            ds = datasets.load_dataset(FILE_TYPES[files[0].suffix], data_files=[str(f) for f in files], split="train")
+            try:
+                with _quiet("datasets"):  # it logs its own error before raising; ours names the file and line
+                    rows = datasets.load_dataset(FILE_TYPES[files[0].suffix], data_files=[str(f) for f in files], split="train").to_list()
+            except Exception:  # datasets names neither the file nor the line: find them, then fall back to its message
+                _locate_jsonl_problem(files, spec, what)
+                raise
         elif spec.startswith((".", "/", "~")) or Path(spec).suffix in FILE_TYPES:
             raise UserError(f"{what} '{spec}' does not exist (check data.* paths in the recipe; relative paths start at the current directory)")
         else:
@@ -55,12 +61,11 @@ def load_rows(spec: str, what: str) -> list[dict]:
                 raise UserError(f"{what} '{spec}': hub datasets need the `datasets` package (pip install datasets), or give a local .jsonl file")
             name, _, split = spec.partition(":")
             name, _, config = name.partition("@")
-            ds = datasets.load_dataset(name, config or None, split=split or "train")
+            rows = datasets.load_dataset(name, config or None, split=split or "train").to_list()
     except UserError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files / unknown hub names
         raise UserError(f"{what} '{spec}' cannot be read: {type(e).__name__}: {first_line(e)}") from None
-    rows = ds.to_list()
     if not rows:
         raise UserError(f"{what} '{spec}' is empty (it needs at least one row)")
     return rows
@@ -73,34 +78,107 @@ def _read_jsonl(files: list[Path], spec: str, what: str) -> list[dict]:
     if any(f.suffix != ".jsonl" for f in files):
         raise UserError(f"{what} '{spec}': reading {files[0].suffix} files needs the `datasets` package (pip install datasets), "
                         "or convert the data to JSONL")
-    rows = []
-    for f in files:
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{what} '{spec}': {f.name} line {n} is not JSON ({e.msg}); one JSON object per line") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise UserError(f"{what} '{spec}': every line must be a JSON object")
+    _locate_jsonl_problem(files, spec, what)
+    rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return [{k: r.get(k) for k in columns} for r in rows]
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def _locate_jsonl_problem(files: list[Path], spec: str, what: str) -> None:
+    """Raise a UserError naming the file and line of the first line of .jsonl files that is not UTF-8 or not a
+    JSON object; return if there is none."""
+    import json
+
+    for f in files:
+        if f.suffix != ".jsonl":
+            continue
+        with open(f, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                where = f"{what} '{spec}': {f} line {n}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{where} is not UTF-8 text (byte {e.start + 1} of the line: {raw[e.start:e.start + 1]!r}); "
+                                    "save the file as UTF-8 or fix that line") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where} is not JSON ({e.msg}, column {e.colno}); one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{where} is a JSON {type(row).__name__}, not an object; one {{\"column\": value, ...}} object per line")
 
 
 def check_columns(rows: list[dict], cfg: DataConfig, spec: str, what: str, need_completion: bool) -> str:
     """Return the row format ('messages' or 'prompt'); fail naming the missing fields."""
     first = rows[0]
     if cfg.messages_field in first and not (cfg.prompt_field in first):
-        return "messages"
+        return _check_values(rows, "messages", cfg, spec, what, need_completion)
     if isinstance(first.get(cfg.prompt_field), list):  # TRL-style conversational prompts: a list of messages
-        return "prompt_messages"
+        return _check_values(rows, "prompt_messages", cfg, spec, what, need_completion)
     needed = [cfg.prompt_field] + ([cfg.completion_field] if need_completion else [])
     missing = [f for f in needed if f not in first]
     if missing:
         raise UserError(
             f"{what} '{spec}' has no {' / '.join(repr(m) for m in missing)} field (columns: {', '.join(first)}); "
             f"rename the columns or set data.prompt_field / data.completion_field / data.messages_field")
+    _check_values(rows, "prompt", cfg, spec, what, need_completion)
     return "prompt"
+
+
+def _check_values(rows: list[dict], fmt: str, cfg: DataConfig, spec: str, what: str, need_completion: bool) -> str:
+    """Every row's prompt (and completion) has the type its format needs; one line naming the first row that does not."""
+    def bad(i: int, field: str, value, expected: str):
+        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        raise UserError(f"{what} '{spec}': row {i + 1} has {field!r} = {shown} ({type(value).__name__}); it must be {expected}; "
+                        "fix or remove that row")
+
+    for i, row in enumerate(rows):
+        if fmt == "prompt":
+            if not isinstance(row.get(cfg.prompt_field), str):
+                bad(i, cfg.prompt_field, row.get(cfg.prompt_field), "a string (or a list of chat messages)")
+            if need_completion and not isinstance(row.get(cfg.completion_field), (str, type(None))):
+                bad(i, cfg.completion_field, row.get(cfg.completion_field), "a string")
+            continue
+        field = cfg.messages_field if fmt == "messages" else cfg.prompt_field
+        messages = row.get(field)
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list)) for m in messages):
+            bad(i, field, messages, "a non-empty list of {role, content} messages")
+    return fmt
+
+
+def empty_completions(rows: list[dict], fmt: str, cfg: DataConfig) -> int:
+    """How many SFT rows have an empty (or whitespace-only, or null) completion: only the eos token would be learned."""
+    def completion(row) -> str:
+        if fmt == "prompt":
+            return row.get(cfg.completion_field) or ""
+        messages = row.get(cfg.messages_field if fmt == "messages" else cfg.prompt_field) or []
+        last = messages[-1] if messages else {}
+        return (last.get("content") or "") if last.get("role") == "assistant" else ""
+    return sum(not completion(r).strip() for r in rows)
+
+
+def empty_completion_problem(rows: list[dict], fmt: str, cfg: DataConfig, what: str) -> str | None:
+    """A problem when every SFT completion is empty: SFT would only teach the model to stop at once."""
+    n = empty_completions(rows, fmt, cfg)
+    if n and n == len(rows):
+        field = repr(cfg.completion_field) if fmt == "prompt" else "last (assistant) message"
+        return (f"{what}: all {n} rows have an empty {field}, so SFT would only teach the model to stop at once; "
+                "check data.completion_field / data.messages_field, or the data itself")
+    return None
 
 
 @dataclass
@@ -158,7 +236,17 @@ def example_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[lis
 
 
 def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_length: int) -> list[Example]:
-    """Tokenize rows into completion-only examples, eos appended, truncated to max_length."""
+    """Tokenize rows into completion-only examples, eos appended, truncated to max_length.
+
+    Rows with an empty completion teach only the eos token: some are warned about (with the count), all is an error.
+    """
+    problem = empty_completion_problem(rows, fmt, cfg, "the SFT data")
+    if problem:
+        raise UserError(problem)
+    n_empty = empty_completions(rows, fmt, cfg)
+    if n_empty:
+        log.warning("the SFT data: %d of %d rows have an empty completion (only the end-of-sequence token is learned from them)",
+                    n_empty, len(rows))
     out = []
     for row in rows:
         p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer)
@@ -175,22 +263,33 @@ def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> tu
     """GRPO/eval prompts: each row gains `prompt_text` and `prompt_ids`; returns (records, n_dropped).
 
     Prompts longer than data.max_prompt_length are truncated on the left, dropped, or an error, per
-    data.prompt_overflow.
+    data.prompt_overflow; what was done is logged (count, longest), in place of the tokenizer's own
+    warning about sequences longer than the model's maximum (it does not know about the truncation).
     """
-    out, dropped = [], 0
+    from grpo.rules import prompt_length, raise_first
+
+    raise_first(prompt_length(cfg))
+    out, dropped, truncated, longest = [], 0, 0, 0
     limit = cfg.max_prompt_length
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     for i, row in enumerate(rows):
         text, ids = prompt_tokens(row, fmt, cfg, tokenizer)
         if len(ids) > limit:
             if cfg.prompt_overflow == "error":
                 raise UserError(f"prompt {i} has {len(ids)} tokens > data.max_prompt_length={limit}; raise it or set data.prompt_overflow=truncate_left|drop")
+            longest = max(longest, len(ids))
             if cfg.prompt_overflow == "drop":
                 dropped += 1
                 continue
+            truncated += 1
             ids = ids[-limit:]
         out.append({**row, "prompt_text": text, "prompt_ids": ids})
     if not out:
         raise UserError(f"every prompt is longer than data.max_prompt_length={limit}; raise it")
+    if truncated:
+        log.warning("truncated %d of %d prompts to their last %d tokens (data.max_prompt_length=%d, data.prompt_overflow=truncate_left; "
+                    "the longest had %s tokens)", truncated, len(rows), limit, limit, f"{longest:,}")
     return out, dropped
 
 

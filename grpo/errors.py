@@ -22,3 +22,14 @@ class Interrupted(Exception):
     def __init__(self, message: str, code: int = 143):
         super().__init__(message)
         self.code = code
+
+
+class ForcedStop(BaseException):
+    """A second SIGTERM/SIGINT: stop at once, without waiting for the step or saving (the CLI exits with `code`).
+
+    A BaseException, like KeyboardInterrupt, so that a reward's `except Exception` cannot swallow it.
+    """
+
+    def __init__(self, message: str, code: int = 143):
+        super().__init__(message)
+        self.code = code

@@ -37,12 +37,120 @@ def _check_source(path: str, what: str) -> None:
                         f"give a local model folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct)")
 
 
+_HUB_CHECKED: dict[str, str | None] = {}
+
+
+def hub_problem(source: str, revision: str | None = None) -> str | None:
+    """For a source that is not a local folder (a hub id): say at once that the hub is used, and fail fast
+    (a problem line) instead of minutes of silent retries when offline mode is set or the hub cannot be reached.
+
+    A model already in the local Hugging Face cache is used from there (the rest of the process then runs in
+    offline mode, so nothing else waits on the network). Checked once per source and process.
+    """
+    if Path(source).expanduser().exists():
+        return None
+    key = f"{source}@{revision}"
+    if key in _HUB_CHECKED:
+        return _HUB_CHECKED[key]
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str)
+    except Exception:  # a malformed id: transformers reports it when it loads
+        cached = False
+    problem = None
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            log.info("'%s' is not a local folder: using its copy in the Hugging Face cache (offline mode)", source)
+        else:
+            problem = (f"'{source}' is not a local folder and is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and "
+                       "offline mode (HF_HUB_OFFLINE=1) forbids downloading it; give a local model folder, or unset HF_HUB_OFFLINE "
+                       "where there is network")
+    else:
+        log.info("'%s' is not a local folder: fetching it from the Hugging Face hub (%s)", source, constants.ENDPOINT)
+        reason = _hub_unreachable(constants.ENDPOINT)
+        if reason and cached:
+            log.warning("the Hugging Face hub (%s) cannot be reached (%s): using the cached copy of '%s' (offline mode from here on)",
+                        constants.ENDPOINT, reason, source)
+            constants.HF_HUB_OFFLINE = True
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        elif reason:
+            problem = (f"'{source}' is not a local folder, and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+                       f"({reason}); check the network (a proxy: HTTPS_PROXY, a mirror: HF_ENDPOINT), download the model where "
+                       "there is network, or give a local model folder")
+    _HUB_CHECKED[key] = problem
+    return problem
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None if `endpoint` answers an HTTP request within `timeout` seconds (any status), else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception as e:  # DNS failure, refused, timed out, proxy error: all mean "no hub"
+        return f"{type(e).__name__}: {first_line(e, 120)}"
+    return None
+
+
+def _check_hub(source: str, revision: str | None, what: str) -> None:
+    problem = hub_problem(source, revision)
+    if problem:
+        raise UserError(f"{what} {problem}")
+
+
+def safetensors_problem(folder: str | Path) -> str | None:
+    """A damaged weights file in a local model folder (truncated, bad header), read from the headers only; None if fine.
+
+    A safetensors file is an 8-byte header length N, N bytes of JSON (each tensor's byte range), then the data,
+    which must end exactly where the file ends.
+    """
+    import json
+    import struct
+
+    for f in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8)) if size >= 8 else (None,)
+                if n is None or n > size - 8:
+                    why = f"its header claims {n} bytes but the file has {size}" if n is not None else f"only {size} bytes"
+                else:
+                    header = json.loads(fh.read(n))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                    why = None if 8 + n + end == size else f"it has {size:,} bytes, its header describes {8 + n + end:,} (truncated?)"
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            why = f"its header is not valid ({type(e).__name__})"
+        except OSError as e:
+            why = f"it cannot be read ({e.strerror or type(e).__name__})"
+        if why:
+            return f"{f} is damaged: {why}; re-save or re-download the model (or point at an intact copy)"
+    return None
+
+
+def check_finite(model, source: str) -> None:
+    """Refuse weights holding NaN/inf (checked once, at load): such a model samples garbage token ids and scores zero."""
+    bad, total = [], 0
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.numel() and p.device.type != "meta":
+            total += 1
+            if not bool(torch.isfinite(p).all()):
+                bad.append(name)
+    if bad:
+        raise UserError(f"model '{source}' holds non-finite weights (NaN or inf) in {len(bad)} of {total} tensors, e.g. {bad[0]}; it "
+                        "cannot generate or train: use an earlier checkpoint, or retrain it (a NaN loss usually comes from a too "
+                        "high learning rate)")
+
+
 def load_tokenizer(cfg: ModelConfig):
     """Tokenizer with a pad token (falls back to eos) and left padding for generation."""
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
     _check_source(source, "tokenizer")
+    _check_hub(source, cfg.revision, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -65,8 +173,14 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool 
     """
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     source = path or cfg.name_or_path
     _check_source(source, "model")
+    _check_hub(source, cfg.revision, "model")
+    damaged = safetensors_problem(source) if Path(source).expanduser().is_dir() else None
+    if damaged:
+        raise UserError(f"cannot load model '{source}': {damaged}")
     adapter = Path(source, "adapter_config.json").is_file()
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype], use_safetensors=None)
     if cfg.attn_implementation:
@@ -77,12 +191,13 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool 
             model = _load_adapter_model(source, kwargs, trainable=keep_adapter)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         if "custom code" in str(e) or "trust_remote_code" in str(e):
             raise UserError(f"model '{source}' contains custom code (its own architecture); set model.trust_remote_code=true "
                             "only if you trust that code: it runs with your rights") from None
         where = "a local folder" if Path(source).exists() else "not a local folder, and not loadable from the hub"
         raise UserError(f"cannot load model '{source}' ({where}): {first_line(e)}") from None
+    check_finite(model, source)
     if cfg.gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

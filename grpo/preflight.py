@@ -46,7 +46,7 @@ from grpo import rules
 from grpo.errors import UserError
 from grpo.preflight_io import (TRAIN_STAGES, context_length, context_where, dataset, disk_problems, length_problems,
                                longest_tokens, model_problems, output_problems, source_problems)
-from grpo.preflight_rewards import reward_problems
+from grpo.preflight_rewards import _inside, reward_problems
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,14 @@ def dry_run(recipe: Recipe, stages: list[str], world_size: int) -> str:
     starts). Returns a summary of the batch geometry; raises UserError on the first problem.
     """
     problems = _stages_problems(stages)
+    problems += rules.finite_numbers(recipe) if not problems else []
     for stage in stages if not problems else []:
+        if stage in TRAIN_STAGES or stage == "eval":
+            problems += rules.prompt_length(recipe.data)
         if stage in TRAIN_STAGES:
             problems += rules.grpo_geometry(recipe.grpo, world_size) + rules.sampling(recipe.rollout, train=True) + _registry_problems(recipe, train=True)
-            problems += reward_problems(recipe, "train", tuple(stages[:stages.index(stage)]), None, "data.train")
+            # a dry run loads nothing and needs no earlier run: reward models the rm stage writes may be missing
+            problems += reward_problems(recipe, "train", (*stages[:stages.index(stage)], "rm"), None, "data.train")
     problems = _dedupe(problems)
     if problems:
         for p in problems[1:]:
@@ -102,10 +106,15 @@ def dry_run(recipe: Recipe, stages: list[str], world_size: int) -> str:
     g = recipe.grpo
     local = g.prompts_per_step // world_size * g.num_generations
     micro = -(-local // g.micro_batch_size)
+    rm_dir = Path(recipe.run.output_dir) / "rm"
+    pending = [r.name.replace("{output_dir}", str(recipe.run.output_dir)) for r in recipe.rewards]
+    pending = [n for n in pending if "/" in n and ":" not in n and not Path(n, "config.json").is_file() and _inside(n, rm_dir)]
+    note = f"; reward model(s) {', '.join(pending)} not there yet: the rm stage writes them (run `grpo rm` first)" if pending else ""
     return (f"dry run OK for {world_size} process(es): stages {', '.join(stages)}; per optimizer step {g.prompts_per_step} prompts x "
             f"G={g.num_generations} = {g.prompts_per_step * g.num_generations} completions, {local} per process in {micro} "
             f"micro-batch(es) of <= {g.micro_batch_size}; x{g.num_iterations} iteration(s); {g.steps} steps; "
-            f"model {recipe.model.name_or_path} (weights not loaded)")
+            f"model {recipe.model.name_or_path} (weights not loaded){note}")
+
 
 
 def env_world_size() -> int:
@@ -127,7 +136,9 @@ def _stages_problems(stages) -> list[str]:
 def _stage_problems(recipe, stage, world, earlier, models, cache) -> list[str]:
     if stage not in STAGES:
         return _stages_problems([stage])
-    p = output_problems(recipe, stage)
+    p = rules.finite_numbers(recipe) + output_problems(recipe, stage)
+    if stage in TRAIN_STAGES or stage == "eval":
+        p += rules.prompt_length(recipe.data)
     if stage == "sft":
         p += _sft_problems(recipe, earlier, cache)
     elif stage in TRAIN_STAGES or stage == "rollout":
@@ -150,8 +161,11 @@ def _sft_problems(recipe, earlier, cache) -> list[str]:
     bad = ["missing"]
     p += rules.stage_data(d, "sft")
     if d.sft_train:
-        bad = dataset(recipe, d.sft_train, "data.sft_train", True, cache)[2]
+        rows, fmt, bad = dataset(recipe, d.sft_train, "data.sft_train", True, cache)
         p += bad
+        if not bad:
+            from grpo.data import empty_completion_problem
+            p += [x for x in [empty_completion_problem(rows, fmt, d, f"data.sft_train '{d.sft_train}'")] if x]
     if d.sft_eval:
         p += dataset(recipe, d.sft_eval, "data.sft_eval", True, cache)[2]
     ctx = context_length(recipe, cache)
@@ -201,12 +215,8 @@ def _eval_problems(recipe, earlier, models, cache) -> list[str]:
     p += rules.sampling(recipe.rollout, train=False)
     p += _registry_problems(recipe, train=False)
     if models:
-        from grpo.modeling import _check_source
         for m in models:
-            try:
-                _check_source(m, "model")
-            except UserError as err:
-                p.append(f"--model: {err}")
+            p += source_problems(m, "--model")
     else:
         p += model_problems(recipe, (), cache)  # eval always compares against the base model
     columns = None

@@ -28,18 +28,21 @@ def model_problems(recipe, earlier, cache) -> list[str]:
     """The starting model exists, unless an earlier pipeline stage writes it."""
     p = []
     if not any(s in ("sft", "train") for s in earlier):
-        p += source_problems(recipe.model.name_or_path, "model.name_or_path")
+        p += source_problems(recipe.model.name_or_path, "model.name_or_path", recipe.model.revision)
     if recipe.model.tokenizer:
-        from grpo.modeling import _check_source
+        from grpo.modeling import _check_source, hub_problem
         try:
             _check_source(recipe.model.tokenizer, "tokenizer")
+            problem = hub_problem(recipe.model.tokenizer, recipe.model.revision)
+            p += [f"model.tokenizer: {problem}"] if problem else []
         except UserError as e:
             p.append(f"model.tokenizer: {e}")
     return p
 
 
-def source_problems(source: str, key: str) -> list[str]:
-    from grpo.modeling import _check_source
+def source_problems(source: str, key: str, revision: str | None = None) -> list[str]:
+    """A model folder that exists, holds config.json and undamaged weights; or a hub id the hub (or its cache) can give."""
+    from grpo.modeling import _check_source, hub_problem, safetensors_problem
 
     try:
         _check_source(source, "model")
@@ -51,7 +54,8 @@ def source_problems(source: str, key: str) -> list[str]:
     if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
         return [f"{key}: '{source}' has no config.json, so it is not a Hugging Face model folder; point it at the folder "
                 "save_pretrained wrote (e.g. runs/x/sft/final)"]
-    return []
+    problem = safetensors_problem(path) if path.is_dir() else hub_problem(source, revision)
+    return [f"{key}: {problem}"] if problem else []
 
 
 def _model_config(recipe, cache) -> dict | None:
@@ -70,6 +74,9 @@ def _read_config(source: str, revision: str | None, depth: int) -> dict | None:
             if (path / "adapter_config.json").is_file() and depth == 0:
                 base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
                 return _read_config(base, None, depth + 1) if base else None
+            return None
+        from grpo.modeling import hub_problem
+        if hub_problem(source, revision):  # offline or unreachable: reported by model_problems, never waited on
             return None
         from huggingface_hub import hf_hub_download
         return json.loads(Path(hf_hub_download(source, "config.json", revision=revision)).read_text())

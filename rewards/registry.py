@@ -78,6 +78,15 @@ def _import_path(spec: str) -> RewardFn:
             f"reward {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
             "install it or add its folder to PYTHONPATH"
         ) from e
+    except SyntaxError as e:  # the module's own code does not parse
+        raise RewardError(
+            f"reward {spec!r}: module {module_name!r} has a syntax error ({e.msg}) at {e.filename}, line {e.lineno}; fix the module"
+        ) from e
+    except Exception as e:  # the module's top-level code raised while importing
+        raise RewardError(
+            f"reward {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {_first_line(e)}"
+            f"{_where_raised(e)}; fix the module (its top-level code runs at import)"
+        ) from e
     obj: Any = module
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -92,6 +101,19 @@ def _import_path(spec: str) -> RewardFn:
             "function f(prompts, completions, **columns) -> list[float | None]"
         )
     return obj
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else "(no message)"
+
+
+def _where_raised(e: BaseException) -> str:
+    """' (at file:line)' of the innermost frame of a traceback, '' when unknown."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
 
 
 def check_reward_output(name: str, values: Any, n: int) -> list[float]:

@@ -9,11 +9,16 @@ from hypothesis import strategies as st
 
 from grpo.advantages import (
     COMBINE_MODES,
+    CONSTRAINT_SCHEMES,
     SCALES,
     LagrangeMultiplier,
     combine_rewards,
     constrained_advantages,
+    cost_signal,
     group_advantages,
+    load_multipliers,
+    multipliers_state_dict,
+    reward_and_cost_advantages,
     zero_std_fraction,
 )
 
@@ -190,3 +195,113 @@ def test_lagrange_state_dict_roundtrip():
         other.load_state_dict({"lambda": 1.0})
     with pytest.raises(ValueError, match="lam_max"):
         LagrangeMultiplier(lam_max=0.0)
+
+
+# ------------------------------------------------------------------------- several constraints
+
+
+def test_constrained_advantages_two_costs():
+    a_u = torch.tensor([1.0, -1.0])
+    a_c = torch.tensor([[0.5, 1.0], [2.0, -1.0]])
+    # lam (1, 2), 1 + sum = 4: (1 - (.5 + 2)) / 4 = -.375 ; (-1 - (2 - 2)) / 4 = -.25
+    torch.testing.assert_close(constrained_advantages(a_u, a_c, [1.0, 2.0]), torch.tensor([-0.375, -0.25]))
+    with pytest.raises(ValueError, match="got 1 multipliers for 2 costs"):
+        constrained_advantages(a_u, a_c, 1.0)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        constrained_advantages(a_u, a_c, [1.0, -0.1])
+
+
+def test_cost_signal():
+    c = torch.tensor([2.0, -1.0, 0.0, float("nan")])
+    torch.testing.assert_close(cost_signal(c, "cost"), torch.tensor([2.0, -1.0, 0.0, 0.0]))  # NaN (not applicable) = 0
+    torch.testing.assert_close(cost_signal(c, "indicator"), torch.tensor([1.0, 0.0, 0.0, 0.0]))  # c > 0
+    with pytest.raises(ValueError, match="unknown cost signal 'rate'; valid: cost, indicator"):
+        cost_signal(c, "rate")
+
+
+# Two groups of G=2; columns: reward r, cost c1 (its indicator enters: a rate constraint), cost c2 (itself: a mean one)
+R2 = torch.tensor([[1.0, 2.0, 3.0],
+                   [0.0, -1.0, 1.0],
+                   [0.0, -1.0, 5.0],
+                   [0.0, -2.0, 5.0]])
+TWO = {"eps": 0.0, "cost_std_floor": [1.0, 0.5], "signals": ["indicator", "cost"]}
+
+
+def test_separate_scheme_two_constraints_by_hand():
+    adv, m = reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="separate", **TWO)
+    # group 1: A_r = +-.5 / std(1, 0) = +-.70711
+    #          A_1: indicator (1, 0), +-.5 / (.70711 + floor 1) = +-.29289
+    #          A_2: cost (3, 1), +-1 / (1.41421 + floor .5) = +-.52241
+    #          (.70711 - 2 * .29289 - 1 * .52241) / (1 + 2 + 1) = -.10027, and +.10027
+    # group 2: constant reward, indicator and cost: 0
+    torch.testing.assert_close(adv, torch.tensor([-0.10027, 0.10027, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # per-batch measures of each cost column (index in R): mean cost and fraction > 0
+    assert m == pytest.approx({"zero_std_frac": 0.5, "cost/1": -0.5, "rate/1": 0.25, "cost/2": 3.5, "rate/2": 1.0})
+
+
+def test_scalarized_scheme_two_constraints_by_hand():
+    adv, _ = reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized", **TWO)
+    # s = (r - 2 * indicator - 1 * c2) / 4 = (1 - 2 - 3) / 4, (0 - 0 - 1) / 4, -5/4, -5/4 = -1, -.25, -1.25, -1.25
+    # group 1: +-.375 / std(-1, -.25) = +-.375 / .53033 = -+.70711 ; group 2 constant: 0
+    torch.testing.assert_close(adv, torch.tensor([-0.70711, 0.70711, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # Dr. GRPO's scale none keeps the 1 + sum(lam) division: centred s only
+    none, _ = reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized",
+                                         scale="none", **TWO)
+    torch.testing.assert_close(none, torch.tensor([-0.375, 0.375, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="needs mode='sum'"):
+        reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized",
+                                   mode="normalize_then_sum", **TWO)
+
+
+def test_unconstrained_cost_is_a_plain_penalty():
+    # c2 not constrained (None): its weight .5 penalises it and stays out of the 1 + sum(lam) normaliser
+    adv, _ = reward_and_cost_advantages(R2, [1.0, 0.0, 0.5], [False, True, True], 2, lam=[2.0, None], **TWO)
+    # (.70711 - 2 * .29289 - .5 * .52241) / (1 + 2) = -.04663
+    torch.testing.assert_close(adv, torch.tensor([-0.04663, 0.04663, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # no constraint at all: A_r - sum_k w_k A_k (the old unconstrained rule)
+    free, _ = reward_and_cost_advantages(R2, [1.0, 0.25, 0.5], [False, True, True], 2, lam=None, **TWO)
+    torch.testing.assert_close(free, torch.tensor([0.70711 - 0.25 * 0.29289 - 0.5 * 0.52241, -(0.70711 - 0.25 * 0.29289 - 0.5 * 0.52241),
+                                                   0.0, 0.0]), atol=1e-5, rtol=0)
+
+
+def test_one_cost_column_keeps_its_old_metric_names():
+    adv, m = reward_and_cost_advantages(R2[:, :2], [1.0, 0.0], [False, True], 2, lam=1.0, eps=0.0)
+    assert m["cost"] == m["cost/1"] == -0.5 and m["unsafe_rate"] == m["rate/1"] == 0.25
+    # the cost itself enters by default: group 1 costs (2, -1): +-1.5 / (2.12132 + 1) = +-.48057; group 2 costs (-1, -2):
+    # +-.5 / (.70711 + 1) = +-.29289 under a constant reward
+    expected = [(0.70711 - 0.48057) / 2, -(0.70711 - 0.48057) / 2, -0.29289 / 2, 0.29289 / 2]
+    torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_schemes_registry_and_argument_errors():
+    assert set(CONSTRAINT_SCHEMES.names()) == {"separate", "scalarized"}
+    with pytest.raises(Exception, match="unknown constraint advantage scheme 'x'; valid: scalarized, separate"):
+        reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[1.0, 1.0], scheme="x")
+    with pytest.raises(ValueError, match="2 cost columns but 1 multipliers"):
+        reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[1.0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=8, max_size=8), st.floats(0, 10), st.sampled_from(["separate", "scalarized"]))
+def test_property_constrained_advantages_have_zero_group_mean(values, lam, scheme):
+    R = torch.tensor(values).reshape(4, 2)
+    adv, _ = reward_and_cost_advantages(R, [1.0, 0.0], [False, True], 2, lam=[lam], scheme=scheme)
+    torch.testing.assert_close(adv.reshape(2, 2).sum(dim=-1), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def test_multipliers_state_roundtrip_and_old_checkpoints():
+    mults = {"safety": LagrangeMultiplier.from_lambda(2.0, lr=0.5, threshold=0.1), "length": LagrangeMultiplier(lr=0.1, threshold=20.0)}
+    mults["safety"].update(0.3)
+    mults["length"].update(25.0)
+    other = {"safety": LagrangeMultiplier(), "length": LagrangeMultiplier()}
+    load_multipliers(other, multipliers_state_dict(mults))
+    assert other == mults
+    # a checkpoint written with one multiplier (before constraints:): its state alone, loaded into the only one
+    single = {"safety": LagrangeMultiplier()}
+    load_multipliers(single, mults["safety"].state_dict())
+    assert single["safety"] == mults["safety"]
+    with pytest.raises(ValueError, match="holds one multiplier .* this run has 2"):
+        load_multipliers(other, mults["safety"].state_dict())
+    with pytest.raises(ValueError, match=r"holds multipliers for constraints \['length', 'safety'\]; this run has \['safety'\]"):
+        load_multipliers(single, multipliers_state_dict(mults))
+

@@ -1,0 +1,264 @@
+"""Hostile inputs (issue 21) through the CLI, where a user meets them: one `error: ...` line (what, where, how to
+fix), exit code 2, no traceback, nothing written; or a correct run that says what it did.
+
+The CLI runs in-process (`grpo.cli.main`, the same code `python -m grpo` runs) to keep the suite fast; the cases
+that need a process of their own (signals, hangs, locks between runs, launchers) are in tests/test_hangs_and_locks.py.
+Each case here failed before its fix: a traceback, a silent wrong run (exit 0), or a vaguer line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo import cli
+from grpo.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def train_args(out, model, *extra):
+    """A 1-step GRPO run of the tiny model: fast, so a check that is missing shows as a finished run, not a hang."""
+    return [QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={model}", "run.threads=1", "grpo.steps=1",
+            "grpo.prompts_per_step=2", "grpo.num_generations=2", "rollout.max_new_tokens=4", "rollout.backend=hf",
+            "safety.enabled=false", "rewards=[{name: accuracy}, {name: format, weight: 0.1}]", *extra]
+
+
+@pytest.fixture
+def grpo_cli(monkeypatch, capsys):
+    """grpo_cli(*args) -> (exit code, stderr) of the real CLI, in-process (logging left to pytest's capture)."""
+    monkeypatch.setattr(cli, "setup_logging", lambda debug=False: None)
+
+    def run(*args):
+        capsys.readouterr()
+        code = cli.main([str(a) for a in args])
+        return code, capsys.readouterr().err
+    return run
+
+
+def assert_one_error(code, err, *needles):
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- recipe values
+def test_yaml_alias_bomb_in_reward_kwargs_is_refused_at_once(tmp_path, grpo_cli):
+    # nine nested lists of nine aliases: 387 million values once expanded (it used to hang for minutes, silent)
+    lines = ["    a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"    a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\nsafety: {{enabled: false}}\nrewards:\n  - name: accuracy\n"
+                      "  - name: examples.my_reward:closeness\n" + "\n".join(lines) + "\n")
+    assert_one_error(*grpo_cli("train", recipe), "bomb.yaml", "100,000 values", "aliases")
+    assert not (tmp_path / "run").exists()
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path, grpo_cli):
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("rewards:\n  - {name: accuracy, k: " + "[" * 3000 + "]" * 3000 + "}\n")
+    assert_one_error(*grpo_cli("train", recipe), "deep.yaml", "nested too deeply")
+
+
+@pytest.mark.parametrize("override, key", [("grpo.lr=.inf", "grpo.lr=inf"), ("rewards.0.weight=.nan", "rewards.0.weight=nan"),
+                                           ("rewards.1.weight=-.inf", "rewards.1.weight=-inf"),
+                                           ("safety.lambda_lr=.nan", "safety.lambda_lr=nan")])
+def test_non_finite_numbers_are_refused(tmp_path, tiny_model, grpo_cli, override, key):
+    # rewards.N.weight=.nan used to exit 0 with a final model byte-identical to the base; grpo.lr=.inf to train NaNs
+    assert_one_error(*grpo_cli("train", *train_args(tmp_path / "run", tiny_model, override)), key, "not a finite number")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_numbers_are_refused_by_the_stage_itself(tmp_path, tiny_model):
+    from grpo.errors import UserError
+    from grpo.trainer import run_grpo
+
+    args = train_args(tmp_path / "run", tiny_model, "rewards.0.weight=.nan")
+    recipe = load_recipe(args[0], [str(a) for a in args[1:]])
+    with pytest.raises(UserError, match="rewards.0.weight=nan is not a finite number"):
+        run_grpo(recipe)
+
+
+def test_max_prompt_length_zero_is_refused(tmp_path, tiny_model, grpo_cli):
+    # `ids[-0:]` is the whole prompt: 0 used to mean "no truncation at all"
+    assert_one_error(*grpo_cli("train", *train_args(tmp_path / "run", tiny_model, "data.max_prompt_length=0")),
+                     "data.max_prompt_length=0 must be >= 1")
+    from grpo.config import DataConfig
+    from grpo.data import prompt_records
+    from grpo.errors import UserError
+    with pytest.raises(UserError, match="data.max_prompt_length=0"):
+        prompt_records([{"prompt": "Q:1+2="}], "prompt", DataConfig(max_prompt_length=0), None)
+
+
+# ---------------------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("where", ["after --dry-run", "after --num-processes", "between options"])
+def test_overrides_are_accepted_after_options(tmp_path, grpo_cli, capsys, where):
+    out = f"run.output_dir={tmp_path / 'run'}"
+    args = {"after --dry-run": ["train", QUICKSTART, "--dry-run", out, "grpo.prompts_per_step=6"],
+            "after --num-processes": ["train", QUICKSTART, "--dry-run", "--num-processes", "3", out, "grpo.prompts_per_step=6"],
+            "between options": ["train", QUICKSTART, "--num-processes", "3", out, "--dry-run", "grpo.prompts_per_step=6"]}[where]
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "prompts_per_step" not in captured.err and "6 prompts" in captured.out
+
+
+def test_overrides_after_eval_model_option(tmp_path, tiny_model, grpo_cli):
+    code, err = grpo_cli("eval", QUICKSTART, "--model", tiny_model, f"run.output_dir={tmp_path / 'run'}", "eval.limit=2",
+                         "rollout.max_new_tokens=2", "rewards=[{name: accuracy}]", "run.threads=1")
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["results"][Path(tiny_model).name]["n"] == 2
+
+
+def test_an_unknown_option_is_still_an_error(grpo_cli):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", str(QUICKSTART), "--dry-runn"])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------- reward code
+@pytest.mark.parametrize("source, needles", [
+    ('raise RuntimeError("no config here")\n', ["raised RuntimeError: no config here", "hostile_mod.py:1", "fix the module"]),
+    ("def f(:\n    pass\n", ["syntax error", "hostile_mod.py, line 1"]),
+    ("import json\njson.loads('{')\n", ["raised JSONDecodeError", "fix the module"]),
+])
+def test_reward_module_that_fails_at_import(tmp_path, tiny_model, grpo_cli, monkeypatch, source, needles):
+    (tmp_path / "hostile_mod.py").write_text(source + "\ndef reward(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = train_args(tmp_path / "run", tiny_model, "rewards=[{name: 'hostile_mod:reward'}]")
+    assert_one_error(*grpo_cli("train", *args), "rewards.0", "hostile_mod", *needles)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------- data
+BAD_ROWS = {
+    "invalid UTF-8": (b'{"prompt": "Q:1+2=", "answer": "3"}\n{"prompt": "Q:\xff\xfe=", "answer": "3"}\n', ["line 2", "not UTF-8"]),
+    "malformed line": (b'{"prompt": "Q:1+2=", "answer": "3"}\n{"prompt": "Q:2+2=", "answer": "4"\n', ["line 2", "not JSON"]),
+    "int prompt": (b'{"prompt": "Q:1+2=", "answer": "3"}\n{"prompt": 5, "answer": "3"}\n', ["row 2", "'prompt' = 5 (int)", "string"]),
+    "null prompt": (b'{"prompt": "Q:1+2=", "answer": "3"}\n{"prompt": null, "answer": "3"}\n', ["row 2", "'prompt' = None"]),
+    "array line": (b'{"prompt": "Q:1+2=", "answer": "3"}\n[1, 2]\n', ["line 2", "not an object"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_grpo_rows_name_the_file_and_row(tmp_path, tiny_model, grpo_cli, case):
+    data, needles = BAD_ROWS[case]
+    (tmp_path / "train.jsonl").write_bytes(data)
+    args = train_args(tmp_path / "run", tiny_model, f"data.train={tmp_path / 'train.jsonl'}")
+    assert_one_error(*grpo_cli("train", *args), "data.train", "train.jsonl", *needles)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("completion, needles", [(7, ["row 2", "'completion' = 7 (int)"]), ([1], ["row 2", "'completion' = [1]"])])
+def test_bad_sft_completion_names_the_row(tmp_path, tiny_model, grpo_cli, completion, needles):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Q:1+2=", "completion": "<a>3</a>"}, {"prompt": "Q:1+3=", "completion": completion}])
+    assert_one_error(*grpo_cli("sft", QUICKSTART, f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model}",
+                               f"data.sft_train={data}", "data.sft_eval=null", "sft.steps=1"), "data.sft_train", *needles)
+
+
+def test_all_empty_sft_completions_are_refused(tmp_path, tiny_model, grpo_cli):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Q:1+2=", "completion": ""}, {"prompt": "Q:1+3=", "completion": "  "},
+                                                {"prompt": "Q:1+4=", "completion": None}])
+    assert_one_error(*grpo_cli("sft", QUICKSTART, f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model}",
+                               f"data.sft_train={data}", "data.sft_eval=null", "sft.steps=1"),
+                     "data.sft_train", "all 3 rows have an empty 'completion'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_some_empty_sft_completions_are_counted(tmp_path, tiny_model, grpo_cli, caplog):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Q:1+2=", "completion": "<a>3</a>"}, {"prompt": "Q:1+3=", "completion": ""},
+                                                {"prompt": "Q:1+4=", "completion": "<a>5</a>"}])
+    with caplog.at_level(logging.WARNING):
+        code, err = grpo_cli("sft", QUICKSTART, f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model}",
+                             f"data.sft_train={data}", "data.sft_eval=null", "sft.steps=1", "sft.batch_size=2", "run.threads=1")
+    assert code == 0, err[-2000:]
+    assert "1 of 3 rows have an empty completion" in caplog.text
+
+
+def test_a_huge_prompt_is_truncated_and_said_so(tmp_path, tiny_model, grpo_cli, caplog):
+    # 200k characters = 200k tokens of the character tokenizer (the issue's case had 800k)
+    rows = [{"prompt": "Q:1+2=", "answer": "3"}, {"prompt": "Q:" + "1+" * 100_000 + "2=", "answer": "3"}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with caplog.at_level(logging.INFO):
+        code, err = grpo_cli("train", *train_args(tmp_path / "run", tiny_model, f"data.train={data}", "data.max_prompt_length=16"))
+    assert code == 0, err[-2000:]
+    assert "truncated 1 of 2 prompts to their last 16 tokens" in caplog.text and "200,00" in caplog.text, caplog.text[-3000:]
+    assert "indexing errors" not in caplog.text + err
+
+
+# ---------------------------------------------------------------------------------------- models
+def _copy_model(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad header"])
+def test_damaged_weights_file_is_one_line(tmp_path, tiny_model, grpo_cli, damage):
+    model = _copy_model(tiny_model, tmp_path / "model")
+    f = model / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:8] + b"{garbage" + data[16:])
+    assert_one_error(*grpo_cli("train", *train_args(tmp_path / "run", model)), "model.safetensors is damaged", "re-save or re-download")
+    assert not (tmp_path / "run").exists()
+    from grpo.config import ModelConfig
+    from grpo.errors import UserError
+    from grpo.modeling import load_model
+    with pytest.raises(UserError, match="model.safetensors is damaged"):  # in-process callers (no preflight) too
+        load_model(ModelConfig(name_or_path=str(model)))
+
+
+def test_model_with_nan_weights_is_refused_at_load(tmp_path, tiny_model, grpo_cli):
+    from safetensors.torch import load_file, save_file
+
+    model = _copy_model(tiny_model, tmp_path / "nan_model")
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert_one_error(*grpo_cli("train", *train_args(tmp_path / "run", model)), "non-finite weights", name)
+    # eval used to print a silent table of zeros for it
+    assert_one_error(*grpo_cli("eval", QUICKSTART, "--model", model, f"run.output_dir={tmp_path / 'run2'}", "eval.limit=2",
+                               "rewards=[{name: accuracy}]"),
+                     "non-finite weights", "nan_model")
+    assert not (tmp_path / "run2" / "eval").exists()
+
+
+def test_hub_id_in_offline_mode_fails_at_once_saying_so(tmp_path, grpo_cli, monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("grpo.modeling._HUB_CHECKED", {})
+    args = [QUICKSTART, f"run.output_dir={tmp_path / 'run'}", "model.name_or_path=nobody-here/no-such-model-21",
+            "safety.enabled=false", "rewards=[{name: accuracy}]"]
+    assert_one_error(*grpo_cli("train", *args), "model.name_or_path", "nobody-here/no-such-model-21", "HF_HUB_OFFLINE",
+                     "local model folder")
+
+
+def test_unreachable_hub_fails_fast_saying_what_was_tried(tmp_path, grpo_cli, monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    monkeypatch.setattr("grpo.modeling._HUB_CHECKED", {})
+    args = [QUICKSTART, f"run.output_dir={tmp_path / 'run'}", "model.name_or_path=nobody-here/no-such-model-21",
+            "safety.enabled=false", "rewards=[{name: accuracy}]"]
+    with caplog.at_level(logging.INFO):
+        line = assert_one_error(*grpo_cli("train", *args), "nobody-here/no-such-model-21", "cannot be reached", "127.0.0.1:9")
+    assert "fetching it from the Hugging Face hub (http://127.0.0.1:9)" in caplog.text
+    assert "Retrying" not in caplog.text and "Retry" not in line
