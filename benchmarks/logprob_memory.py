@@ -2,6 +2,7 @@
 
     python benchmarks/logprob_memory.py                      # Qwen vocabulary 151936, hidden 512, 2 layers, 16 x 256
     python benchmarks/logprob_memory.py --new-tokens 128 256 512 --json out.json
+    python benchmarks/logprob_memory.py --step --new-tokens 128 256 512 1024 --micro-batch-tokens 2048   # whole GRPO steps
 
 One forward + backward of the policy's completion log-probs on the plain layout (16 rows of
 ``[prompt | completion]``, random tokens, random-init Qwen2-shaped model in fp32, untied lm_head
@@ -18,6 +19,17 @@ Each (variant, length) runs in its own subprocess (this parent imports no torch)
 end, their difference ("logprob part": activations, logits and gradients of the step), the wall time
 (noisy on a shared machine: not a claim), and a checksum (sum of log-probs, gradient norm) that the
 variants must share. Ratios are chunked / full, measured side by side in one run.
+
+With --step: whole GRPO steps of the real trainer instead (benchmarks/vs_trl.py's `ours` runner,
+`grpo.trainer.run_grpo`: engine rollout, reference pass with beta 0.04, shared-prefix policy
+forward/backward, AdamW step), Llama-shaped, --prompts x --G completions of exactly C tokens, at a
+fixed token budget per micro-batch (`grpo.micro_batch_tokens` = --micro-batch-tokens), one
+subprocess per length. Reported per length: the micro-batches of a step and their largest packed
+size, and per phase of the step (rollout, reference log-probs, policy update) the RSS at its start
+and the peak during it (the kernel's high-water mark reset before each phase, vs_trl.PhasePeaks),
+the largest over the steps after the first (whose update allocates AdamW's state); and the
+process's peak RSS. The "logprob part" is the reference and update phases' growth over the RSS
+at their start.
 """
 
 from __future__ import annotations
@@ -102,6 +114,45 @@ def report(results: list[dict], a) -> str:
     return "\n".join(lines)
 
 
+def step_sweep(a) -> list[dict]:
+    """--step: one `vs_trl` ours run per completion length, each in its own subprocess (assets built in another)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vs_trl
+
+    out = []
+    for length in a.new_tokens:
+        va = vs_trl.parse(["--vocab", str(a.vocab), "--hidden", str(a.hidden), "--ffn", str(a.ffn), "--layers", str(a.layers),
+                           "--heads", str(a.heads), "--prompts", str(a.prompts), "--G", str(a.G), "--prompt-len", str(a.prompt_len),
+                           "--new-tokens", str(length), "--micro-batch-tokens", str(a.micro_batch_tokens), "--threads", str(a.threads),
+                           "--warmup", "1", "--steps", str(a.steps), "--loss-types", "grpo", "--runners", "ours"])
+        with tempfile.TemporaryDirectory(prefix="grpo_logprob_step_") as tmp:
+            vs_trl.spawn("assets", "grpo", Path(tmp), va)
+            r = vs_trl.spawn("ours", "grpo", Path(tmp), va)
+        r |= {"length": length, "summary": vs_trl.summarize(r, 1), "phase_peaks": vs_trl.phase_peaks(r, 1)}
+        print(f"C={length}: peak RSS {r['peak_rss_mb']:.0f} MB, {r['summary']['step']:.1f} s/step ({r['wall_s']:.0f} s)", flush=True)
+        out.append(r)
+    return out
+
+
+def step_report(results: list[dict], a) -> str:
+    lines = [f"GRPO steps (grpo.trainer.run_grpo), Llama-shaped fp32: vocab {a.vocab}, hidden {a.hidden}, ffn {a.ffn}, "
+             f"{a.layers} layers; {a.prompts} prompts x G={a.G}, {a.prompt_len} prompt + C completion tokens, beta 0.04, "
+             f"grpo.micro_batch_tokens={a.micro_batch_tokens}, {a.threads} threads; phases: RSS at start -> peak (MB), "
+             f"largest over {a.steps} step(s) after 1 warm-up",
+             f"{'C':>5} {'micro-batches':>13} {'max tokens':>10} {'rollout':>16} {'reference':>22} {'update':>22} "
+             f"{'step peak MB':>12} {'s/step':>7}"]
+    for r in results:
+        sizes = r["micro_tokens"][-1]
+        ph = r["phase_peaks"]
+        cell = {k: f"{ph[k][0]:.0f} -> {ph[k][1]:.0f}" + (f" (+{ph[k][1] - ph[k][0]:.0f})" if k != "rollout" else "")
+                for k in ("rollout", "ref", "train")}
+        lines.append(f"{r['length']:>5} {len(sizes):>13} {max(sizes):>10} {cell['rollout']:>16} {cell['ref']:>22} {cell['train']:>22} "
+                     f"{r['peak_rss_mb']:>12.0f} {r['summary']['step']:>7.1f}")
+    return "\n".join(lines)
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=151936)
@@ -117,6 +168,11 @@ def parse(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--step", action="store_true", help="whole GRPO steps of the trainer at a token budget (see above)")
+    p.add_argument("--prompts", type=int, default=2, help="--step: prompts per step")
+    p.add_argument("--G", type=int, default=8, help="--step: completions per prompt")
+    p.add_argument("--micro-batch-tokens", type=int, default=2048, help="--step: grpo.micro_batch_tokens")
+    p.add_argument("--steps", type=int, default=1, help="--step: measured steps after 1 warm-up step")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -127,8 +183,12 @@ def main(argv=None) -> None:
     a = parse(argv)
     if a.child:
         return child(a)
-    results = [run(v, length, a) for length in a.new_tokens for v in a.variants]
-    print(report(results, a))
+    if a.step:
+        results = step_sweep(a)
+        print(step_report(results, a))
+    else:
+        results = [run(v, length, a) for length in a.new_tokens for v in a.variants]
+        print(report(results, a))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(args=vars(a), results=results), indent=1))
 

@@ -93,23 +93,67 @@ def build_assets(folder: Path, a) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------------------- the two trainers, configured alike
+def trl_config(output_dir, *, prompts: int, G: int, new_tokens: int, lr: float, beta: float, loss_type: str, steps: int,
+               min_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0, **overrides):
+    """TRL's `GRPOConfig` for one CPU process in fp32, set as `our_recipe` sets ours (also used by time_to_accuracy.py).
+
+    `prompts` x `G` completions per optimizer step in one micro-batch, num_iterations 1, top-p 1, top-k 0,
+    AdamW with a constant lr, clip 0.2, group-scaled advantages, DeepSeekMath's k3 KL term
+    (`use_bias_correction_kl=False`; TRL 1.16 multiplies it by the ratio by default).
+    """
+    import torch
+    from trl import GRPOConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=prompts * G, num_generations=G,
+        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": min_new_tokens} if min_new_tokens else None, temperature=temperature, top_p=1.0,
+        top_k=0, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=beta, loss_type=loss_type,
+        epsilon=0.2, scale_rewards="group", use_bias_correction_kl=False, max_steps=steps, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, fp16=False, save_strategy="no", seed=seed, dataloader_num_workers=0,
+        log_completions=False, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32})
+    return GRPOConfig(**(kwargs | overrides))
+
+
+def our_recipe(output_dir, model, train, rewards: list[dict], *, prompts: int, G: int, new_tokens: int, lr: float, beta: float,
+               loss_type: str, steps: int, threads: int, max_prompt_length: int, min_new_tokens: int = 0, temperature: float = 1.0,
+               seed: int = 0, grpo: dict | None = None) -> dict:
+    """Our recipe (as a dict) with the settings of `trl_config`: `engine` rollout, the trainer's defaults otherwise.
+
+    `grpo` overrides or adds keys of the recipe's grpo section (e.g. shared_prefix, micro_batch_tokens).
+    """
+    return {
+        "run": {"output_dir": str(output_dir), "seed": seed, "threads": threads, "overwrite": True},
+        "model": {"name_or_path": str(model), "dtype": "float32"},
+        "data": {"train": str(train), "sft_train": None, "sft_eval": None, "eval": None, "max_prompt_length": max_prompt_length},
+        "rollout": {"backend": "engine", "max_new_tokens": new_tokens, "min_new_tokens": min_new_tokens,
+                    "temperature": temperature, "top_p": 1.0, "top_k": 0},
+        "grpo": {"steps": steps, "prompts_per_step": prompts, "num_generations": G, "micro_batch_size": prompts * G,
+                 "num_iterations": 1, "lr": lr, "weight_decay": 0.0, "lr_scheduler": "constant", "warmup_steps": 0,
+                 "max_grad_norm": 1.0, "beta": beta, "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": loss_type,
+                 "scale": "group", "save_every": 0, **(grpo or {})},
+        "rewards": rewards,
+        "tracking": {"samples_every": 0, "log_every": 1},
+    }
+
+
+def micro_batch(a) -> dict:
+    """`--micro-batch-tokens N`: ours packs each step into micro-batches of N tokens (grpo.micro_batch_tokens)."""
+    return {"micro_batch_tokens": a.micro_batch_tokens} if a.micro_batch_tokens else {}
+
+
 # ------------------------------------------------------------------------------------- runners (children)
 def run_trl(folder: Path, a) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     rows = [json.loads(line) for line in open(folder / "prompts.jsonl")]
-    args = GRPOConfig(
-        output_dir=str(folder / f"trl_{a.loss_type}"), per_device_train_batch_size=a.prompts * a.G, num_generations=a.G,
-        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=a.new_tokens,
-        generation_kwargs={"min_new_tokens": a.new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=a.beta, loss_type=a.loss_type,
-        epsilon=0.2, scale_rewards="group", use_bias_correction_kl=False, max_steps=a.warmup + a.steps, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, fp16=False, save_strategy="no", seed=0, dataloader_num_workers=0,
-        log_completions=False, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32})
+    args = trl_config(folder / f"trl_{a.loss_type}", prompts=a.prompts, G=a.G, new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
+                      lr=a.lr, beta=a.beta, loss_type=a.loss_type, steps=a.warmup + a.steps)
     tok = AutoTokenizer.from_pretrained(folder / "model")
     trainer = GRPOTrainer(model=str(folder / "model"), reward_funcs=toy_reward, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok)
@@ -162,21 +206,10 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
     from grpo.tracking import Tracker
 
     out = folder / f"ours_{'' if shared_prefix else 'plain_'}{a.loss_type}"
-    recipe = {
-        "run": {"output_dir": str(out), "seed": 0, "threads": a.threads, "overwrite": True},
-        "model": {"name_or_path": str(folder / "model"), "dtype": "float32"},
-        "data": {"train": str(folder / "prompts.jsonl"), "sft_train": None, "sft_eval": None, "eval": None,
-                 "max_prompt_length": a.prompt_len + 8},
-        "rollout": {"backend": "engine", "max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens,
-                    "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-        "grpo": {"steps": a.warmup + a.steps, "prompts_per_step": a.prompts, "num_generations": a.G,
-                 "micro_batch_size": a.prompts * a.G, "num_iterations": 1, "lr": a.lr, "weight_decay": 0.0,
-                 "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "beta": a.beta,
-                 "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": a.loss_type, "scale": "group", "save_every": 0,
-                 "shared_prefix": shared_prefix},
-        "rewards": [{"name": "vs_trl:toy_reward"}],
-        "tracking": {"samples_every": 0, "log_every": 1},
-    }
+    recipe = our_recipe(out, folder / "model", folder / "prompts.jsonl", [{"name": "vs_trl:toy_reward"}], prompts=a.prompts, G=a.G,
+                        new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, lr=a.lr, beta=a.beta, loss_type=a.loss_type,
+                        steps=a.warmup + a.steps, threads=a.threads, max_prompt_length=a.prompt_len + 8,
+                        grpo={"shared_prefix": shared_prefix, **micro_batch(a)})
     path = folder / f"recipe_{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cpu_marks: list[float] = []
@@ -187,11 +220,64 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
         return log(self, step, metrics)
 
     Tracker.log = log_and_mark
+    phases = PhasePeaks()
+    for name in ("collect_rollouts", "old_and_reference_logprobs", "update"):
+        setattr(grpo.trainer, name, phases.wrap(getattr(grpo.trainer, name), name))
+    micro_tokens: list[list[int]] = []  # per step: packed tokens of each micro-batch (each distinct prompt once)
+    row_splits = grpo.trainer.row_splits
+
+    def row_splits_and_sizes(s, r):
+        splits = row_splits(s, r)
+        micro_tokens.append([sum(len(r.completions[i].token_ids) for i in rows)
+                             + sum(len(r.rows[p]["prompt_ids"]) for p in {r.completions[i].prompt_index for i in rows})
+                             for rows in splits])
+        return splits
+
+    grpo.trainer.row_splits = row_splits_and_sizes
     grpo.trainer.run_grpo(load_recipe(path))
     rows = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
     steps = [{"step": r["time_step"], "gen": r["time_rollout"], "score": r["time_score"], "logprobs": r["time_logprobs"],
               "train": r["time_train"], "other": 0.0} for r in rows]
-    return {"steps": with_cpu(steps, cpu_marks)}
+    return {"steps": with_cpu(steps, cpu_marks), "phases": phases.calls, "peak_hwm_mb": phases.peak(), "micro_tokens": micro_tokens}
+
+
+class PhasePeaks:
+    """Peak RSS of each call of some functions: the kernel's high-water mark (VmHWM) is reset to the current RSS
+    before each call (`/proc/self/clear_refs`, Linux) and read after it.
+
+    `calls`: per call {name, rss_mb (at its start), peak_mb (during it)}, in order. The reset also resets
+    ru_maxrss, so the process's peak is `peak()` (the largest mark read, between calls included).
+    """
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.marks: list[float] = []
+
+    @staticmethod
+    def _status() -> dict:
+        with open("/proc/self/status") as f:
+            return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+
+    def _reset(self) -> float:
+        self.marks.append(self._status()["VmHWM"])  # the peak since the last reset (between calls)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return self._status()["VmRSS"]
+
+    def wrap(self, f, name: str):
+        def wrapper(*args, **kwargs):
+            rss = self._reset()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                peak = self._status()["VmHWM"]
+                self.calls.append({"name": name, "rss_mb": rss, "peak_mb": peak})
+                self._reset()
+
+        return wrapper
+
+    def peak(self) -> float:
+        return max([self._status()["VmHWM"], *self.marks, *(c["peak_mb"] for c in self.calls)])
 
 
 def with_cpu(steps: list[dict], marks: list[float]) -> list[dict]:
@@ -249,7 +335,8 @@ def child(a) -> None:
         result = run_ours(folder, a, shared_prefix=a.child == "ours")
     else:
         result = run_fwdbwd(folder, a)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # ours resets the kernel's high-water mark per phase (PhasePeaks) and reports the peak it saw
+    result["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result.get("peak_hwm_mb", 0.0))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -276,8 +363,24 @@ def run_child(script: Path, extra: list[str], a, keys: tuple[str, ...], what: st
 def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
     keys = ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads", "warmup", "steps",
             "reps", "lr", "beta")
-    return run_child(Path(__file__).resolve(), ["--child", runner, "--assets", str(assets), "--loss-type", loss_type], a, keys,
+    extra = ["--micro-batch-tokens", str(a.micro_batch_tokens)] if a.micro_batch_tokens else []
+    return run_child(Path(__file__).resolve(), ["--child", runner, "--assets", str(assets), "--loss-type", loss_type, *extra], a, keys,
                      f"{runner} ({loss_type})")
+
+
+PHASES = {"collect_rollouts": "rollout", "old_and_reference_logprobs": "ref", "update": "train"}
+
+
+def phase_peaks(result: dict, warmup: int) -> dict:
+    """{phase: (RSS MB at its start, peak RSS MB during it)}, the largest over the steps after the warm-up ones."""
+    out: dict[str, tuple[float, float]] = {}
+    seen: dict[str, int] = {}
+    for c in result.get("phases", []):
+        seen[c["name"]] = seen.get(c["name"], 0) + 1
+        if seen[c["name"]] > warmup:
+            rss, peak = out.get(PHASES[c["name"]], (0.0, 0.0))
+            out[PHASES[c["name"]]] = (max(rss, c["rss_mb"]), max(peak, c["peak_mb"]))
+    return out
 
 
 def summarize(result: dict, warmup: int) -> dict:
@@ -302,6 +405,11 @@ def report(results: dict, a) -> str:
             s = r["summary"]
             lines.append(f"  {runner:<12} {s['step']:7.2f} {s['gen']:7.2f} {s['score']:7.2f} {s['logprobs']:7.2f} "
                          f"{s['train']:7.2f} {s['other']:7.2f} {s['cpu']:7.1f} {r['peak_rss_mb']:8.0f}")
+        for runner, r in by_runner.items():
+            peaks = phase_peaks(r, a.warmup)
+            if peaks:
+                lines.append(f"  {runner} peak RSS MB per phase (RSS at its start -> peak during it): " + ", ".join(
+                    f"{k} {rss:.0f} -> {peak:.0f} (+{peak - rss:.0f})" for k, (rss, peak) in peaks.items()))
         if "trl" in by_runner:
             base = by_runner["trl"]
             for runner, r in by_runner.items():
@@ -346,6 +454,8 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="repetitions of the fwdbwd runner")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="ours: grpo.micro_batch_tokens (a token budget per micro-batch) instead of one micro-batch per step")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--json", help="also write all results here")
