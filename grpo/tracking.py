@@ -159,7 +159,8 @@ def start_wandb(out_dir: Path, cfg: TrackingConfig, run_config: dict, name: str,
             raise
         log.warning("wandb: could not start an online run (%s); logging offline instead, upload later with `wandb sync`",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
-        run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kwargs)
+        mode = "offline"
+        run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
     log.info("wandb: %s run in %s", mode, getattr(run.settings, "sync_dir", folder))
     return run
 

@@ -1,6 +1,8 @@
 """Trackers: JSONL and sample tables always; wandb offline without prompting or network; TensorBoard events; PNGs."""
+import dataclasses
 import glob
 import json
+import logging
 import struct
 import time
 from pathlib import Path
@@ -71,6 +73,9 @@ def test_wandb_offline_and_tensorboard_without_a_key(no_wandb_login):
                       [["Q:1+1=", "<a>2</a>", 1.0, 0.5], ["Q:how to X?", "<a>sorry</a>", None, -0.5]])
     tracker.close({"curves": ["reward", "kl"]})
     assert time.perf_counter() - t0 < 120  # no login prompt, no network wait
+    import wandb
+
+    wandb.teardown()  # wandb's service may still be writing the run file when finish() returns
     import os
     assert "WANDB_DIR" not in os.environ  # the process environment is left alone
 
@@ -99,6 +104,68 @@ def test_wandb_offline_and_tensorboard_without_a_key(no_wandb_login):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert rows[1] == {"step": 5, "prompt": "Q:how to X?", "completion": "<a>sorry</a>", "accuracy": None, "advantage": -0.5}
     assert (out / "curves.png").stat().st_size > 0
+
+
+@pytest.fixture
+def refusing_wandb_server(monkeypatch):
+    """A local W&B server that answers every request 401 (a key the server does not accept): an online start fails
+    within seconds (an unreachable host fails too, but only after wandb's 60 s init timeout)."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "invalid api key"}]}')
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    server.shutdown()
+
+
+def test_failed_online_start_logs_offline_into_wandb_project(no_wandb_login, refusing_wandb_server, monkeypatch, caplog):
+    """README: "an online start that fails, logs offline with a warning"; WANDB_PROJECT names the project
+    (else tracking.wandb_project)."""
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")  # a well-formed key: the mode is online
+    monkeypatch.setenv("WANDB_PROJECT", "from-the-env")
+    out = no_wandb_login / "train"
+    cfg = TrackingConfig(report_to=["wandb"], wandb_mode="online", wandb_project="from-the-recipe")
+    assert wandb_mode(cfg) == "online"
+    caplog.set_level(logging.INFO, logger="grpo.tracking")
+    import wandb
+
+    wandb.teardown()  # wandb's service process outlives a run and keeps the server address it started with
+    t0 = time.perf_counter()
+    try:
+        tracker = Tracker(out, cfg, is_main=True, name="train")
+        tracker.log(1, {"reward": 0.25})
+        tracker.close()
+        seconds = time.perf_counter() - t0
+        monkeypatch.delenv("WANDB_PROJECT")
+        offline = Tracker(no_wandb_login / "sft", dataclasses.replace(cfg, wandb_mode="offline"), is_main=True, name="sft")
+        offline.log(1, {"loss": 1.0})
+        offline.close()
+    finally:
+        wandb.teardown()  # flushes the run files; later tests get a service with their own environment
+    assert seconds < 60  # it did not hang on the server
+    assert "could not start an online run" in caplog.text and "logging offline instead" in caplog.text
+    assert "wandb: offline run in" in caplog.text and "wandb: online run" not in caplog.text
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = wandb_records(run_dir)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert run.project == "from-the-env"
+    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.HasField("history")]
+    assert [float(h["reward"]) for h in history] == [0.25]
+    (run_dir,) = (no_wandb_login / "sft" / "wandb").glob("offline-run-*")
+    assert [r.run.project for r in wandb_records(run_dir) if r.HasField("run")] == ["from-the-recipe"]
 
 
 def test_wandb_dir_is_respected(no_wandb_login, monkeypatch):
