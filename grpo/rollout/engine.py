@@ -30,10 +30,12 @@ Options (``make_rollout("engine", model, tok, **opts)``):
     step; on CUDA it is captured into CUDA graphs (one per bucket). Greedy output equals `hf`;
     sampled draws are reproducible per seed but differ from the eager step's once rows finish
     (each step draws one uniform per storage row instead of one per unfinished row).
-  compile_decode: with static_decode, wrap the step in `torch.compile` (default False).
+  compile_decode: with static_decode, wrap the step in `torch.compile(fullgraph=True)` (default
+    False); every step then feeds all rows (one compilation per sampling setting, tens of seconds).
   cuda_graphs: with static_decode on CUDA, capture the step into CUDA graphs (default True).
-The KV storage is sized from these and the call's shapes (slots x (longest prompt, max_new_tokens)),
-never from free memory; it is kept and reused by later calls that fit in it.
+The KV storage is sized from these and the call's shapes (slots x (longest prompt, max_new_tokens),
+both rounded up to a power of two >= 16 with static_decode), never from free memory; it is kept and
+reused by later calls that fit in it (with static_decode, together with its graphs / compiled step).
 """
 
 from __future__ import annotations
