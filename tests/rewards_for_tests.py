@@ -50,13 +50,14 @@ def odd_first_token_cost(prompts, completions, *, completion_ids, **columns):
 _CALLS: dict[str, int] = {}
 
 
-def signal_self(prompts, completions, *, key: str, at_call: int, sig: str = "SIGINT", **columns):
-    """Sends `sig` to this process on its `at_call`-th call for `key` (a user pressing Ctrl-C mid-step); 0 = never.
-    The count is per process and per key, so a resumed run (same key) does not send it again."""
+def signal_self(prompts, completions, *, key: str, at_call: int, sig: str = "SIGINT", rank: int | None = None, **columns):
+    """Sends `sig` to this process on its `at_call`-th call for `key` (a user pressing Ctrl-C mid-step); 0 = never;
+    `rank`: only on that process of a multi-process launch. The count is per process and per key, so a resumed
+    run (same key, same process) does not send it again."""
     import os
     import signal
 
     _CALLS[key] = _CALLS.get(key, 0) + 1
-    if _CALLS[key] == at_call:
+    if _CALLS[key] == at_call and (rank is None or int(os.environ.get("RANK", "0")) == rank):
         os.kill(os.getpid(), getattr(signal, sig))
     return [0.0] * len(completions)
