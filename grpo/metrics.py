@@ -22,7 +22,9 @@ def run_info(model, accelerator, zero_stage: int) -> dict:
     """World size and a checksum of the parameters on every rank; ranks that disagree are a bug."""
     with runtime.gathered_parameters(model, zero_stage):
         whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # FSDP: DTensor shards
-        total = sum(float(p.detach().double().sum()) * (i + 1) + float(p.detach().double().abs().sum()) for i, p in enumerate(whole))
+        # each tensor's sum weighted by its position (i + 2: with a weight of 1, sum + abs-sum would ignore every
+        # negative entry of the first tensor, usually the embeddings), plus its abs-sum
+        total = sum(float(p.detach().double().sum()) * (i + 2) + float(p.detach().double().abs().sum()) for i, p in enumerate(whole))
     sums = accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"parameters differ across ranks after training: checksums {sums}")
