@@ -67,19 +67,12 @@ def run_management(grpo, data) -> list[str]:
 
 def sampling(rollout, *, train: bool) -> list[str]:
     """Sampling settings in range; training samples (temperature > 0)."""
-    r, p = rollout, []
-    if train and r.temperature <= 0:
-        p.append(f"rollout.temperature={r.temperature}: GRPO samples its G completions, it needs a temperature > 0 (e.g. 1.0)")
-    elif r.temperature < 0:
-        p.append(f"rollout.temperature={r.temperature} must be >= 0 (0 = greedy)")
-    if r.max_new_tokens < 1:
-        p.append(f"rollout.max_new_tokens={r.max_new_tokens} must be >= 1")
-    if not 0 < r.top_p <= 1:
-        p.append(f"rollout.top_p={r.top_p} must be in (0, 1] (1 = off)")
-    if r.top_k < 0:
-        p.append(f"rollout.top_k={r.top_k} must be >= 0 (0 = off)")
-    if not 0 <= r.min_new_tokens <= max(r.max_new_tokens, 0):
-        p.append(f"rollout.min_new_tokens={r.min_new_tokens} must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
+    from grpo.rollout.base import sampling_problems
+
+    r, p = rollout, sampling_problems(rollout, "rollout.")
+    if train and r.temperature <= 0:  # instead of the generic temperature line
+        p = [x for x in p if not x.startswith("rollout.temperature=")]
+        p.insert(0, f"rollout.temperature={r.temperature}: GRPO samples its G completions, it needs a temperature > 0 (e.g. 1.0)")
     if isinstance(r.static_decode, str) and r.static_decode != "auto":
         p.append(f"rollout.static_decode={r.static_decode!r}: use true, false or auto (on with CUDA)")
     if r.max_batch < 1:

@@ -35,6 +35,23 @@ FINISH_REASONS = ("stop", "length")
 BACKENDS: Registry = Registry("rollout backend")
 
 
+def sampling_problems(p, prefix: str = "") -> list[str]:
+    """What is out of range in sampling settings `p` (anything with SamplingParams' fields), one line each;
+    `prefix` names where they come from (the recipe's ``rollout.``). The one copy of these rules."""
+    problems = []
+    if p.max_new_tokens < 1:
+        problems.append(f"{prefix}max_new_tokens={p.max_new_tokens} must be >= 1")
+    if p.temperature < 0:
+        problems.append(f"{prefix}temperature={p.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < p.top_p <= 1:
+        problems.append(f"{prefix}top_p={p.top_p} must be in (0, 1] (1 = off)")
+    if p.top_k < 0:
+        problems.append(f"{prefix}top_k={p.top_k} must be >= 0 (0 = off)")
+    if not 0 <= p.min_new_tokens <= max(p.max_new_tokens, 0):
+        problems.append(f"{prefix}min_new_tokens={p.min_new_tokens} must be in [0, {prefix}max_new_tokens={p.max_new_tokens}]")
+    return problems
+
+
 @dataclass
 class SamplingParams:
     """How to sample. `seed=None` draws from torch's global RNG (not reproducible)."""
@@ -49,17 +66,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids if t is not None)
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            problems.append(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]")
+        problems = sampling_problems(self)
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))
 
