@@ -38,7 +38,8 @@ class Rollouts:
     completions: ``len(rows) * G``, completion ``i * G + j`` continues ``rows[i]``;
     texts: the completions decoded (stop tokens dropped); rewards: ``[N, K]`` (NaN = not applicable);
     ok: ``[N]`` bool, False for samples whose reward failed under ``on_reward_error: skip``;
-    score_seconds: time spent in the reward functions.
+    score_seconds: time spent in the reward functions; episodes: one `grpo.rollout.multiturn.Episode` per
+    completion for multi-turn rollouts (None: single turn).
     """
 
     rows: list[dict]
@@ -47,11 +48,12 @@ class Rollouts:
     rewards: Tensor
     ok: Tensor
     score_seconds: float = 0.0
+    episodes: list | None = None
 
     @staticmethod
     def select(parts: Sequence["Rollouts"], chosen: Sequence[tuple[int, int]], G: int) -> "Rollouts":
         """The groups ``(part, group)`` in `chosen`, concatenated in that order (prompt indices renumbered)."""
-        rows, comps, texts, Rs, oks = [], [], [], [], []
+        rows, comps, texts, Rs, oks, eps = [], [], [], [], [], []
         for new_index, (k, i) in enumerate(chosen):
             part, span = parts[k], slice(i * G, (i + 1) * G)
             rows.append(part.rows[i])
@@ -59,7 +61,9 @@ class Rollouts:
             texts += part.texts[span]
             Rs.append(part.rewards[span])
             oks.append(part.ok[span])
-        return Rollouts(rows, comps, texts, torch.cat(Rs), torch.cat(oks), sum(p.score_seconds for p in parts))
+            eps += part.episodes[span] if part.episodes is not None else []
+        return Rollouts(rows, comps, texts, torch.cat(Rs), torch.cat(oks), sum(p.score_seconds for p in parts),
+                        eps if any(p.episodes is not None for p in parts) else None)
 
 
 # ------------------------------------------------------------------------------------- plain layout
@@ -130,12 +134,13 @@ class MicroBatch:
 
 def loss_mask(completions: Sequence[Completion], ok: Tensor, mask_truncated: bool) -> Tensor:
     """``[N, C]`` 1 on each completion's tokens (stop token included), 0 for skipped samples and, with
-    `mask_truncated` (DAPO), for completions cut at max_new_tokens. C = the longest completion (>= 1)."""
+    `mask_truncated` (DAPO), for completions cut at max_new_tokens. C = the longest completion (>= 1).
+    Multi-turn trajectories: 0 on inserted observation tokens (``Completion.sampled_mask``): no loss, no KL."""
     C = max(1, max(len(c.token_ids) for c in completions))
     mask = torch.zeros(len(completions), C)
     for i, c in enumerate(completions):
         if c.token_ids and bool(ok[i]) and not (mask_truncated and c.finish_reason == "length"):
-            mask[i, :len(c.token_ids)] = 1
+            mask[i, :len(c.token_ids)] = 1 if c.sampled_mask is None else torch.tensor(c.sampled_mask, dtype=mask.dtype)
     return mask
 
 
@@ -249,7 +254,7 @@ def dump_rollouts(folder, step: int, rank: int, r: Rollouts, advantages: Tensor)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"step": step, "rank": rank, "rows": r.rows,
            "completions": [{"prompt_index": c.prompt_index, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                            "finish_reason": c.finish_reason} for c in r.completions],
+                            "finish_reason": c.finish_reason, "sampled_mask": c.sampled_mask} for c in r.completions],
            "rewards": [[None if math.isnan(v) else v for v in row] for row in r.rewards.tolist()],
            "ok": r.ok.tolist(), "advantages": advantages.tolist()}
     tmp = path.with_name(path.name + ".tmp")
@@ -271,4 +276,5 @@ def load_rollouts(folder, step: int, rank: int) -> tuple[list[dict], list[Comple
                         "it ran; replay as many steps, with the same process count)")
     with gzip.open(path, "rt") as f:
         doc = json.load(f)
-    return doc["rows"], [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"]) for c in doc["completions"]]
+    return doc["rows"], [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c.get("sampled_mask"))
+                         for c in doc["completions"]]

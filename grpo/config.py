@@ -203,6 +203,28 @@ class RewardSpec:
 
 
 @dataclass
+class ToolSpec:
+    """One tool: a registered name or `package.module:function`; other keys are settings bound to it (not in its schema)."""
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other key of the entry is passed to the tool
+
+
+@dataclass
+class EnvironmentConfig:
+    """Multi-turn rollouts (grpo.environments, grpo.rollout.multiturn); off while `name` is null.
+
+    The whole trajectory (sampled + observation tokens) is limited by rollout.max_new_tokens."""
+    name: Optional[str] = None  # tools (the built-in tool-calling environment), a registered name or package.module:Class
+    tools: list[ToolSpec] = field(default_factory=list)  # for name: tools
+    max_turns: int = 4  # model turns per episode; an episode still asking for more is truncated
+    max_tokens_per_turn: Optional[int] = None  # sampled tokens per turn (null = what is left of the budget)
+    max_observation_tokens: int = 256  # an observation's tokens beyond this are cut
+    stop_strings: list[str] = field(default_factory=lambda: ["</tool_call>"])  # end a turn (besides the stop tokens)
+    tool_timeout_s: Optional[float] = 10.0  # a tool call taking longer answers with a timeout error
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other key is a setting of the environment
+
+
+@dataclass
 class RMConfig:
     """Reward/cost-model training (`grpo rm`, grpo/rm.py). A model whose *_train is null is skipped."""
     usefulness_train: str | None = "data/toyworld/rm_usefulness_train.jsonl"  # prompt, chosen, rejected
@@ -253,6 +275,7 @@ class Recipe:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     rewards: list[RewardSpec] = field(default_factory=list)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -363,9 +386,14 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+KWARG_SPECS = (RewardSpec, ToolSpec, EnvironmentConfig)  # entries whose extra keys are settings (kwargs)
+
+
 def _build(cls, raw: Any, where: str, path: str):
     if raw is None:
         raw = {}
+    if cls is ToolSpec and isinstance(raw, str):  # `tools: [calculator]`
+        raw = {"name": raw}
     if not isinstance(raw, dict):
         raise UserError(f"{where}: '{path or '<top>'}' must be a mapping with keys {', '.join(_field_names(cls))}; got {_show(raw)}")
     hints = typing.get_type_hints(cls)
@@ -375,15 +403,16 @@ def _build(cls, raw: Any, where: str, path: str):
         shown = str(key).encode("unicode_escape").decode()  # keys may hold newlines or control chars
         key_path = f"{path}.{shown}" if path else shown
         if key not in names:
-            if cls is RewardSpec:
-                continue  # extra keys are the reward's kwargs, checked against its signature later
+            if cls in KWARG_SPECS:
+                continue  # extra keys are the reward's (tool's, environment's) kwargs, checked against its signature later
             raise UserError(f"{where}: unknown key '{key_path}'; valid keys{' in ' + path if path else ''}: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], where, key_path)
-    if cls is RewardSpec:
+    if cls in KWARG_SPECS:
         extra = {k: v for k, v in raw.items() if k not in names}
         kwargs["kwargs"] = {**kwargs.get("kwargs", {}), **extra}
-        if "name" not in kwargs:
-            raise UserError(f"{where}: '{path}' needs a 'name' (a registered reward or package.module:function)")
+        if "name" not in kwargs and cls is not EnvironmentConfig:
+            kind = "reward" if cls is RewardSpec else "tool"
+            raise UserError(f"{where}: '{path}' needs a 'name' (a registered {kind} or package.module:function)")
     return cls(**kwargs)
 
 
@@ -457,6 +486,9 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     """Plain dict of the resolved recipe; reward kwargs are flattened back into their entry."""
     d = dataclasses.asdict(recipe)
     d["rewards"] = [{**{k: v for k, v in r.items() if k != "kwargs"}, **r["kwargs"]} for r in d["rewards"]]
+    env = d["environment"]
+    env["tools"] = [{"name": t["name"], **t["kwargs"]} for t in env["tools"]]
+    d["environment"] = {**{k: v for k, v in env.items() if k != "kwargs"}, **env["kwargs"]}
     return d
 
 

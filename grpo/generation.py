@@ -53,11 +53,13 @@ def generate(rollout, prompt_ids: list[list[int]], n: int, params: SamplingParam
 
 
 def decode_and_score(tokenizer, rewards, records: list[dict], completions: list[Completion], stop_ids, *,
-                     on_error: str = "raise") -> tuple[list[str], torch.Tensor, torch.Tensor, float]:
+                     on_error: str = "raise", extra_columns: dict[str, list] | None = None
+                     ) -> tuple[list[str], torch.Tensor, torch.Tensor, float]:
     """Texts (stop tokens dropped), rewards R[N, K], ok[N] and the seconds spent scoring.
 
     Every reward gets the prompt texts, the completion texts, every dataset column of each sample's
-    record and ``completion_ids`` (the reward protocol, DESIGN.md).
+    record and ``completion_ids`` (the reward protocol, DESIGN.md), plus `extra_columns` (one value per completion:
+    a multi-turn episode's turns, grpo.environments.episode_columns).
     """
     stop = set(stop_ids)
     texts = [tokenizer.decode([t for t in c.token_ids if t not in stop], skip_special_tokens=False) for c in completions]
@@ -66,6 +68,7 @@ def decode_and_score(tokenizer, rewards, records: list[dict], completions: list[
         return texts, torch.zeros(len(completions), 0), torch.ones(len(completions), dtype=torch.bool), 0.0
     columns = {k: [row.get(k) for row in rows] for k in records[0] if k not in ("prompt_ids", "prompt_text")}
     columns["completion_ids"] = [c.token_ids for c in completions]
+    columns.update(extra_columns or {})
     t = time.perf_counter()
     R, ok = score(rewards, [row["prompt_text"] for row in rows], texts, columns, on_error=on_error)
     return texts, R, ok, time.perf_counter() - t

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from grpo.config import STAGES, Recipe
 from grpo import rules
+from grpo.environments import EPISODE_COLUMNS
 from grpo.errors import UserError
 from grpo.preflight_io import (TRAIN_STAGES, context_length, context_where, dataset, disk_problems, length_problems,
                                longest_tokens, model_problems, output_problems, source_problems)
@@ -185,7 +186,7 @@ def _train_problems(recipe, world, earlier, cache) -> list[str]:
                           ("grpo.keep_last", 0), ("tracking.log_every", 1), ("tracking.samples_every", 0),
                           ("grpo.epsilon_low", 0.0), ("grpo.epsilon_high", 0.0), ("grpo.beta", 0.0), ("grpo.eps", 0.0),
                           ("grpo.max_grad_norm", 0.0)], positive=["grpo.lr"])
-    p += rules.sampling(recipe.rollout, train=True)
+    p += rules.sampling(recipe.rollout, train=True) + rules.environment(recipe)
     p += _registry_problems(recipe, train=True)
     p += model_problems(recipe, earlier, cache)
     if isinstance(g.resume, str) and g.resume.strip().lower() not in ("", "true", "latest"):
@@ -199,7 +200,7 @@ def _train_problems(recipe, world, earlier, cache) -> list[str]:
     if d.train:
         rows, fmt, bad = dataset(recipe, d.train, "data.train", False, cache)
         p += bad
-        columns = set(rows[0]) | {"completion_ids"} if rows else None
+        columns = set(rows[0]) | {"completion_ids"} | (set(EPISODE_COLUMNS) if recipe.environment.name else set()) if rows else None
         if not bad:
             p += length_problems(recipe, d.train, "data.train", r.max_new_tokens, "rollout.max_new_tokens", cache)
     p += reward_problems(recipe, "train", earlier, columns, "data.train")
@@ -224,7 +225,7 @@ def _eval_problems(recipe, earlier, models, cache) -> list[str]:
     if d.eval:
         rows, fmt, bad = dataset(recipe, d.eval, "data.eval", False, cache)
         p += bad
-        columns = set(rows[0]) | {"completion_ids"} if rows else None
+        columns = set(rows[0]) | {"completion_ids"} | (set(EPISODE_COLUMNS) if recipe.environment.name else set()) if rows else None
         new = e.max_new_tokens or recipe.rollout.max_new_tokens
         if not bad:
             p += length_problems(recipe, d.eval, "data.eval", new, "eval.max_new_tokens" if e.max_new_tokens else "rollout.max_new_tokens", cache)

@@ -8,6 +8,7 @@ differently.
 
 from __future__ import annotations
 
+from grpo.environments import environment_problems
 from grpo.errors import UserError
 
 DATA_FOR_STAGE = {
@@ -108,6 +109,23 @@ def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
         p.append("safety.enabled=true needs a reward with role: safety (a cost model, higher = less safe), e.g. "
                  "{name: runs/x/rm/safety, role: safety}; add one or set safety.enabled=false")
     return p
+
+
+def environment(recipe) -> list[str]:
+    """Multi-turn settings in range; the environment and its tools resolve and fit their contracts (grpo.environments)."""
+    e, p = recipe.environment, []
+    if e.name:
+        if e.max_turns < 1:
+            p.append(f"environment.max_turns={e.max_turns} must be >= 1 (model turns per episode)")
+        if e.max_tokens_per_turn is not None and e.max_tokens_per_turn < 1:
+            p.append(f"environment.max_tokens_per_turn={e.max_tokens_per_turn} must be >= 1 (or null: the rest of rollout.max_new_tokens)")
+        if e.max_observation_tokens < 1:
+            p.append(f"environment.max_observation_tokens={e.max_observation_tokens} must be >= 1")
+        if e.tool_timeout_s is not None and not e.tool_timeout_s > 0:
+            p.append(f"environment.tool_timeout_s={e.tool_timeout_s} must be > 0 (or null: no limit)")
+        if any(not s for s in e.stop_strings):
+            p.append("environment.stop_strings holds an empty string; remove it")
+    return p + environment_problems(e)
 
 
 def finite_numbers(recipe) -> list[str]:

@@ -85,7 +85,7 @@ def check_recipe(recipe: Recipe, world: int) -> None:
     rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data)
                       + rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
                       + rules.run_management(recipe.grpo, recipe.data)
-                      + rules.sampling(recipe.rollout, train=True)
+                      + rules.sampling(recipe.rollout, train=True) + rules.environment(recipe)
                       + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled))
 
 

@@ -39,12 +39,14 @@ from grpo.advantages import reward_and_cost_advantages
 from grpo.batch import (MicroBatch, Rollouts, dump_rollouts, load_rollouts, loss_mask, micro_batches, split_rows,
                         split_to_count)
 from grpo.config import Recipe
+from grpo.environments import episode_columns, rollout_episodes
 from grpo.errors import Interrupted, UserError
 from grpo.generation import decode_and_score, generate, sampling_params
 from grpo.losses import policy_loss, rollout_correction
 from grpo.metrics import console_line, curves, mean_dicts, reduce_metrics, reward_metrics, token_means
 from grpo.modeling import reference_context
 from grpo.prefix import supports_training
+from grpo.rollout.multiturn import episode_metrics
 from grpo.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
 
             # Log
             n_tok = sum(len(c.token_ids) for c in rollouts.completions)
+            metrics.update(episode_metrics(rollouts.episodes or [], rollouts.completions))
             metrics.update({**reward_metrics(rollouts.rewards, s.rewards), **adv_metrics, **mean_dicts(loss_metrics),
                             **token_means(loss_metrics, s.accelerator),
                             "completion_len": n_tok / len(rollouts.completions),
@@ -178,11 +181,16 @@ def rollout_round(s: TrainState, indices: list[int], step: int, round_: int) -> 
              if s.recipe.rollout.seed_per_prompt else None)
     was_training = s.policy.training
     s.policy.eval()
+    episodes = None
     with runtime.gathered_parameters(s.policy, s.zero_stage):  # ZeRO-3: full weights per rank while generating
-        comps = generate(s.rollout, [row["prompt_ids"] for row in rows], G, params, seeds)
+        if s.recipe.environment.name:  # multi-turn: each completion is a whole trajectory (grpo.rollout.multiturn)
+            comps, episodes = rollout_episodes(s.recipe.environment, s.rollout, s.tok, rows, G, params, seeds)
+        else:
+            comps = generate(s.rollout, [row["prompt_ids"] for row in rows], G, params, seeds)
     s.policy.train(was_training)
-    texts, R, ok, seconds = decode_and_score(s.tok, s.rewards, rows, comps, params.stop_token_ids, on_error=s.recipe.grpo.on_reward_error)
-    return Rollouts(rows, comps, texts, R, ok, seconds)
+    texts, R, ok, seconds = decode_and_score(s.tok, s.rewards, rows, comps, params.stop_token_ids, on_error=s.recipe.grpo.on_reward_error,
+                                             extra_columns=episode_columns(episodes))
+    return Rollouts(rows, comps, texts, R, ok, seconds, episodes)
 
 
 def informative_groups(r: Rollouts, rewards, G: int) -> list[int]:

@@ -1,9 +1,9 @@
 """Reward functions: protocol, registry and built-ins (see `rewards.registry`).
 
-Importing this package registers the built-in rewards of `rewards.verifiable`.
+Importing this package registers the built-in rewards of `rewards.verifiable` and `rewards.environment`.
 """
 
-from rewards import verifiable  # noqa: F401  (registers the built-ins)
+from rewards import environment, verifiable  # noqa: F401  (registers the built-ins)
 from rewards.registry import (
     REWARDS,
     RewardError,

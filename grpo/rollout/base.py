@@ -83,6 +83,9 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: str  # "stop" | "length"
+    # multi-turn trajectories (grpo.rollout.multiturn): 1 where token_ids[t] was sampled, 0 where it was inserted
+    # (an observation: no loss, no KL; its logprob is 0.0); None = every token was sampled
+    sampled_mask: list[int] | None = None
 
 
 class Rollout(ABC):
