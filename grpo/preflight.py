@@ -35,13 +35,12 @@ grpo/rules.py, called by both.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import logging
 import os
 from pathlib import Path
 
-from grpo.config import STAGES, Recipe
+from grpo.config import STAGES, Recipe, unconstrained
 from grpo import rules
 from grpo.environments import EPISODE_COLUMNS
 from grpo.errors import UserError
