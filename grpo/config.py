@@ -1,7 +1,7 @@
 """Recipe configuration: one small dataclass per YAML section.
 
 A recipe is a YAML mapping whose top-level keys are the sections below (`run`, `model`, `data`,
-`sft`, `rollout`, `grpo`, `safety`, `rewards`, `rm`, `eval`, `tracking`); keys inside a
+`sft`, `rollout`, `grpo`, `safety`, `constraints`, `rewards`, `environment`, `rm`, `eval`, `tracking`); keys inside a
 section are the dataclass field names. Unknown or mistyped keys, wrong types and YAML errors raise
 `UserError` with one line naming the file, the key path and the valid keys. Command-line overrides
 `a.b=value` (value parsed as YAML, so `grpo.lr=1e-5`, `run.stages=[sft,eval]`, `rewards.0.weight=2`)
@@ -146,6 +146,9 @@ class GRPOConfig:
     importance_level: Literal["token", "sequence"] = "token"  # sequence = GSPO
     scale: str = "group"  # advantage scaling: group | batch | none (Dr. GRPO)
     reward_mode: str = "sum"  # sum | normalize_then_sum (GDPO)
+    # with costs (constraints): separate = normalise the reward and each cost per group, then combine
+    # (A_r - sum lam_k A_k) / (1 + sum lam_k); scalarized = combine r - sum lam_k c_k, then normalise once
+    constraint_scheme: Literal["separate", "scalarized"] = "separate"
     eps: float = 1e-4  # added to the std when normalising advantages
     # DAPO dynamic sampling: drop groups whose G rewards are all equal (no learning signal) and refill the
     # batch with fresh prompts, at most max_generation_rounds generation rounds per step
@@ -188,6 +191,25 @@ class SafetyConfig:
     # cost barely varies (all safe) get ~0 instead of amplified noise, groups with a real safe/unsafe
     # split get ~unit scale like the reward advantages
     cost_std_floor: float = 1.0
+
+
+@dataclass
+class ConstraintSpec:
+    """One constraint: E[c] <= threshold (kind mean) or P(c > 0) <= threshold (kind rate), c the value of the reward it
+    names (a cost: higher is worse; it leaves the reward sum). Each has its own Lagrange multiplier."""
+    reward: str = ""  # the constrained reward: its name in `rewards`, as written or as logged (e.g. safety, completion_tokens)
+    threshold: float = 0.0  # the budget d
+    kind: Literal["mean", "rate"] = "mean"  # mean: E[c] <= d; rate: P(c > 0) <= d (a chance constraint)
+    # what enters the advantage: auto = the indicator c > 0 for kind rate (how far below 0 a safe sample's cost lies
+    # then does not matter), the cost itself for kind mean; cost / indicator force one
+    signal: Literal["auto", "cost", "indicator"] = "auto"
+    lambda_init: float = 1.0  # initial multiplier
+    lambda_lr: float = 0.05  # each step: log(lambda) += lambda_lr * (measured - threshold)
+    lambda_max: float = 20.0  # upper clamp of lambda
+    delay: int = 0  # steps before lambda starts to move
+    # grpo.constraint_scheme separate: the cost's advantage is (c - group mean) / (group std + std_floor)
+    std_floor: float = 1.0
+    name: str | None = None  # in metrics (lambda/<name>), the report and eval; default: the reward's logged name
 
 
 @dataclass
@@ -274,6 +296,7 @@ class Recipe:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    constraints: list[ConstraintSpec] = field(default_factory=list)
     rewards: list[RewardSpec] = field(default_factory=list)
     environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -283,6 +306,58 @@ class Recipe:
 
 # train_unconstrained: GRPO with safety.enabled=false, for comparison with the constrained `train` run
 STAGES = ("sft", "rm", "train_unconstrained", "train", "eval", "rollout")
+
+
+# ---------------------------------------------------------------------------------------- constraints
+def reward_label(name: str) -> str:
+    """How a reward is logged: a registered name as is, a dotted path's function, a model folder's last part."""
+    name = name.removeprefix("hf:")
+    return name.rsplit(":", 1)[1] if ":" in name else name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def constraint_list(recipe: Recipe) -> list[ConstraintSpec]:
+    """The run's constraints: `constraints`, or the old `safety` section (when enabled) as one constraint named
+    safety on the role: safety reward (constrain: violation_rate = kind rate, mean_cost = kind mean; the cost itself enters
+    the advantage in both, as it always did there)."""
+    sc = recipe.safety
+    if not sc.enabled or recipe.constraints:
+        return list(recipe.constraints)
+    cost = next((r.name for r in recipe.rewards if r.role == "safety"), "")
+    return [ConstraintSpec(reward=cost, threshold=sc.cost_threshold, kind="rate" if sc.constrain == "violation_rate" else "mean", signal="cost",
+                           lambda_init=sc.lambda_init, lambda_lr=sc.lambda_lr, lambda_max=sc.lambda_max, delay=sc.lambda_delay,
+                           std_floor=sc.cost_std_floor, name="safety")]
+
+
+def constraint_rewards(rewards: list[RewardSpec], ref: str) -> list[int]:
+    """Indices of the rewards a constraint's `reward` names: by the name as written, else by the logged name."""
+    exact = [i for i, r in enumerate(rewards) if r.name == ref]
+    return exact or [i for i, r in enumerate(rewards) if reward_label(r.name) == ref]
+
+
+def cost_signal_of(c: ConstraintSpec) -> str:
+    """What a constraint puts into the advantage (grpo.advantages.cost_signal): "cost" or "indicator"."""
+    return c.signal if c.signal != "auto" else "indicator" if c.kind == "rate" else "cost"
+
+
+def resolved_constraints(recipe: Recipe) -> list[tuple[str, ConstraintSpec, int]]:
+    """(name, constraint, index of its reward in `rewards`) for every constraint of the run (grpo.rules.constraints
+    has checked that each names exactly one reward)."""
+    out = []
+    for c in constraint_list(recipe):
+        hits = constraint_rewards(recipe.rewards, c.reward)
+        if len(hits) != 1:
+            raise UserError(f"constraint on reward {c.reward!r}: it names {len(hits)} rewards, it must name exactly one")
+        out.append((c.name or reward_label(recipe.rewards[hits[0]].name), c, hits[0]))
+    return out
+
+
+def unconstrained(recipe: Recipe) -> Recipe:
+    """The same recipe without constraints (the pipeline's train_unconstrained baseline): every cost (role: safety or
+    a constrained reward) is still scored and logged, with weight 0."""
+    costs = {i for c in constraint_list(recipe) for i in constraint_rewards(recipe.rewards, c.reward)}
+    return dataclasses.replace(recipe, safety=dataclasses.replace(recipe.safety, enabled=False), constraints=[],
+                               rewards=[dataclasses.replace(r, weight=0.0) if r.role == "safety" or i in costs else r
+                                        for i, r in enumerate(recipe.rewards)])
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -132,10 +132,10 @@ def recipe_reference() -> str:
     queue = [(f.name, hints[f.name]) for f in dataclasses.fields(config.Recipe)]
     while queue:
         name, hint = queue.pop(0)
-        if typing.get_origin(hint) is list:  # `rewards`: a list of entries
+        if typing.get_origin(hint) is list:  # `rewards`, `constraints`: lists of entries
             (cls,) = typing.get_args(hint)
             intro = (f"A list; each entry is one reward. {_doc(cls)} Keys of an entry other than the ones below are passed "
-                     f"to the reward function as keyword arguments.")
+                     f"to the reward function as keyword arguments." if cls is config.RewardSpec else f"A list; each entry: {_doc(cls)}")
         else:
             cls, intro = hint, _doc(hint)
         rows, nested = section_table(cls, name)

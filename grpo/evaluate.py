@@ -16,7 +16,9 @@ Keys of results.json: `models` (list, in order) and `results` {model label: metr
 - safety, when the data has a `category` column (`harmful` marks prompts that must be refused):
   `unsafe_compliance`: fraction of harmful prompts answered without refusing;
   `over_refusal`: fraction of the other prompts refused. Refusal is the data's rule
-  (`rewards.verifiable.is_refusal`: the completion contains "sorry"), not a trained model.
+  (`rewards.verifiable.is_refusal`: the completion contains "sorry"), not a trained model;
+- each constraint of the recipe (`constraints:`, or the `safety:` section as `safety`): `constraint/<name>`, its
+  measure held out (mean cost, or fraction with cost > 0), and `constraint/<name>_ok` (within its threshold).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from grpo import rules, runtime
-from grpo.config import Recipe
+from grpo.config import Recipe, resolved_constraints
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.errors import UserError
 from grpo.modeling import fp32_output_layer, load_model, load_tokenizer, whole_weights
@@ -82,7 +84,19 @@ def evaluate_policy(recipe: Recipe, rollout, tok, records: list[dict], rewards) 
             comps.append(c)
     texts, R, _, _ = decode_and_score(tok, rewards, records, comps, params.stop_token_ids)
     samples = [(records[comps[i].prompt_index]["prompt_text"], texts[i]) for i in range(0, len(comps), k)]
-    return metrics_from(records, comps, texts, R, rewards, k, accuracy_kwargs(recipe)), samples
+    m = metrics_from(records, comps, texts, R, rewards, k, accuracy_kwargs(recipe))
+    return {**m, **constraint_metrics(recipe, R, list(range(0, len(comps), k)))}, samples
+
+
+def constraint_metrics(recipe: Recipe, R: torch.Tensor, first: list[int]) -> dict:
+    """Each constraint held out: `constraint/<name>` (its cost's mean, or the fraction of samples with cost > 0, over
+    the first sample of every prompt; NaN counts as 0, as in training) and `constraint/<name>_ok` (<= its threshold)."""
+    m = {}
+    for name, c, col in resolved_constraints(recipe):
+        cost = torch.nan_to_num(R[first, col].double(), nan=0.0)
+        value = float((cost > 0).double().mean() if c.kind == "rate" else cost.mean()) if first else float("nan")
+        m[f"constraint/{name}"], m[f"constraint/{name}_ok"] = value, value <= c.threshold
+    return m
 
 
 def accuracy_kwargs(recipe: Recipe) -> dict | None:

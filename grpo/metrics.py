@@ -80,7 +80,8 @@ def console_line(step: int, steps: int, m: dict[str, float], rewards) -> str:
     """One line per step: rewards, KL, clipping, zero-std groups, length, speed, where time went."""
     parts = [f"step {step}/{steps}", f"reward {m['reward']:.3f}"]
     parts += [f"{x.name} {m[x.name]:.3f}" for x in rewards if not math.isnan(m[x.name])]
-    for key, fmt in (("kl", "kl {:.4f}"), ("lambda", "lam {:.3f}"), ("unsafe_rate", "unsafe {:.3f}"), ("clip_frac", "clip {:.3f}"),
+    parts += [f"lam[{k[7:]}] {m[k]:.3f}" for k in m if k.startswith("lambda/")]  # each constraint's multiplier
+    for key, fmt in (("kl", "kl {:.4f}"), ("unsafe_rate", "unsafe {:.3f}"), ("clip_frac", "clip {:.3f}"),
                      ("zero_std_frac", "zero-std {:.2f}"), ("adv_abs_mean", "|A| {:.3f}"), ("completion_len", "len {:.1f}"),
                      ("eval/accuracy", "eval acc {:.3f}")):
         if key in m and not math.isnan(m[key]):

@@ -8,13 +8,12 @@ rewards point at, so it must come before `train`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
 
-from grpo.config import STAGES, Recipe
+from grpo.config import STAGES, Recipe, unconstrained
 from grpo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,9 @@ def run_stage(recipe: Recipe, stage: str, model_path: str | None = None, *, mode
         from grpo.rm import run_rm
         run_rm(recipe)
         return model_path
-    if stage == "train_unconstrained":  # a baseline: same recipe without the safety constraint
+    if stage == "train_unconstrained":  # a baseline: same recipe without the constraints (costs scored and logged, weight 0)
         from grpo.trainer import run_grpo
-        unconstrained = dataclasses.replace(  # the cost is still scored and logged, but carries no weight
-            recipe, safety=dataclasses.replace(recipe.safety, enabled=False),
-            rewards=[dataclasses.replace(r, weight=0.0) if r.role == "safety" else r for r in recipe.rewards])
-        run_grpo(unconstrained, model_path, stage="train_unconstrained")
+        run_grpo(unconstrained(recipe), model_path, stage="train_unconstrained")
         return model_path
     if stage == "train":
         from grpo.trainer import run_grpo

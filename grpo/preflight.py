@@ -142,8 +142,8 @@ def _stage_problems(recipe, stage, world, earlier, models, cache) -> list[str]:
     if stage == "sft":
         p += _sft_problems(recipe, earlier, cache)
     elif stage in TRAIN_STAGES or stage == "rollout":
-        if stage != "train":  # the pipeline's baseline run: the same recipe without the safety constraint
-            recipe = dataclasses.replace(recipe, safety=dataclasses.replace(recipe.safety, enabled=False))
+        if stage != "train":  # the pipeline's baseline run: the same recipe without the constraints
+            recipe = unconstrained(recipe)
         p += _train_problems(recipe, world, earlier, cache)
     elif stage == "eval":
         p += _eval_problems(recipe, earlier, models, cache)

@@ -20,7 +20,7 @@ def reward_problems(recipe, stage: str, earlier, columns: set | None, data_key: 
     p = []
     for i, spec in enumerate(recipe.rewards):
         p += _one_reward(recipe, i, spec, earlier, columns, data_key)
-    return p + rules.reward_roles(recipe.rewards, stage=stage, safety_enabled=recipe.safety.enabled)
+    return p + rules.reward_roles(recipe.rewards, stage=stage, safety_enabled=recipe.safety.enabled) + rules.constraints(recipe)
 
 
 def _one_reward(recipe, i, spec, earlier, columns, data_key) -> list[str]:

@@ -5,8 +5,9 @@
 `write_report(run_dir)` reads whatever exists under `run_dir` and skips what does not:
 - `sft/metrics.jsonl` (loss, eval_loss, lr per step),
 - `rm/results.json` and `rm/logs/<model>/metrics.jsonl` (reward / cost models, before and after),
-- `train/metrics.jsonl` (reward, one key per reward name with `<name>_none_frac` beside it, kl, lambda,
-  cost, completion_len, clip_frac, tokens_per_s, time_* ...), `train/samples.jsonl` (rows `{step, prompt,
+- `train/metrics.jsonl` (reward, one key per reward name with `<name>_none_frac` beside it, kl, cost,
+  unsafe_rate, per constraint `lambda/<name>` and `constraint/<name>` (drawn against the thresholds of
+  `train/config.yaml`), completion_len, clip_frac, tokens_per_s, time_* ...), `train/samples.jsonl` (rows `{step, prompt,
   completion, <reward names>..., advantage}`), `train/config.yaml`,
 - `eval/results.json` (`grpo.evaluate`: `models` [{label, path}] and `results` {label: metrics}), and
   `eval/samples.jsonl` if present (rows `{model, prompt, completion, ...}`: the same held-out prompts
@@ -27,6 +28,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from grpo.config import reward_label
 from grpo.tracking import plot_curves
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ EVAL_NOTES = {
     "completion_len": "mean completion length in tokens",
     "truncated_frac": "fraction of completions cut at max_new_tokens",
 }
-TRAIN_PANELS = ["kl", "lambda", "cost", "unsafe_rate", "completion_len", ("clip_frac", "clip_frac_low", "clip_frac_high")]
+TRAIN_PANELS = ["kl", "cost", "unsafe_rate", "completion_len", ("clip_frac", "clip_frac_low", "clip_frac_high")]
 SPEED_PANELS = ["tokens_per_s", ("time_rollout", "time_score", "time_logprobs", "time_train")]
 PANEL_TITLES = {"clip_frac": "fraction of tokens with a clipped ratio", "time_rollout": "seconds per step, by phase",
                 "lambda": "Lagrange multiplier λ (safety)", "unsafe_rate": "fraction of completions with cost > 0"}
@@ -133,9 +135,11 @@ def summary(sft: list[dict], train: list[dict], evals: dict | None, rm: dict | N
         g = train_cfg.get("grpo") or {}
         setup = ", ".join(f"{k} {g[k]}" for k in ("prompts_per_step", "num_generations", "lr", "beta", "loss_type") if k in g)
         spans = [f"{k} {_span(train, k)}" for k in ["reward", *reward_names(train)] if _values(train, k)]
-        others = [f"{k} {_span(train, k)}" for k in ("kl", "lambda", "cost", "completion_len") if _values(train, k)]
+        cons = constraint_lines(train, train_cfg)  # each multiplier there; an older run's lambda here
+        others = [f"{k} {_span(train, k)}" for k in ("kl", "lambda", "cost", "completion_len") if _values(train, k) and not (cons and k == "lambda")]
         lines.append(f"- **GRPO**: {len(train)} steps{' (' + setup + ')' if setup else ''}")
         lines += [f"  - {'; '.join(x)}" for x in (spans, others) if x]
+        lines += cons
     if evals and evals.get("results"):
         res = evals["results"]
         for key in ("accuracy", "unsafe_compliance", "over_refusal"):
@@ -216,12 +220,56 @@ def rm_section(run_dir: Path, rm: dict | None) -> list[str]:
     return out if len(out) > 1 else []
 
 
+def constraints_of(cfg: dict) -> list[dict]:
+    """{name, kind, threshold, lambda_max} of each constraint in a saved train/config.yaml (`constraints:`, or the old
+    `safety:` section as one constraint named safety)."""
+    out = []
+    for c in cfg.get("constraints") or []:
+        if isinstance(c, dict) and c.get("reward"):
+            out.append({"name": c.get("name") or reward_label(str(c["reward"])), "kind": c.get("kind", "mean"),
+                        "threshold": c.get("threshold", 0.0), "lambda_max": c.get("lambda_max", 20.0)})
+    safety = cfg.get("safety") or {}
+    if not out and safety.get("enabled"):
+        out.append({"name": "safety", "kind": "rate" if safety.get("constrain") == "violation_rate" else "mean",
+                    "threshold": safety.get("cost_threshold", 0.0), "lambda_max": safety.get("lambda_max", 20.0)})
+    return out
+
+
+def constraint_lines(train: list[dict], cfg: dict) -> list[str]:
+    """Per constraint: measured first → last against the threshold, lambda first → last, steps with lambda at its cap."""
+    lines = []
+    for c in constraints_of(cfg):
+        lam = _values(train, f"lambda/{c['name']}") or _values(train, "lambda")
+        if not lam:
+            continue
+        capped = sum(v >= c["lambda_max"] * (1 - 1e-9) for v in lam) if _is_num(c["lambda_max"]) else 0
+        measured = f"constraint/{c['name']}"
+        lines.append(f"  - constraint **{c['name']}** ({'P(cost > 0)' if c['kind'] == 'rate' else 'mean cost'} <= {_fmt(c['threshold'])}): "
+                     + (f"measured {_span(train, measured)}; " if _values(train, measured) else "")
+                     + f"λ {_fmt(lam[0])} → {_fmt(lam[-1])}, at its cap {_fmt(c['lambda_max'])} in {capped} of {len(lam)} steps")
+    return lines
+
+
+def constraint_figures(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
+    """One panel per constraint (its measure against the threshold) and one with every constraint's lambda."""
+    cons = [c for c in constraints_of(cfg) if _values(train, f"constraint/{c['name']}")]
+    if not cons:
+        return []
+    panels = [f"constraint/{c['name']}" for c in cons] + [tuple(f"lambda/{c['name']}" for c in cons)]
+    titles = {f"constraint/{c['name']}": f"{c['name']}: {'fraction with cost > 0' if c['kind'] == 'rate' else 'mean cost'}"
+              for c in cons}
+    titles[f"lambda/{cons[0]['name']}"] = "Lagrange multipliers λ"
+    hlines = {f"constraint/{c['name']}": (float(c["threshold"]), "threshold") for c in cons if _is_num(c["threshold"])}
+    return figures(run_dir, "constraints", train, panels, "GRPO constraints", titles, hlines)
+
+
 def train_section(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
     names = reward_names(train)
     safety = cfg.get("safety") or {}
     threshold = safety.get("cost_threshold")
-    bounded = "unsafe_rate" if safety.get("constrain") == "violation_rate" else "cost"  # what the constraint bounds
+    bounded = "unsafe_rate" if safety.get("constrain") == "violation_rate" else "cost"  # what the old safety section bounds
     hlines = {bounded: (float(threshold), "constraint threshold")} if _is_num(threshold) and safety.get("enabled") else None
+    panels = TRAIN_PANELS if any("lambda/" in k for row in train[:1] for k in row) else ["lambda", *TRAIN_PANELS]  # older runs
     titles = {n: f"reward: {n}" for n in names}
     out = ["## GRPO training\n",
            "Faint lines are per-step values, bold lines their moving average over ~1/10 of the steps. "
@@ -230,7 +278,8 @@ def train_section(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
     held_out = [k for k in dict.fromkeys(k for r in train for k in r) if k.startswith("eval/") and k.count("/") <= 2
                 and k not in ("eval/truncated_frac", "eval/completion_len")]  # grpo.eval_every: held-out eval on the live policy
     out += figures(run_dir, "eval_during_training", train, held_out, "held-out eval during training (grpo.eval_every)")
-    out += figures(run_dir, "training", train, TRAIN_PANELS, "GRPO policy and constraint", PANEL_TITLES, hlines)
+    out += figures(run_dir, "training", train, panels, "GRPO policy and costs", PANEL_TITLES, hlines)
+    out += constraint_figures(run_dir, train, cfg)
     out += figures(run_dir, "speed", train, SPEED_PANELS, "GRPO speed", PANEL_TITLES)
     times = {k: _mean(_values(train, k)) for k in ("time_rollout", "time_score", "time_logprobs", "time_train", "time_step")}
     if times["time_step"]:

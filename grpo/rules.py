@@ -8,6 +8,7 @@ differently.
 
 from __future__ import annotations
 
+from grpo.config import constraint_list, constraint_rewards, reward_label
 from grpo.environments import environment_problems
 from grpo.errors import UserError
 
@@ -108,6 +109,46 @@ def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
     if stage == "train" and safety_enabled and n_safety == 0:
         p.append("safety.enabled=true needs a reward with role: safety (a cost model, higher = less safe), e.g. "
                  "{name: runs/x/rm/safety, role: safety}; add one or set safety.enabled=false")
+    return p
+
+
+def constraints(recipe) -> list[str]:
+    """Each constraint names exactly one reward and has settings in range; names are distinct; the old `safety`
+    section and `constraints` are not mixed; the scalarized scheme combines raw rewards (reward_mode sum)."""
+    p = []
+    if recipe.safety.enabled and recipe.constraints:
+        p.append("safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, e.g. "
+                 "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section")
+        return p
+    names, rewards = [], recipe.rewards
+    known = ", ".join(dict.fromkeys(reward_label(r.name) for r in rewards)) or "none"
+    for i, c in enumerate(constraint_list(recipe)):
+        at = f"constraints.{i}" if recipe.constraints else "safety"
+        hits = constraint_rewards(rewards, c.reward) if c.reward else []
+        if not c.reward:
+            p.append(f"{at} needs reward: the name of the constrained entry of rewards (rewards: {known})")
+        elif not hits:
+            p.append(f"{at}.reward={c.reward!r} names no reward of the recipe; rewards: {known}")
+        elif len(hits) > 1:
+            p.append(f"{at}.reward={c.reward!r} names {len(hits)} rewards (rewards.{hits[0]}, rewards.{hits[1]}); use the name as "
+                     "written in rewards, or make the rewards' names distinct")
+        names.append(c.name or (reward_label(rewards[hits[0]].name) if len(hits) == 1 else c.reward))
+        if c.kind == "rate" and not 0 <= c.threshold <= 1 and recipe.constraints:  # (the old safety section never checked it)
+            p.append(f"{at}: threshold={c.threshold} bounds a rate P(cost > 0): give a fraction in [0, 1]")
+        if c.kind == "mean" and c.signal == "indicator":
+            p.append(f"{at}: signal=indicator puts P(cost > 0) into the advantage while lambda follows the mean cost (kind mean); "
+                     "use kind: rate, or signal: auto")
+        if not 0 < c.lambda_init <= c.lambda_max:
+            p.append(f"{at}: lambda_init={c.lambda_init} must be > 0 and <= lambda_max={c.lambda_max}")
+        for key in ("lambda_lr", "delay", "std_floor"):
+            if getattr(c, key) < 0:
+                p.append(f"{at}: {key}={getattr(c, key)} must be >= 0")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        p.append(f"constraints: the name {dup[0]!r} is used twice; give each constraint a distinct name: (e.g. name: {dup[0]}_rate)")
+    if names and recipe.grpo.constraint_scheme == "scalarized" and recipe.grpo.reward_mode != "sum":
+        p.append(f"grpo.constraint_scheme=scalarized combines raw rewards and costs before one normalisation: it needs "
+                 f"grpo.reward_mode=sum (got {recipe.grpo.reward_mode}); or use constraint_scheme=separate")
     return p
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from grpo.config import RewardSpec
+from grpo.config import RewardSpec, reward_label
 from grpo.errors import UserError
 from grpo.rules import raise_first
 
@@ -35,8 +35,7 @@ class Reward:
 
 def _label(spec: RewardSpec, i: int) -> str:
     """Metric name of a reward: a registered name, a dotted path's function, a model folder's name."""
-    name = spec.name.removeprefix("hf:")
-    return name.rsplit(":", 1)[1] if ":" in name else name.rstrip("/").rsplit("/", 1)[-1]
+    return reward_label(spec.name)
 
 
 def build_rewards(specs: list[RewardSpec], *, device=None, load_models: bool = True, output_dir: str | None = None) -> list[Reward]:

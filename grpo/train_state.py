@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo import checkpoint, rules, runtime
-from grpo.advantages import LagrangeMultiplier
-from grpo.config import Recipe, recipe_to_dict, save_recipe
+from grpo.advantages import LagrangeMultiplier, load_multipliers, multipliers_state_dict
+from grpo.config import Recipe, recipe_to_dict, resolved_constraints, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.errors import UserError
 from grpo.memory import format_budget, memory_budget
@@ -58,7 +58,7 @@ class TrainState:
     scheduler: object
     rollout: object
     sampler: Sampler
-    multiplier: LagrangeMultiplier | None
+    multipliers: dict[str, LagrangeMultiplier]  # one per constraint, by name ({} = unconstrained)
     tracker: Tracker
     per_rank: int
     n_micro: int
@@ -86,7 +86,8 @@ def check_recipe(recipe: Recipe, world: int) -> None:
                       + rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
                       + rules.run_management(recipe.grpo, recipe.data)
                       + rules.sampling(recipe.rollout, train=True) + rules.environment(recipe)
-                      + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled))
+                      + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled)
+                      + rules.constraints(recipe))
 
 
 def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
@@ -134,12 +135,14 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     policy = accelerator.unwrap_model(model)
     if gen_model is not None:
         gen_model.to(accelerator.device)
-    sc = recipe.safety
-    multiplier = LagrangeMultiplier.from_lambda(sc.lambda_init, lr=sc.lambda_lr, threshold=sc.cost_threshold, lam_max=sc.lambda_max,
-                                                delay_steps=sc.lambda_delay) if sc.enabled else None
+    constraints = resolved_constraints(recipe)
+    for _, _, col in constraints:  # a constrained reward is a cost: never part of the reward sum, whatever its weight
+        rewards[col].weight = 0.0
+    multipliers = {name: LagrangeMultiplier.from_lambda(c.lambda_init, lr=c.lambda_lr, threshold=c.threshold, lam_max=c.lambda_max,
+                                                        delay_steps=c.delay) for name, c, _ in constraints}
     state = TrainState(recipe, out, accelerator, zero_stage, tok, prompts, rewards, model, policy, gen_model, ref, optimizer, scheduler,
                        make_backend(recipe.rollout, gen_model or policy, tok),
-                       Sampler(len(prompts), run.seed, accelerator.process_index, world), multiplier, None, per_rank, n_micro, total)
+                       Sampler(len(prompts), run.seed, accelerator.process_index, world), multipliers, None, per_rank, n_micro, total)
     if resume_from:
         state.start = restore(state, resume_from)
         log.info("resumed from %s at step %d", resume_from, state.start)
@@ -179,7 +182,7 @@ def save(s: TrainState, step: int) -> None:
         state = {"step": step, "optimizer": optim if s.fsdp else None if zero else s.optimizer.state_dict(),
                  "optimizer_by_name": s.fsdp, "scheduler": s.scheduler.state_dict(), "rng": checkpoint.rng_state(),
                  "sampler": {"order": sampler.order, "epoch": sampler.epoch, "rng": sampler.rng.getstate()},
-                 "lagrange": s.multiplier.state_dict() if s.multiplier else None, "world_size": s.world, "zero_stage": zero,
+                 "lagrange": multipliers_state_dict(s.multipliers) if s.multipliers else None, "world_size": s.world, "zero_stage": zero,
                  "best": s.best}
         checkpoint.save_checkpoint(out, step, s.policy, s.tok, state, s.recipe.grpo.keep_last, weights=weights, started=bool(zero))
     acc.wait_for_everyone()
@@ -205,8 +208,14 @@ def restore(s: TrainState, path: Path) -> int:
     rng = saved_sampler["rng"]
     sampler.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
     s.best = state.get("best")
-    if s.multiplier is not None and state.get("lagrange"):
-        s.multiplier.load_state_dict(state["lagrange"])
+    if s.multipliers and state.get("lagrange"):
+        try:  # {name: state}; a checkpoint from before several constraints holds one multiplier's state
+            load_multipliers(s.multipliers, state["lagrange"])
+        except ValueError as e:
+            raise UserError(f"checkpoint {path}: {e}; resume with the recipe's constraints as they were, or start fresh "
+                            "(grpo.resume=false)") from None
+    elif s.multipliers:
+        log.warning("checkpoint %s holds no Lagrange multipliers: the constraints start from lambda_init", path)
     if s.zero_stage:
         _restore_deepspeed(s.model, path, state, s.world)
     return int(state["step"])

@@ -228,6 +228,13 @@ def length_reward(
     return [-min(abs(length - centre) / scale, 1.0) for length in _lengths(kwargs, "length", len(completions))]
 
 
+@register_reward("completion_tokens")
+def completion_tokens_cost(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The number of completion tokens (``completion_ids``, the stop token included): a cost for a length budget,
+    e.g. ``constraints: [{reward: completion_tokens, kind: mean, threshold: 24}]`` (mean tokens <= 24)."""
+    return [float(n) for n in _lengths(kwargs, "completion_tokens", len(completions))]
+
+
 # ----------------------------------------------------------------------------------------
 # repetition
 

@@ -1,0 +1,251 @@
+"""Several constraints (recipe section `constraints:`): config and rules, the old `safety:` section as one
+constraint, both advantage schemes end to end against a hand computation from the logged samples, each
+multiplier's dual step (mean and rate, delay, clamp), and exact resume of several multipliers (old checkpoints too)."""
+import dataclasses
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from grpo import checkpoint, rules
+from grpo.config import constraint_list, load_recipe, resolved_constraints, unconstrained
+from grpo.errors import Interrupted, UserError
+from grpo.trainer import run_grpo
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+REWARDS = ("rewards=[{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}, "
+           "{name: completion_tokens}]")
+# a rate constraint on the safety cost (delayed one step) and a length budget that the first steps exceed (lambda hits its cap)
+TWO = ("constraints=[{reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_init: 0.5, lambda_lr: 1.0, lambda_max: 4.0, "
+       "delay: 1, name: unsafe}, {reward: completion_tokens, kind: mean, threshold: 6.0, lambda_init: 1.0, lambda_lr: 0.5, "
+       "lambda_max: 3.0, std_floor: 2.0, name: length}]")
+
+
+def recipe(tmp_path, model=None, *extra):
+    base = [f"run.output_dir={tmp_path}", "run.threads=1", "tracking.log_every=1", "safety.enabled=false",
+            "grpo.prompts_per_step=4", "grpo.num_generations=2", "rollout.max_new_tokens=8"]
+    return load_recipe(QUICKSTART, base + ([f"model.name_or_path={model}"] if model else []) + list(extra))
+
+
+def problems(tmp_path, *extra):
+    return rules.constraints(recipe(tmp_path, None, *extra))
+
+
+def history(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------- config and rules
+def test_constraints_section_loads(tmp_path):
+    r = recipe(tmp_path, None, REWARDS, TWO)
+    assert [(c.reward, c.kind, c.threshold, c.name) for c in r.constraints] == [
+        ("odd_first_token_cost", "rate", 0.3, "unsafe"), ("completion_tokens", "mean", 6.0, "length")]
+    assert r.constraints[1].std_floor == 2.0 and r.constraints[0].delay == 1 and r.constraints[0].signal == "auto"
+    assert [(name, col) for name, _, col in resolved_constraints(r)] == [("unsafe", 1), ("length", 2)]
+    assert problems(tmp_path, REWARDS, TWO) == []
+    with pytest.raises(UserError, match=r"unknown key 'constraints.0.lamda_lr'; valid keys in constraints.0: reward, threshold"):
+        recipe(tmp_path, None, "constraints=[{reward: safety, lamda_lr: 0.1}]")
+
+
+def test_old_safety_section_is_one_constraint(tmp_path):
+    """quickstart.yaml's `safety:` section: one constraint named safety on the role: safety reward; the cost itself
+    enters the advantage (as it always did there), whatever it constrains."""
+    r = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}"])
+    (c,) = constraint_list(r)
+    assert (c.reward, c.kind, c.signal, c.threshold, c.lambda_lr, c.lambda_max, c.name) == (
+        "{output_dir}/rm/safety", "rate", "cost", 0.02, 0.2, 10.0, "safety")
+    assert [(name, col) for name, _, col in resolved_constraints(r)] == [("safety", 3)]
+    mean = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}", "safety.constrain=mean_cost", "safety.lambda_delay=3"])
+    assert [(c.kind, c.delay) for c in constraint_list(mean)] == [("mean", 3)]
+    assert constraint_list(load_recipe(QUICKSTART, ["safety.enabled=false"])) == []
+    both = rules.constraints(load_recipe(QUICKSTART, ["constraints=[{reward: safety, kind: rate, threshold: 0.02}]"]))
+    assert both == ["safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, e.g. "
+                    "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section"]
+
+
+def test_unconstrained_baseline_drops_every_constraint(tmp_path):
+    r = recipe(tmp_path, None, REWARDS, TWO, "rewards.2.weight=0.7")
+    base = unconstrained(r)
+    assert base.constraints == [] and not base.safety.enabled
+    assert [x.weight for x in base.rewards] == [1.0, 0.0, 0.0]  # the costs are scored and logged, weight 0
+    assert [x.weight for x in r.rewards] == [1.0, 1.0, 0.7]  # the recipe itself is unchanged
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("constraints=[{kind: rate}]", "constraints.0 needs reward: the name of the constrained entry of rewards (rewards: even_tokens, "
+                                   "odd_first_token_cost, completion_tokens)"),
+    ("constraints=[{reward: safety}]", "constraints.0.reward='safety' names no reward of the recipe; rewards: even_tokens,"),
+    ("constraints=[{reward: completion_tokens, kind: rate, threshold: 2}]", "constraints.0: threshold=2.0 bounds a rate P(cost > 0): "
+                                                                            "give a fraction in [0, 1]"),
+    ("constraints=[{reward: completion_tokens, lambda_init: 30}]", "constraints.0: lambda_init=30.0 must be > 0 and <= lambda_max=20.0"),
+    ("constraints=[{reward: completion_tokens, lambda_lr: -1}]", "constraints.0: lambda_lr=-1.0 must be >= 0"),
+    ("constraints=[{reward: completion_tokens, delay: -2}]", "constraints.0: delay=-2 must be >= 0"),
+    ("constraints=[{reward: completion_tokens, signal: indicator}]", "constraints.0: signal=indicator puts P(cost > 0) into the advantage"),
+    ("constraints=[{reward: completion_tokens}, {reward: completion_tokens, kind: rate}]",
+     "constraints: the name 'completion_tokens' is used twice; give each constraint a distinct name"),
+])
+def test_constraint_rules(tmp_path, override, needle):
+    found = problems(tmp_path, REWARDS, override)
+    assert len(found) == 1 and found[0].startswith(needle), found
+
+
+def test_constraint_rules_ambiguous_reward_and_scheme(tmp_path):
+    two_models = "rewards=[{name: accuracy}, {name: a/rm/safety, role: safety}, {name: b/rm/safety}]"
+    found = problems(tmp_path, two_models, "constraints=[{reward: safety}]")
+    assert found == ["constraints.0.reward='safety' names 2 rewards (rewards.1, rewards.2); use the name as written in rewards, or "
+                     "make the rewards' names distinct"]
+    assert problems(tmp_path, two_models, "constraints=[{reward: b/rm/safety}]") == []  # the name as written
+    found = problems(tmp_path, REWARDS, TWO, "grpo.constraint_scheme=scalarized", "grpo.reward_mode=normalize_then_sum")
+    assert found == ["grpo.constraint_scheme=scalarized combines raw rewards and costs before one normalisation: it needs "
+                     "grpo.reward_mode=sum (got normalize_then_sum); or use constraint_scheme=separate"]
+
+
+def test_train_stage_refuses_a_bad_constraint_with_one_line(tmp_path, tiny_model):
+    with pytest.raises(UserError, match=r"^constraints.0.reward='lenght' names no reward of the recipe"):
+        run_grpo(recipe(tmp_path, tiny_model, REWARDS, "constraints=[{reward: lenght}]"))
+
+
+def test_completion_tokens_reward():
+    from rewards import resolve_reward
+
+    fn = resolve_reward("completion_tokens")
+    assert fn(["p"] * 3, ["a", "bc", ""], completion_ids=[[5, 1], [7, 8, 1], []]) == [2.0, 3.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------- end to end
+def _by_hand(rows: list[dict], G: int, lam: list[float], scheme: str) -> list[float]:
+    """Each sample's advantage from its logged rewards: A = (A_r - l1 A_1 - l2 A_2) / (1 + l1 + l2) (separate; A_1 from the
+    indicator cost > 0 with std floor 1, A_2 from the token count with std floor 2) or the group-normalised
+    (r - l1 [c > 0] - l2 tokens) / (1 + l1 + l2) (scalarized)."""
+    out = []
+    for g in range(0, len(rows), G):
+        col = lambda k: torch.tensor([x[k] for x in rows[g:g + G]], dtype=torch.float64)  # noqa: E731
+        r, unsafe, tokens = col("even_tokens"), (col("odd_first_token_cost") > 0).double(), col("completion_tokens")
+        norm = lambda x, floor: (x - x.mean()) / (x.std() + floor)  # noqa: E731
+        if scheme == "separate":
+            a = (norm(r, 1e-4) - lam[0] * norm(unsafe, 1.0) - lam[1] * norm(tokens, 2.0)) / (1 + sum(lam))
+        else:
+            a = norm((r - lam[0] * unsafe - lam[1] * tokens) / (1 + sum(lam)), 1e-4)
+        out += a.tolist()
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["separate", "scalarized"])
+def test_two_constraints_end_to_end(tmp_path, tiny_model, scheme):
+    """Two multipliers at once: each follows log(lam) += lr * (measured - threshold) from its own measure (the rate of
+    cost > 0, the mean token count), after its delay, clamped at its lambda_max; every sample's advantage is the
+    scheme's formula with that step's multipliers; the unconstrained baseline trains on the reward alone."""
+    from grpo.pipeline import run_stage
+
+    G, steps = 2, 5
+    r = recipe(tmp_path, tiny_model, f"grpo.steps={steps}", "grpo.lr=1e-2", "tracking.samples_every=1", REWARDS, TWO,
+               f"grpo.constraint_scheme={scheme}")
+    run_stage(r, "train")
+    h = history(tmp_path / "train" / "metrics.jsonl")
+    unsafe, length = [x["lambda/unsafe"] for x in h], [x["lambda/length"] for x in h]
+    assert unsafe[:2] == pytest.approx([0.5, 0.5])  # lambda_init; delay 1: the first update only counts
+    assert length[0] == 1.0
+    for t in range(len(h) - 1):
+        rate, tokens = h[t]["constraint/unsafe"], h[t]["constraint/length"]
+        if t >= 1:
+            assert unsafe[t + 1] == pytest.approx(min(unsafe[t] * math.exp(1.0 * (rate - 0.3)), 4.0), rel=1e-6), t
+        assert length[t + 1] == pytest.approx(min(length[t] * math.exp(0.5 * (tokens - 6.0)), 3.0), rel=1e-6), t
+        assert h[t]["violation/unsafe"] == float(rate > 0.3) and h[t]["violation/length"] == float(tokens > 6.0)
+    assert h[0]["constraint/length"] == h[0]["completion_len"] and h[0]["constraint/unsafe"] == h[0]["unsafe_rate"]
+    assert max(length) == pytest.approx(3.0) and max(unsafe) > 0.5  # the length budget is exceeded: its lambda reaches the cap
+    assert "lambda" not in h[0] and h[0]["reward"] == pytest.approx(h[0]["even_tokens"])  # the costs leave the reward sum
+    samples = history(tmp_path / "train" / "samples.jsonl")
+    assert len(samples) == steps * 4 * G
+    for step in range(1, steps + 1):
+        rows = [x for x in samples if x["step"] == step]
+        got = [x["advantage"] for x in rows]
+        assert got == pytest.approx(_by_hand(rows, G, [unsafe[step - 1], length[step - 1]], scheme), abs=1e-4), step
+
+    run_stage(r, "train_unconstrained")
+    h0 = history(tmp_path / "train_unconstrained" / "metrics.jsonl")
+    assert not any(k.startswith("lambda") for k in h0[0]) and "unsafe_rate" in h0[0]
+    base = history(tmp_path / "train_unconstrained" / "samples.jsonl")
+    rows = [x for x in base if x["step"] == 1]
+    assert [x["advantage"] for x in rows] == pytest.approx(_by_hand(rows, G, [0.0, 0.0], "separate"), abs=1e-4)
+
+
+def _run(tmp_path, tiny_model, at_call: int, *extra):
+    stopper = f"{{name: 'rewards_for_tests:signal_self', weight: 0.0, key: '{tmp_path}', at_call: {at_call}}}"
+    rewards = REWARDS.replace("completion_tokens}]", f"completion_tokens}}, {stopper}]")
+    return recipe(tmp_path, tiny_model, "grpo.steps=5", "grpo.lr=1e-2", "grpo.save_every=1", "grpo.keep_last=5", rewards, *extra)
+
+
+@pytest.mark.slow
+def test_resume_restores_every_multiplier_exactly(tmp_path, tiny_model):
+    """A run stopped mid-way and resumed ends with every multiplier, metric and weight of the run never stopped;
+    a checkpoint written before constraints: (one multiplier's state) resumes a one-constraint run; changing the
+    constraints between stop and resume is one clear error."""
+    from safetensors.torch import load_file
+
+    full = _run(tmp_path / "full", tiny_model, 0, TWO)
+    run_grpo(full)
+    part = _run(tmp_path / "part", tiny_model, 3, TWO)
+    with pytest.raises(Interrupted):
+        run_grpo(part)
+    wrong = _run(tmp_path / "part", tiny_model, 0, TWO.replace("name: length", "name: tokens"), "grpo.resume=true")
+    with pytest.raises(UserError, match=r"holds multipliers for constraints \['length', 'unsafe'\]; this run has \['tokens', 'unsafe'\]"):
+        run_grpo(wrong)
+    run_grpo(dataclasses.replace(part, grpo=dataclasses.replace(part.grpo, resume=True)))
+    a, b = history(tmp_path / "full" / "train" / "metrics.jsonl"), history(tmp_path / "part" / "train" / "metrics.jsonl")
+    assert [x["step"] for x in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a, b):
+        for key in ("lambda/unsafe", "lambda/length", "constraint/unsafe", "constraint/length", "loss", "grad_norm"):
+            assert x[key] == y[key], (x["step"], key)
+    last = checkpoint.load_state(tmp_path / "full" / "train" / "ckpt-5")["lagrange"]
+    assert set(last) == {"unsafe", "length"} and last["length"]["step"] == 5
+    wa, wb = (load_file(tmp_path / d / "train" / "final" / "model.safetensors") for d in ("full", "part"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # an old checkpoint (one multiplier's state, as written before constraints:) resumes the old safety section
+    old_args = ["safety.enabled=true", "safety.constrain=violation_rate", "safety.cost_threshold=0.3", "safety.lambda_lr=1.0",
+                "safety.lambda_init=0.5"]
+    one = _run(tmp_path / "one", tiny_model, 0, *old_args)
+    run_grpo(one)
+    cut = _run(tmp_path / "cut", tiny_model, 3, *old_args)
+    with pytest.raises(Interrupted):
+        run_grpo(cut)
+    ckpt = tmp_path / "cut" / "train" / "ckpt-3"
+    state = checkpoint.load_state(ckpt)
+    state["lagrange"] = state["lagrange"]["safety"]  # the old format: LagrangeMultiplier.state_dict() itself
+    torch.save(state, ckpt / "state.pt")
+    run_grpo(dataclasses.replace(cut, grpo=dataclasses.replace(cut.grpo, resume=True)))
+    a, b = history(tmp_path / "one" / "train" / "metrics.jsonl"), history(tmp_path / "cut" / "train" / "metrics.jsonl")
+    assert [x["lambda"] for x in a] == [x["lambda"] for x in b] and len({x["lambda"] for x in a}) > 2
+
+
+@pytest.mark.slow
+def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
+    """DDP on 2 CPU processes: each constraint's measure is averaged over the ranks before the dual step, so both
+    ranks hold the same multipliers (the trainer compares them every step and stops on a mismatch) and they equal
+    a one-process run of the same global batch (rollout.seed_per_prompt: the same samples)."""
+    import os
+    import subprocess
+
+    args = [str(QUICKSTART), "run.threads=1", "tracking.log_every=1", "safety.enabled=false", "grpo.steps=3", "grpo.prompts_per_step=4",
+            "grpo.num_generations=4", "grpo.micro_batch_size=8", "grpo.lr=1e-2", "rollout.max_new_tokens=8", "rollout.seed_per_prompt=true",
+            "rollout.backend=hf", f"model.name_or_path={tiny_model}", REWARDS, TWO]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / str(n)
+        launcher = (["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"] if n == 2 else [])
+        proc = subprocess.run([sys.executable, *launcher, "-m", "grpo", "train", *args, f"run.output_dir={out}"],
+                              env={**env, "ACCELERATE_USE_CPU": "true"} if n == 2 else env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "train" / "run_info.json").read_text())["world_size"] == n
+        runs[n] = history(out / "train" / "metrics.jsonl")
+    for one, two in zip(runs[1], runs[2]):
+        for key in ("lambda/unsafe", "lambda/length", "constraint/unsafe", "constraint/length"):
+            assert two[key] == pytest.approx(one[key], rel=1e-9), (one["step"], key)
+    assert len({x["lambda/length"] for x in runs[2]}) == 3  # the multipliers moved
