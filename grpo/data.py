@@ -188,8 +188,10 @@ class Example:
     labels: list[int]
 
 
-def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool) -> tuple[str, str]:
-    """(prompt_text, completion_text) of a row; completion is '' when not requested."""
+def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool,
+           tools: list[dict] | None = None) -> tuple[str, str]:
+    """(prompt_text, completion_text) of a row; completion is '' when not requested. `tools`: JSON schemas the chat
+    template renders through its ``tools=`` argument (multi-turn tool use, grpo.environments.tool_schemas)."""
     if fmt == "prompt" and not cfg.apply_chat_template:
         return row[cfg.prompt_field], (row.get(cfg.completion_field) or "") if with_completion else ""
     if fmt == "prompt":
@@ -208,21 +210,22 @@ def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: 
         history, last = messages[:-1], messages[-1]
     else:
         history, last = messages, None
-    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    extra = {"tools": tools} if tools else {}
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, **extra)
     if not with_completion or last is None:
         return prompt, ""
-    full = tokenizer.apply_chat_template(history + [last], tokenize=False)
+    full = tokenizer.apply_chat_template(history + [last], tokenize=False, **extra)
     if not full.startswith(prompt):  # templates that rewrite history: fall back to the raw content
         return prompt, last["content"]
     return prompt, full[len(prompt):].rstrip()  # templates often end a turn with "<eos>\n": end on the eos
 
 
-def prompt_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[str, list[int]]:
+def prompt_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None) -> tuple[str, list[int]]:
     """A row's prompt text and token ids, exactly as every stage (and preflight's length checks) sees them.
 
     Chat-rendered text already holds the template's special tokens, so the tokenizer adds none there.
     """
-    text, _ = render(row, fmt, cfg, tokenizer, with_completion=False)
+    text, _ = render(row, fmt, cfg, tokenizer, with_completion=False, tools=tools)
     return text, tokenizer(text, add_special_tokens=(fmt == "prompt" and not cfg.apply_chat_template))["input_ids"]
 
 
@@ -259,7 +262,7 @@ def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_len
     return out
 
 
-def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[dict], int]:
+def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None) -> tuple[list[dict], int]:
     """GRPO/eval prompts: each row gains `prompt_text` and `prompt_ids`; returns (records, n_dropped).
 
     Prompts longer than data.max_prompt_length are truncated on the left, dropped, or an error, per
@@ -274,7 +277,7 @@ def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer) -> tu
     if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
         tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     for i, row in enumerate(rows):
-        text, ids = prompt_tokens(row, fmt, cfg, tokenizer)
+        text, ids = prompt_tokens(row, fmt, cfg, tokenizer, tools)
         if len(ids) > limit:
             if cfg.prompt_overflow == "error":
                 raise UserError(f"prompt {i} has {len(ids)} tokens > data.max_prompt_length={limit}; raise it or set data.prompt_overflow=truncate_left|drop")

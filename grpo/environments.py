@@ -148,6 +148,11 @@ def environment_factory(cfg) -> Callable[[dict], Any]:
     return functools.partial(factory, **cfg.kwargs)
 
 
+def tool_schemas(cfg) -> list[dict] | None:
+    """The JSON schemas of the recipe's tools, for the chat template's ``tools=`` (None without tools)."""
+    return [t.schema for t in build_tools(cfg.tools)] if cfg.name and cfg.tools else None
+
+
 def environment_problems(cfg) -> list[str]:
     """Preflight: the environment and its tools resolve and fit their contracts (one line per problem)."""
     if not cfg.name:

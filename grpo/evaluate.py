@@ -36,9 +36,11 @@ import torch
 from grpo import rules, runtime
 from grpo.config import Recipe, resolved_constraints
 from grpo.data import check_columns, load_rows, prompt_records
+from grpo.environments import episode_columns, rollout_episodes, tool_schemas
 from grpo.errors import UserError
 from grpo.modeling import fp32_output_layer, load_model, load_tokenizer, whole_weights
 from grpo.generation import decode_and_score, generate, make_backend, sampling_params
+from grpo.rollout.multiturn import episode_metrics
 from grpo.scoring import build_rewards
 
 log = logging.getLogger(__name__)
@@ -75,16 +77,22 @@ def evaluate_policy(recipe: Recipe, rollout, tok, records: list[dict], rewards) 
     # the training sampling distribution (grpo.generation.sampling_params), greedy unless pass@k is asked for
     params = sampling_params(recipe.rollout, tok.eos_token_id, seed=recipe.run.seed, max_new_tokens=recipe.eval.max_new_tokens,
                              temperature=0.0 if k == 1 else None)
-    comps = []
+    comps, episodes = [], []
     bs = max(1, recipe.eval.batch_size // k)
     for s in range(0, len(records), bs):
         chunk = records[s:s + bs]
-        for c in generate(rollout, [r["prompt_ids"] for r in chunk], k, params):
+        if recipe.environment.name:  # multi-turn: the same environment as training (grpo.rollout.multiturn)
+            part, eps = rollout_episodes(recipe.environment, rollout, tok, chunk, k, params)
+            episodes += eps
+        else:
+            part = generate(rollout, [r["prompt_ids"] for r in chunk], k, params)
+        for c in part:
             c.prompt_index += s
             comps.append(c)
-    texts, R, _, _ = decode_and_score(tok, rewards, records, comps, params.stop_token_ids)
+    texts, R, _, _ = decode_and_score(tok, rewards, records, comps, params.stop_token_ids, extra_columns=episode_columns(episodes))
     samples = [(records[comps[i].prompt_index]["prompt_text"], texts[i]) for i in range(0, len(comps), k)]
     m = metrics_from(records, comps, texts, R, rewards, k, accuracy_kwargs(recipe))
+    m.update(episode_metrics(episodes, comps))  # turns, tool calls, tool failures, truncated episodes (multi-turn)
     return {**m, **constraint_metrics(recipe, R, list(range(0, len(comps), k)))}, samples
 
 
@@ -110,7 +118,7 @@ def eval_records(recipe: Recipe, tok) -> list[dict]:
     fmt = check_columns(rows, recipe.data, recipe.data.eval, "data.eval", need_completion=False)
     if recipe.eval.limit and recipe.eval.limit < len(rows):
         rows = random.Random(recipe.run.seed).sample(rows, recipe.eval.limit)
-    return prompt_records(rows, fmt, recipe.data, tok)[0]
+    return prompt_records(rows, fmt, recipe.data, tok, tools=tool_schemas(recipe.environment))[0]
 
 
 def metrics_from(records, comps, texts, R, rewards, k: int, accuracy: dict | None = None) -> dict:

@@ -21,6 +21,7 @@ from grpo import checkpoint, rules, runtime
 from grpo.advantages import LagrangeMultiplier, load_multipliers, multipliers_state_dict
 from grpo.config import Recipe, recipe_to_dict, resolved_constraints, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
+from grpo.environments import tool_schemas
 from grpo.errors import UserError
 from grpo.memory import format_budget, memory_budget
 from grpo.metrics import curves, run_info
@@ -117,7 +118,7 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     tok = load_tokenizer(dataclasses.replace(recipe.model, name_or_path=source))
     rows = load_rows(recipe.data.train, "data.train")
     fmt = check_columns(rows, recipe.data, recipe.data.train, "data.train", need_completion=False)
-    prompts, dropped = prompt_records(rows, fmt, recipe.data, tok)
+    prompts, dropped = prompt_records(rows, fmt, recipe.data, tok, tools=tool_schemas(recipe.environment))
     rewards = build_rewards(recipe.rewards, device=accelerator.device, output_dir=run.output_dir)
     model = load_model(recipe.model, source, continue_adapter=bool(resume_from))
     start_from = model_path or recipe.model.name_or_path  # the reference, also when resuming from a checkpoint

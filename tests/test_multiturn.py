@@ -263,6 +263,21 @@ def test_chat_message_observations_are_rendered_by_the_template():
     assert render_messages(tok, [{"role": "tool", "content": "42"}]) == "<tool>42<assistant>"
 
 
+def test_tools_reach_the_prompt_through_the_chat_templates_tools_argument():
+    from grpo.config import DataConfig
+    from grpo.data import prompt_records
+    from grpo.environments import tool_schemas
+
+    tok = AutoTokenizer.from_pretrained(TINY_BASE)
+    tok.chat_template = ("{%- if tools -%}[{%- for t in tools -%}{{ t['function']['name'] }}({{ t['function']['parameters']"
+                         "['properties'] | list | join(',') }});{%- endfor -%}]{%- endif -%}"
+                         "{%- for m in messages -%}Q:{{ m['content'] }}{%- endfor -%}")
+    cfg = EnvironmentConfig(name="tools", tools=[ToolSpec("calculator"), ToolSpec("envs_for_tests:search", {"top_k": 2})])
+    (rec,), _ = prompt_records([{"prompt": "1+1="}], "prompt", DataConfig(apply_chat_template=True), tok, tools=tool_schemas(cfg))
+    assert rec["prompt_text"] == "[calculator(expression);search(query);]Q:1+1="
+    assert tool_schemas(EnvironmentConfig()) is None
+
+
 # ------------------------------------------------------------------------------------- the recipe
 def quick(tmp_path, *overrides):
     return load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"run.output_dir={tmp_path}", "run.threads=1", "safety.enabled=false",
@@ -314,3 +329,16 @@ def test_grpo_trains_on_multi_turn_trajectories(tmp_path):
 
     _, comps = load_rollouts(f"{tmp_path}/dump", 1, 0)
     assert all(c.sampled_mask is not None for c in comps) and any(0 in c.sampled_mask for c in comps)
+
+
+def test_eval_runs_the_same_environment(tmp_path, toy):
+    from grpo.evaluate import eval_records, evaluate_policy
+    from grpo.scoring import build_rewards
+
+    model, tok = toy
+    r = quick(tmp_path, "environment.name=envs_for_tests:ScriptedEnv", "environment.obs=[7, 8]", "environment.answers=1",
+              "eval.limit=6", "eval.max_new_tokens=40", "rewards=[{name: environment}, {name: accuracy}]")
+    records = eval_records(r, tok)
+    m, samples = evaluate_policy(r, make_rollout("hf", model, tok), tok, records, build_rewards(r.rewards))
+    assert m["n"] == 6 and len(samples) == 6
+    assert 1.0 < m["episode/turns"] <= 2.0 and m["episode/observation_token_share"] > 0

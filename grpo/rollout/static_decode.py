@@ -106,6 +106,7 @@ class StaticDecoder:
 
     def start(self, model: nn.Module, params: SamplingParams) -> None:
         """Loads a call's settings into the buffers (in place) and drops graphs the model outgrew."""
+        self.fixed, self.key = step_params(params), signature(params)
         self.limits.copy_(torch.tensor([params.max_new_tokens, params.min_new_tokens]))
         stops = torch.tensor(params.stop_token_ids, dtype=torch.long)
         if stops.numel() == self.stops.numel():
@@ -148,15 +149,14 @@ class StaticDecoder:
         bucket = bucket_for(unfinished, self.cache.rows) if self.bucketed else self.cache.rows
         if not params.greedy:
             self.u.uniform_(generator=generator)
-        fixed = step_params(params)
 
         def fn() -> None:
-            self.step_fn(model, self.cache, self.state, bucket, self.identity, self.u, self.limits, self.stops, fixed)
+            self.step_fn(model, self.cache, self.state, bucket, self.identity, self.u, self.limits, self.stops, self.fixed)
 
         if self.graphs is None:
             fn()
         else:
-            self.graphs.run((signature(params), bucket), fn)
+            self.graphs.run((self.key, bucket), fn)
 
     def summary(self) -> tuple[int, list[bool]]:
         """(unfinished rows, per-slot all-finished flags): the one host read per scheduling step."""
