@@ -15,11 +15,14 @@ touches has a shape fixed by (bucket, KV storage), and the step reads nothing ba
 - sampling runs inside the step (`sampling.sample_static`), stop ids as a mask, with uniforms drawn
   by the caller before the step into a persistent buffer `u` [rows, 1] (one per storage row), so the
   graph holds no RNG state. Row r reads u[r]: its draw does not depend on the bucket.
-The host decides one Python int per step, the bucket, from an upper bound on the unfinished rows;
-the engine's scheduling loop reads one small summary (unfinished count and finished slots) per step.
+The host decides one Python int per step, the bucket, from an upper bound on the unfinished rows,
+and reads one small summary (unfinished count, finished slots) per round of steps: a round is every
+step in which the host can tell no row finishes (before min_new_tokens, or always without stop ids:
+a fixed-length call is one round), plus one (`StaticDecoder.decode`).
 
 Runners (a step is `fn()` with every input in persistent buffers):
-- eager (CPU or CUDA): the step as is; on CPU ``compile_decode=True`` wraps it in `torch.compile`.
+- eager (CPU or CUDA): the step as is; ``compile_decode=True`` wraps it in `torch.compile` (then
+  every step feeds all rows: one compilation per sampling setting and storage shape).
 - CUDA graphs (CUDA, default with static_decode): per (sampling signature, bucket) the first
   `WARMUP_STEPS` calls run the real step on a side stream (as torch's docs ask before capture), the
   next one captures it into a `torch.cuda.CUDAGraph` (one shared memory pool: the step returns
