@@ -61,7 +61,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grpo.logprobs import forward_logprobs
-from grpo.rollout.base import unwrap_model
+from grpo.rollout.base import attention_implementation, unwrap_model
 
 Tensor = torch.Tensor
 ATTN_NAME = "grpo_prefix"
@@ -253,14 +253,9 @@ def _attention(hf: nn.Module, name: str) -> Iterator[None]:
     """Switches the model to attention `name` for the forward (no mask is built for it). The model's own
     implementation is routed too (`_route_prefix`): a gradient-checkpointing recompute in the backward runs
     after this block, under the model's own implementation, and must still reach `prefix_attention`."""
-    config = hf.config
-    previous = config._attn_implementation
-    _route_prefix(previous)
-    config._attn_implementation = name
-    try:
+    _route_prefix(hf.config._attn_implementation)
+    with attention_implementation(hf, name):
         yield
-    finally:
-        config._attn_implementation = previous
 
 
 def _route_prefix(name: str | None) -> None:

@@ -35,6 +35,19 @@ FINISH_REASONS = ("stop", "length")
 BACKENDS: Registry = Registry("rollout backend")
 
 
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Runs the block with `model.config._attn_implementation = name` (an `AttentionInterface` entry: the engine's
+    KV-cache attention, the shared-prefix training attention), restoring the previous one afterwards."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 def sampling_problems(p, prefix: str = "") -> list[str]:
     """What is out of range in sampling settings `p` (anything with SamplingParams' fields), one line each;
     `prefix` names where they come from (the recipe's ``rollout.``). The one copy of these rules."""

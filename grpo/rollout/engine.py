@@ -49,24 +49,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from grpo.rollout.base import BACKENDS, Completion, Rollout, SamplingParams, check_prompts, eval_mode, make_generator, unwrap_model
+from grpo.rollout.base import (BACKENDS, Completion, Rollout, SamplingParams, attention_implementation, check_prompts, eval_mode,
+                               make_generator, unwrap_model)
 from grpo.rollout.kv_cache import ATTN_NAME, SharedPrefixKV
 from grpo.rollout.sampling import sample_next
 from grpo.rollout.static_decode import StaticDecoder, storage_size
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _engine_attention(model: nn.Module) -> Iterator[None]:
-    """Routes the model's attention through the engine's KV cache for the duration of the block."""
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = ATTN_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 class _Batch:
@@ -139,7 +128,7 @@ class EngineRollout(Rollout):
         if self.static_decode:  # rounded up: fewer storage reallocations, hence fewer captures/compilations
             prefix, suffix = storage_size(prefix), storage_size(suffix)
         cache = self._cache_for(slots, n, prefix, suffix, weight.device, weight.dtype)
-        with torch.inference_mode(), eval_mode(hf), _engine_attention(hf):
+        with torch.inference_mode(), eval_mode(hf), attention_implementation(hf, ATTN_NAME):  # attention through the engine's KV cache
             return self._run(hf, cache, prompts, n, params)
 
     # ------------------------------------------------------------------ internals
