@@ -249,3 +249,26 @@ def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
         for key in ("lambda/unsafe", "lambda/length", "constraint/unsafe", "constraint/length"):
             assert two[key] == pytest.approx(one[key], rel=1e-9), (one["step"], key)
     assert len({x["lambda/length"] for x in runs[2]}) == 3  # the multipliers moved
+
+
+def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
+    """report.md: each constraint's measure against its threshold and lambda first -> last with the steps at its cap;
+    report_constraints.png holds one panel per constraint plus the multipliers."""
+    from grpo.report import constraint_figures, write_report
+
+    (tmp_path / "train").mkdir()
+    rows = [{"step": s, "reward": 0.1, "lambda/unsafe": min(0.5 * 1.2 ** s, 4.0), "constraint/unsafe": 0.5 - s / 40,
+             "lambda/length": 1.0 / s, "constraint/length": 7.0 - s / 10} for s in range(1, 21)]
+    (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train" / "config.yaml").write_text(
+        "constraints:\n- {reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_max: 4.0, name: unsafe}\n"
+        "- {reward: completion_tokens, kind: mean, threshold: 6.0}\n")
+    rows_cfg = {"constraints": [{"reward": "x", "kind": "rate", "threshold": 0.3, "lambda_max": 4.0, "name": "unsafe"},
+                                {"reward": "rewards_for_tests:completion_tokens", "threshold": 6.0, "name": "length"}]}
+    assert len(constraint_figures(tmp_path, rows, rows_cfg)) == 1 and (tmp_path / "report_constraints.png").is_file()
+    text = write_report(tmp_path).read_text()
+    capped = sum(min(0.5 * 1.2 ** s, 4.0) >= 4.0 for s in range(1, 21))
+    # first and last tenth of the steps: (.475 + .45) / 2 and (.025 + 0) / 2
+    assert f"constraint **unsafe** (P(cost > 0) <= 0.300): measured 0.463 → 0.013; λ 0.600 → 4.000, at its cap 4.000 in {capped} of 20 steps" in text
+    # a constraint with no name is called after its reward (the name it is logged under); here nothing was logged for it
+    assert "constraint **completion_tokens**" not in text and "report_constraints.png" in text
