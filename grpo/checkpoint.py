@@ -15,6 +15,7 @@ process count loads them back with `engine.load_checkpoint`, so Adam's moments c
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -26,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from grpo.errors import UserError
+from grpo.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,39 @@ def atomic_folder(final: Path, *, started: bool = False) -> Iterator[Path]:
     never half-written and holds no stale files from an earlier save."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp") if started else _fresh_tmp(final)
-    yield tmp
-    _fsync_dir(tmp)
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+    except BaseException as e:  # a failed or interrupted write leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e, final.parent):
+            kept = [p.name for p in list_checkpoints(final.parent)] + ([final.name] if final.exists() else [])
+            raise UserError(f"no space left on the device while writing {final} ({type(e).__name__}: {first_line(e, 160)}); the "
+                            f"unfinished copy was removed{', ' + ', '.join(kept) + ' intact' if kept else ''}; free some space "
+                            "(or lower grpo.keep_last) and continue with grpo.resume=true") from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC/EDQUOT, or a writer that hides the errno (torch.save's
+    "file write failed", safetensors' "StorageFull") on a disk that is (nearly) full."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(e)
+    if any(s in text for s in ("No space left", "StorageFull", "Disk quota exceeded")):
+        return True
+    if isinstance(e, (OSError, RuntimeError)) or "Safetensor" in type(e).__name__:
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
 
 
 def find_resume(out_dir: Path, resume: bool | str) -> Path | None:
@@ -151,3 +180,76 @@ def load_state(path: Path) -> dict:
         raise UserError(f"checkpoint {path}: state.pt cannot be loaded safely ({type(e).__name__}: it holds objects other than "
                         "tensors and plain containers, or is damaged); resume from another checkpoint (grpo.resume=PATH) "
                         "or start fresh") from None
+
+
+# ---------------------------------------------------------------------------------------- resuming with a changed recipe
+# What a resumed run must keep to continue the same optimisation exactly: the batch geometry, the loss, the
+# model (the reference policy is loaded from it) and its adapter. Anything else may change, with a warning.
+RESUME_FIXED = ("grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.loss_type", "grpo.importance_level",
+                "grpo.scale", "grpo.reward_mode", "grpo.beta", "grpo.epsilon_low", "grpo.epsilon_high", "model.name_or_path",
+                "model.dtype", "model.lora")
+# settings that do not touch the GRPO run (or are expected to change when resuming)
+RESUME_IGNORED = ("grpo.resume", "run.overwrite", "run.stages", "run.threads", "run.output_dir", "tracking", "eval", "sft", "rm",
+                  "data.sft_train", "data.sft_eval", "data.eval")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested config; lists of mappings by index (rewards.0.weight)."""
+    items = d.items() if isinstance(d, dict) else enumerate(d)
+    out = {}
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, warned): `key: old -> new` for each setting that differs between the config.yaml a run was started
+    with and the recipe resuming it (both redacted: a `<redacted>` secret compares equal to anything)."""
+    a, b = _flat(old), _flat(new)
+    refused, warned = [], []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUME_IGNORED) or a.get(key) == b.get(key) or "<redacted>" in (str(a.get(key)), str(b.get(key))):
+            continue
+        line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
+        (refused if key.startswith(RESUME_FIXED) else warned).append(line)
+    return refused, warned
+
+
+def resume_recipe_problem(new: dict, ckpt: Path) -> tuple[str | None, list[str]]:
+    """(the refusal line or None, the warned changes) for resuming from `ckpt` with the recipe `new` (recipe_to_dict),
+    compared with the config.yaml of the run that wrote it (none to compare: nothing to say)."""
+    import yaml
+
+    from grpo.config import redact
+
+    saved = Path(ckpt).parent / "config.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    except (OSError, yaml.YAMLError):
+        old = None
+    if not isinstance(old, dict):
+        return None, []
+    refused, warned = resume_changes(old, redact(new))
+    if refused:
+        return (f"grpo.resume: {ckpt} was written by a run with other settings ({'; '.join(refused)}); a resumed run must keep the "
+                "batch geometry, the loss and the model to continue exactly: restore them, or start a new run (another "
+                "run.output_dir, or run.overwrite=true)"), warned
+    return None, warned
+
+
+def check_resumed_recipe(new: dict, ckpt: Path, out: Path, *, main: bool = True) -> None:
+    """Refuse a resume whose recipe changes what exactness needs (`RESUME_FIXED`); warn on other changes and keep
+    the earlier config.yaml as `config.before-resume-<step>.yaml` next to the new one (main process only)."""
+    problem, warned = resume_recipe_problem(new, ckpt)
+    if problem:
+        raise UserError(problem)
+    if not warned or not main:
+        return
+    kept = Path(out) / f"config.before-resume-{Path(ckpt).name.removeprefix('ckpt-')}.yaml"
+    if (Path(out) / "config.yaml").is_file():
+        shutil.copyfile(Path(out) / "config.yaml", kept)
+    log.warning("resuming from %s with a changed recipe (%s); the earlier config is kept as %s", ckpt, "; ".join(warned), kept.name)

@@ -86,22 +86,51 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.debug)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    old_term = _stop_on_sigterm()
     try:
         run(args)
     except UserError as e:
         if args.debug:
             raise
+        _release_locks()
         return _fail(" ".join(str(e).split()))
-    except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return e.code
-    except ForcedStop as e:
+    except (Interrupted, ForcedStop) as e:
+        _release_locks()
         print(f"stopped: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
+        _release_locks()
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old_term is not None:
+            import signal
+            signal.signal(signal.SIGTERM, old_term)
     return 0
+
+
+def _stop_on_sigterm():
+    """Outside the training loop (which checkpoints first, grpo.runtime.StopRequest), SIGTERM stops the command
+    like Ctrl-C does: cleanly, stage locks released, exit code 143. Single-process runs only: a launcher's
+    workers keep the default (they may sit in a collective that a Python handler would wait for). Returns the
+    handler it replaced, or None."""
+    import signal
+    import threading
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise ForcedStop("received SIGTERM", code=128 + signum)
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _release_locks() -> None:
+    runtime = sys.modules.get("grpo.runtime")  # loaded if any stage locked its folder
+    if runtime is not None:
+        runtime.release_all()
 
 
 def _fail(message: str) -> int:

@@ -53,7 +53,7 @@ def default_models(recipe: Recipe) -> list[tuple[str, str]]:
         final = Path(recipe.run.output_dir, stage, "final")
         if final.exists():
             out.append((label, str(final)))
-    out += [(Path(c).name if Path(c).exists() else c, c) for c in recipe.eval.checkpoints]
+    out += [(model_label(c), c) for c in recipe.eval.checkpoints]
     return out
 
 
@@ -168,8 +168,9 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
     runtime.setup(recipe.run.seed, recipe.run.threads)
     rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data) + rules.stage_data(recipe.data, "eval")
                       + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False))
-    pairs = unique_labels([(_label(p), p) for p in models]) if models else unique_labels(default_models(recipe))
+    pairs = unique_labels([(model_label(p), p) for p in models]) if models else unique_labels(default_models(recipe))
     out = Path(recipe.run.output_dir) / "eval"
+    runtime.lock_stage(out)  # one eval at a time writes results.*
     rewards = build_rewards(recipe.rewards, output_dir=recipe.run.output_dir) if recipe.rewards else []
     results, samples = {}, {}
     for label, path in pairs:
@@ -181,6 +182,10 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
     if int(os.environ.get("RANK", "0")) != 0:
         return doc
     out.mkdir(parents=True, exist_ok=True)
+    earlier = [f.name for f in (out / "results.json", out / "results.md", out / "samples.jsonl") if f.exists()]
+    if earlier:  # the one stage folder a new run replaces without run.overwrite (README: eval results are recomputed)
+        log.warning("eval: replacing the results of an earlier eval in %s (%s); copy them elsewhere first to keep them",
+                    out, ", ".join(earlier))
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     with open(out / "samples.jsonl", "w") as f:  # every model's first completion for each prompt
@@ -188,10 +193,13 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
             for prompt, completion in rows_:
                 f.write(json.dumps({"model": label, "prompt": prompt, "completion": completion}) + "\n")
     log.info("eval results (%s):\n%s", out / "results.json", markdown_table(results))
+    runtime.release_stage(out)
     return doc
 
 
-def _label(path: str) -> str:
+def model_label(path: str) -> str:
+    """The column of a model named by `--model` or `eval.checkpoints`: its folder's name, with the stage folder in
+    front for a `final` / `merged` folder (`sft/final`, `train/final`); a hub id as it is."""
     p = Path(path)
     return f"{p.parent.name}/{p.name}" if p.exists() and p.name in ("final", "merged") else (p.name if p.exists() else path)
 

@@ -144,7 +144,7 @@ def _stage_problems(recipe, stage, world, earlier, models, cache) -> list[str]:
     elif stage in TRAIN_STAGES or stage == "rollout":
         if stage != "train":  # the pipeline's baseline run: the same recipe without the constraints
             recipe = unconstrained(recipe)
-        p += _train_problems(recipe, world, earlier, cache)
+        p += _train_problems(recipe, world, earlier, cache, stage)
     elif stage == "eval":
         p += _eval_problems(recipe, earlier, models, cache)
     elif stage == "rm":
@@ -178,7 +178,7 @@ def _sft_problems(recipe, earlier, cache) -> list[str]:
     return p
 
 
-def _train_problems(recipe, world, earlier, cache) -> list[str]:
+def _train_problems(recipe, world, earlier, cache, stage: str = "train") -> list[str]:
     g, r, d = recipe.grpo, recipe.rollout, recipe.data
     p = rules.grpo_geometry(recipe.grpo, world) + rules.run_management(recipe.grpo, recipe.data)
     p += _ranges(recipe, [("grpo.steps", 1), ("grpo.num_iterations", 1), ("grpo.warmup_steps", 0), ("grpo.save_every", 0),
@@ -188,10 +188,13 @@ def _train_problems(recipe, world, earlier, cache) -> list[str]:
     p += rules.sampling(recipe.rollout, train=True) + rules.environment(recipe)
     p += _registry_problems(recipe, train=True)
     p += model_problems(recipe, earlier, cache)
-    if isinstance(g.resume, str) and g.resume.strip().lower() not in ("", "true", "latest"):
-        from grpo.checkpoint import find_resume
+    if g.resume:
+        from grpo.checkpoint import find_resume, resume_recipe_problem
+        from grpo.config import recipe_to_dict
         try:
-            find_resume(Path(recipe.run.output_dir) / "train", g.resume)
+            ckpt = find_resume(Path(recipe.run.output_dir) / stage, g.resume)
+            problem = resume_recipe_problem(recipe_to_dict(recipe), ckpt)[0] if ckpt else None
+            p += [problem] if problem else []
         except UserError as e:
             p.append(str(e))
     columns = None

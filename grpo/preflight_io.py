@@ -121,6 +121,11 @@ def output_problems(recipe, stage: str) -> list[str]:
     stage_dir = Path(recipe.run.output_dir).expanduser() / stage
     if stage_dir.exists() and not stage_dir.is_dir():
         return [f"run.output_dir={recipe.run.output_dir}: '{stage_dir}' is a file, not a folder; remove it or choose another run.output_dir"]
+    from grpo.runtime import lock_holder
+    holder = lock_holder(stage_dir)
+    if holder:  # the stage takes the lock itself (grpo.runtime.lock_stage); this only says so before anything loads
+        return [f"{stage_dir} is in use by another run ({holder}); wait for it to finish (or stop it), or choose another "
+                "run.output_dir: two runs writing one stage folder would mix their checkpoints and metrics"]
     resume = stage in TRAIN_STAGES and bool(recipe.grpo.resume)
     if stage != "eval" and (stage_dir / "DONE").exists() and not recipe.run.overwrite and not resume:
         return [f"{stage_dir} already holds a finished '{stage}' run; set run.overwrite=true or choose another run.output_dir"]
@@ -143,7 +148,8 @@ def disk_problems(recipe, stages, cache) -> list[str]:
     if free >= need:
         return []
     return [f"run.output_dir={recipe.run.output_dir}: its disk has {_gb(free)} free but {', '.join(stages)} need about {_gb(need)} "
-            "(checkpoint = weights + 2 fp32 Adam moments per trainable parameter, plus the final model); "
+            "(checkpoint = weights + 2 fp32 Adam moments per trainable parameter, up to grpo.keep_last + 1 of them at once, "
+            "plus the final model); "
             "free some space or choose another run.output_dir"]
 
 
@@ -161,7 +167,14 @@ def _stage_bytes(recipe, stage: str, cache) -> int:
         return weights if recipe.model.lora.merge_on_save else 0
     if stage == "sft":
         return weights  # the final model
-    return weights + 8 * n + weights  # ckpt-N (weights + Adam moments) and the final model
+    return _checkpoints_at_once(recipe.grpo) * (weights + 8 * n) + weights  # ckpt-N (weights + Adam moments), the final model
+
+
+def _checkpoints_at_once(g) -> int:
+    """Most GRPO checkpoints on disk at one time: every save_every steps plus the last step, the grpo.keep_last
+    newest kept, and one more while the next is written (the oldest goes only once it is complete)."""
+    saves = ((g.steps - 1) // g.save_every if g.save_every else 0) + 1
+    return min(saves, g.keep_last + 1) if g.keep_last > 0 else saves
 
 
 def _parameter_count(recipe, cache) -> int | None:

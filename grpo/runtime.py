@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo.errors import UserError
+from grpo.errors import ForcedStop, UserError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def check_launch(accelerator) -> None:
 
 
 def stage_dir(output_dir: str, stage: str, *, overwrite: bool, resume: bool = False) -> Path:
-    """The folder a stage writes into; refuses to clobber a finished stage."""
+    """The folder a stage writes into, locked for this run (`lock_stage`); refuses to clobber a finished stage."""
     out = Path(output_dir) / stage
     if (out / DONE).exists() and not overwrite and not resume:
         raise UserError(f"{out} already holds a finished '{stage}' run; set run.overwrite=true or choose another run.output_dir")
@@ -101,11 +101,134 @@ def stage_dir(output_dir: str, stage: str, *, overwrite: bool, resume: bool = Fa
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write to {parent} (run.output_dir={output_dir}); choose a writable folder")
+    lock_stage(out)
     return out
 
 
 def mark_done(out: Path) -> None:
+    """Mark a stage folder finished (a later run will not overwrite it) and release its lock."""
     (out / DONE).write_text("ok\n")
+    release_stage(out)
+
+
+# ------------------------------------------------------------------------------------- one run per stage folder
+LOCK = ".lock"  # in the stage folder, while a run writes into it
+_HELD: dict[Path, tuple[int | None, list[Path]]] = {}  # stage folder -> (locked fd, the folders made for it)
+
+
+def lock_stage(out: Path) -> None:
+    """Take the exclusive lock of a stage folder for this process (the main process of a launch), or refuse.
+
+    Two runs writing one folder mix their checkpoints, config.yaml and metrics, and both "finish". The lock is
+    an OS lock (`flock`) on `<stage>/.lock`, which holds the owner's pid, host, start time and command for the
+    refusal line. The OS drops it when its process dies, however it dies, so the lock of a crashed or killed
+    run is stale by construction and simply taken over. It is released by `mark_done` (or at exit); the
+    `.lock` file is then removed, with the folders made for it when they are still empty. A filesystem
+    without locks (some network mounts) gets a warning and no lock. Same process again: a no-op.
+    """
+    import fcntl
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    key = Path(out).expanduser().resolve()
+    if key in _HELD:
+        return
+    made = [p for p in [key, *key.parents] if not p.exists()][::-1]
+    key.mkdir(parents=True, exist_ok=True)
+    path = key / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            _remove_empty(made)
+            raise UserError(f"{out} is in use by another run ({holder}); wait for it to finish (or stop it), or choose another "
+                            "run.output_dir: two runs writing one stage folder would mix their checkpoints and metrics") from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("cannot lock %s (%s): another run writing into it at the same time would not be noticed", path, e.strerror)
+            _HELD[key] = (None, made)
+            return
+        try:  # a run that just finished may have removed the file between our open and flock: lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    earlier = _holder(fd)
+    if earlier != "unknown":
+        log.info("%s: taking over the lock of an earlier run that is gone (%s)", out, earlier)
+    import json
+    import socket
+    import sys
+    import time
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "command": " ".join(sys.argv)[:300]}).encode(), 0)
+    if not _HELD:
+        import atexit
+        atexit.register(release_all)
+    _HELD[key] = (fd, made)
+
+
+def release_stage(out: Path) -> None:
+    """Release a stage folder's lock (if this process holds it): remove `.lock`, and the folders made for it if empty."""
+    key = Path(out).expanduser().resolve()
+    fd, made = _HELD.pop(key, (None, []))
+    if fd is not None:
+        try:
+            os.unlink(key / LOCK)  # before unlocking: a waiting run then locks a fresh file (see lock_stage)
+        except OSError:
+            pass
+        os.close(fd)
+    _remove_empty(made)
+
+
+def release_all() -> None:
+    """Release every stage lock this process holds (at exit, and when the CLI stops on an error)."""
+    for key in list(_HELD):
+        release_stage(key)
+
+
+def lock_holder(out: Path) -> str | None:
+    """Who holds a stage folder's lock, if another process does (for preflight's early refusal); None if free."""
+    import fcntl
+
+    key = Path(out).expanduser().resolve()
+    if key in _HELD or not (key / LOCK).is_file():
+        return None
+    try:
+        fd = os.open(key / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing drops a lock we took
+    return None
+
+
+def _holder(fd: int) -> str:
+    import json
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "unknown"
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in reversed(folders):  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            break  # not empty (the run wrote something) or gone
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -252,7 +375,9 @@ class StopRequest:
     """Catches SIGTERM/SIGINT during training so the loop can checkpoint and exit cleanly.
 
     The first signal sets `requested`; the loop checks it after each step (all ranks agree via
-    `any_rank`). A second SIGINT raises KeyboardInterrupt as usual.
+    `any_rank`). A second one (SIGTERM or SIGINT: schedulers send SIGTERM again) stops at once, wherever
+    the process is (a reward that never returns included), by raising `ForcedStop` (exit code 128 + signal);
+    no checkpoint is written then, the earlier ones stay intact.
     """
 
     def __init__(self):
@@ -271,10 +396,12 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         import signal
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise ForcedStop(f"second {name}: stopped at once, without waiting for the step or saving a checkpoint (earlier "
+                             "checkpoints are intact: continue with grpo.resume=true)", code=128 + signum)
         self.requested, self.signal = True, signum
-        log.warning("received %s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        log.warning("received %s: saving a checkpoint after this step, then stopping (send it again to stop at once)", name)
 
     def any_rank(self, accelerator) -> bool:
         return any_rank(self.requested, accelerator)

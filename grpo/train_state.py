@@ -109,6 +109,8 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
 
     # Data, rewards, model
     resume_from = checkpoint.find_resume(out, g.resume)
+    if resume_from:  # a changed recipe: refused where exactness breaks, else warned; both configs are kept
+        checkpoint.check_resumed_recipe(recipe_to_dict(recipe), resume_from, out, main=is_main)
     problem = checkpoint.earlier_run_problem(out, overwrite=run.overwrite, resume=bool(g.resume))
     if problem:
         raise UserError(problem)

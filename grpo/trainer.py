@@ -48,6 +48,7 @@ from grpo.metrics import console_line, curves, mean_dicts, reduce_metrics, rewar
 from grpo.modeling import reference_context
 from grpo.prefix import supports_training
 from grpo.rollout.multiturn import episode_metrics
+from grpo.scoring import check_reward_health
 from grpo.train_state import TrainState
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def rollout_round(s: TrainState, indices: list[int], step: int, round_: int) -> 
     s.policy.train(was_training)
     texts, R, ok, seconds = decode_and_score(s.tok, s.rewards, rows, comps, params.stop_token_ids, on_error=s.recipe.grpo.on_reward_error,
                                              extra_columns=episode_columns(episodes))
+    check_reward_health(R, s.rewards, step, s)  # all-None rewards (warn, then stop), one reward drowning the others (warn)
     return Rollouts(rows, comps, texts, R, ok, seconds, episodes)
 
 

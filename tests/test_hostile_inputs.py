@@ -120,7 +120,8 @@ def test_overrides_are_accepted_after_options(tmp_path, grpo_cli, capsys, where)
 
 def test_overrides_after_eval_model_option(tmp_path, tiny_model, grpo_cli):
     code, err = grpo_cli("eval", QUICKSTART, "--model", tiny_model, f"run.output_dir={tmp_path / 'run'}", "eval.limit=2",
-                         "rollout.max_new_tokens=2", "rewards=[{name: accuracy}]", "run.threads=1")
+                         "rollout.max_new_tokens=2", "rewards=[{name: accuracy}]", "run.threads=1",
+                         "safety.enabled=false")
     assert code == 0, err[-2000:]
     assert json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["results"][Path(tiny_model).name]["n"] == 2
 
@@ -234,7 +235,7 @@ def test_model_with_nan_weights_is_refused_at_load(tmp_path, tiny_model, grpo_cl
     assert_one_error(*grpo_cli("train", *train_args(tmp_path / "run", model)), "non-finite weights", name)
     # eval used to print a silent table of zeros for it
     assert_one_error(*grpo_cli("eval", QUICKSTART, "--model", model, f"run.output_dir={tmp_path / 'run2'}", "eval.limit=2",
-                               "rewards=[{name: accuracy}]"),
+                               "rewards=[{name: accuracy}]", "safety.enabled=false"),
                      "non-finite weights", "nan_model")
     assert not (tmp_path / "run2" / "eval").exists()
 
@@ -262,3 +263,182 @@ def test_unreachable_hub_fails_fast_saying_what_was_tried(tmp_path, grpo_cli, mo
         line = assert_one_error(*grpo_cli("train", *args), "nobody-here/no-such-model-21", "cannot be reached", "127.0.0.1:9")
     assert "fetching it from the Hugging Face hub (http://127.0.0.1:9)" in caplog.text
     assert "Retrying" not in caplog.text and "Retry" not in line
+
+
+# ---------------------------------------------------------------------------------------- rewards that misbehave
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_reward_that_never_returns_times_out_naming_it(tmp_path, tiny_model, grpo_cli):
+    # no timeout existed: the run hung for ever (and a first SIGTERM could not stop it: tests/test_hangs_and_locks.py)
+    args = train_args(tmp_path / "run", tiny_model, "rewards=[{name: accuracy}, {name: 'hostile_rewards:never_returns', timeout_s: 0.5}]")
+    assert_one_error(*grpo_cli("train", *args), "reward 'never_returns' did not return within its timeout_s=0.5 s", "on_reward_error=skip")
+
+
+def test_a_reward_that_times_out_is_skipped_when_asked(tmp_path, tiny_model, grpo_cli):
+    args = train_args(tmp_path / "run", tiny_model, "grpo.steps=2", "grpo.on_reward_error=skip",
+                      "rewards=[{name: accuracy}, {name: 'hostile_rewards:never_returns', timeout_s: 0.3}]")
+    code, err = grpo_cli("train", *args)
+    assert code == 0, err[-2000:]
+    assert [m["skipped_samples"] for m in _metrics(tmp_path / "run")] == [4.0, 4.0]  # every sample of both steps
+
+
+def test_reward_timeout_off_the_main_thread(tmp_path):
+    """Called from another thread (no SIGALRM there), the call runs in a worker that is abandoned on expiry."""
+    import threading
+
+    from grpo.config import RewardSpec
+    from grpo.errors import UserError
+    from grpo.scoring import build_rewards, score
+
+    rewards = build_rewards([RewardSpec("hostile_rewards:never_returns", timeout_s=0.3)])
+    caught = []
+
+    def run():
+        try:
+            score(rewards, ["p"], ["c"], {})
+        except UserError as e:
+            caught.append(str(e))
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert caught and "did not return within its timeout_s=0.3 s" in caught[0]
+
+
+def test_a_reward_that_is_never_applicable_stops_the_run(tmp_path, tiny_model, grpo_cli, caplog):
+    args = train_args(tmp_path / "run", tiny_model, "grpo.steps=6", "grpo.max_steps_without_reward=2",
+                      "rewards=[{name: 'hostile_rewards:all_none'}]")
+    with caplog.at_level(logging.WARNING):
+        assert_one_error(*grpo_cli("train", *args), "no reward applied to any sample in 2 steps in a row (steps 1-2",
+                         "grpo.max_steps_without_reward")
+    assert "no reward applied to any sample at step 1" in caplog.text
+    assert "reward 'all_none' returned None (not applicable) for every sample at step 1" in caplog.text
+    assert len(_metrics(tmp_path / "run")) == 1  # step 1 was logged, step 2 stopped it
+
+
+def test_never_applicable_is_only_warned_when_the_limit_is_off(tmp_path, tiny_model, grpo_cli, caplog):
+    args = train_args(tmp_path / "run", tiny_model, "grpo.steps=2", "grpo.max_steps_without_reward=0",
+                      "rewards=[{name: 'hostile_rewards:all_none'}]")
+    with caplog.at_level(logging.WARNING):
+        code, err = grpo_cli("train", *args)
+    assert code == 0, err[-2000:]
+    assert caplog.text.count("no reward applied to any sample at step") == 1  # warned once, not every step
+
+
+@pytest.mark.parametrize("big", ["huge", "big_spread"])
+def test_a_reward_that_swamps_the_others_is_warned(tmp_path, tiny_model, grpo_cli, caplog, big):
+    args = train_args(tmp_path / "run", tiny_model, "grpo.steps=2",
+                      f"rewards=[{{name: 'hostile_rewards:length'}}, {{name: 'hostile_rewards:{big}'}}]")
+    with caplog.at_level(logging.WARNING):
+        code, err = grpo_cli("train", *args)
+    assert code == 0, err[-2000:]
+    assert caplog.text.count(f"reward '{big}' swamps 'length' in the reward sum") == 1, caplog.text[-3000:]
+    assert "normalize_then_sum" in caplog.text
+
+
+def test_rewards_on_one_scale_are_not_warned(tmp_path, tiny_model, grpo_cli, caplog):
+    args = train_args(tmp_path / "run", tiny_model, "grpo.steps=2", "rewards=[{name: 'hostile_rewards:length'}, {name: format}]")
+    with caplog.at_level(logging.WARNING):
+        code, err = grpo_cli("train", *args)
+    assert code == 0 and "swamps" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------- disk full
+def _fail_writing(monkeypatch, victim: str, error: BaseException):
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if victim in str(f):
+            raise error
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("how", ["ENOSPC", "torch's RuntimeError on a full disk"])
+def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, grpo_cli, monkeypatch, how):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from grpo import checkpoint
+
+    if how == "ENOSPC":
+        _fail_writing(monkeypatch, "ckpt-2.tmp", OSError(errno.ENOSPC, "No space left on device"))
+    else:  # what torch.save raises when the disk fills: no errno; the disk itself is then (nearly) full
+        _fail_writing(monkeypatch, "ckpt-2.tmp", RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1153: file write failed"))
+        usage = namedtuple("usage", "total used free")
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12, 0) if "ckpt" in str(p) or "train" in str(p) else real_usage(p))
+    out = tmp_path / "run"
+    line = assert_one_error(*grpo_cli("train", *train_args(out, tiny_model, "grpo.steps=3", "grpo.save_every=1")),
+                            "no space left on the device while writing", "ckpt-2", "ckpt-1 intact", "grpo.resume=true")
+    assert "\n" not in line
+    assert checkpoint.list_checkpoints(out / "train") == [out / "train" / "ckpt-1"]
+    assert not (out / "train" / "ckpt-2.tmp").exists()
+    assert checkpoint.load_state(out / "train" / "ckpt-1")["step"] == 1
+
+
+def test_disk_preflight_counts_the_kept_checkpoints(tmp_path, tiny_model):
+    from grpo.preflight_io import _stage_bytes
+
+    def need(*extra):
+        return _stage_bytes(load_recipe(QUICKSTART, [f"model.name_or_path={tiny_model}", "grpo.steps=10", *extra]), "train", {})
+
+    one = need("grpo.save_every=0")  # the last step's checkpoint and the final model
+    weights = (tiny_model / "model.safetensors").stat().st_size
+    ckpt = one - weights
+    assert need("grpo.save_every=1", "grpo.keep_last=2") == 3 * ckpt + weights  # 2 kept + the one being written
+    assert need("grpo.save_every=1", "grpo.keep_last=0") == 10 * ckpt + weights  # keep_last=0 keeps every one
+    assert need("grpo.save_every=4", "grpo.keep_last=5") == 3 * ckpt + weights  # steps 4, 8 and the last
+
+
+# ---------------------------------------------------------------------------------------- resuming with another recipe
+def test_resume_with_a_changed_recipe(tmp_path, tiny_model, grpo_cli, caplog):
+    out = tmp_path / "run"
+    code, err = grpo_cli("train", *train_args(out, tiny_model, "grpo.steps=2", "grpo.save_every=1"))
+    assert code == 0, err[-2000:]
+    first_config = (out / "train" / "config.yaml").read_text()
+    # the batch geometry and the loss cannot change: the run would not continue exactly (it used to, silently)
+    assert_one_error(*grpo_cli("train", *train_args(out, tiny_model, "grpo.steps=3", "grpo.resume=true", "grpo.num_generations=4")),
+                     "grpo.num_generations: 2 -> 4", "continue exactly")
+    assert_one_error(*grpo_cli("train", *train_args(out, tiny_model, "grpo.steps=3", "grpo.resume=true", "grpo.loss_type=dapo")),
+                     "grpo.loss_type: 'grpo' -> 'dapo'")
+    assert (out / "train" / "config.yaml").read_text() == first_config
+    # the rest may: warned, and both configs kept
+    with caplog.at_level(logging.WARNING):
+        code, err = grpo_cli("train", *train_args(out, tiny_model, "grpo.steps=3", "grpo.resume=true", "grpo.lr=1e-3"))
+    assert code == 0, err[-2000:]
+    assert "with a changed recipe" in caplog.text and "grpo.lr: 2e-05 -> 0.001" in caplog.text and "grpo.steps: 2 -> 3" in caplog.text
+    assert (out / "train" / "config.before-resume-2.yaml").read_text() == first_config
+    assert "lr: 0.001" in (out / "train" / "config.yaml").read_text()
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------- what a run says it does
+def test_a_stand_alone_train_says_which_model_it_starts_from(tmp_path, tiny_model, grpo_cli, caplog):
+    out = tmp_path / "run"
+    _copy_model(tiny_model, out / "sft" / "final")
+    with caplog.at_level(logging.INFO):
+        code, err = grpo_cli("train", *train_args(out, tiny_model))
+    assert code == 0, err[-2000:]
+    first = caplog.messages[0]
+    assert first.startswith(f"train: starting from model.name_or_path={tiny_model}"), caplog.messages[:3]
+    assert f"add model.name_or_path={out / 'sft' / 'final'}" in first and "grpo pipeline" in first
+
+
+def test_eval_says_it_replaces_earlier_results_and_labels_models_alike(tmp_path, tiny_model, grpo_cli, caplog):
+    out = tmp_path / "run"
+    model = _copy_model(tiny_model, tmp_path / "other" / "sft" / "final")
+    common = [f"run.output_dir={out}", "eval.limit=2", "rollout.max_new_tokens=2", "rewards=[{name: accuracy}]", "run.threads=1",
+              "safety.enabled=false"]
+    code, err = grpo_cli("eval", QUICKSTART, "--model", model, *common)
+    assert code == 0, err[-2000:]
+    by_option = json.loads((out / "eval" / "results.json").read_text())["models"]
+    with caplog.at_level(logging.WARNING):
+        code, err = grpo_cli("eval", QUICKSTART, f"model.name_or_path={tiny_model}", f"eval.checkpoints=[{model}]", *common)
+    assert code == 0, err[-2000:]
+    assert "eval: replacing the results of an earlier eval" in caplog.text and "results.json, results.md, samples.jsonl" in caplog.text
+    by_recipe = json.loads((out / "eval" / "results.json").read_text())["models"]
+    assert by_option == [{"label": "sft/final", "path": str(model)}]
+    assert by_recipe[-1] == by_option[0]  # the same column name either way (was "final" for eval.checkpoints)
