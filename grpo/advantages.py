@@ -285,7 +285,7 @@ def cost_signal(cost: Tensor, signal: str) -> Tensor:
 
 
 @CONSTRAINT_SCHEMES.register("separate")
-def _scheme_separate(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: float, floors: Tensor, group_size: int, mode: str,
+def _scheme_separate(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: Tensor, floors: Tensor, group_size: int, mode: str,
                      scale: str, eps: float) -> Tensor:
     """Normalise each part, then combine: ``(A_r - sum_k mu_k A_k) / denom`` with ``A_r`` from `combine_rewards` and
     ``A_k = (c_k - group mean) / (group std + floor_k)`` (Safe RLHF on group advantages; what Constrained GRPO,
@@ -296,7 +296,7 @@ def _scheme_separate(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: float, 
 
 
 @CONSTRAINT_SCHEMES.register("scalarized")
-def _scheme_scalarized(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: float, floors: Tensor, group_size: int, mode: str,
+def _scheme_scalarized(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: Tensor, floors: Tensor, group_size: int, mode: str,
                        scale: str, eps: float) -> Tensor:
     """Combine first, normalise once: ``group_advantages((r - sum_k mu_k c_k) / denom)`` with ``r`` the weighted reward
     sum (NaN = 0). The multipliers trade raw units (reward per unit of cost), and a group's std is that of the
@@ -375,7 +375,8 @@ def reward_and_cost_advantages(
     mu = torch.tensor([float(weights[k]) if x is None else float(x) for k, x in zip(cost_k, lams)], dtype=R.dtype)
     if any(x is not None and float(x) < 0 for x in lams):
         raise ValueError(f"lam must be >= 0, got {[float(x) for x in lams if x is not None]}")
-    denom = 1.0 + sum(float(x) for x in lams if x is not None)
+    # 1 + sum(lam) in the rewards' dtype (as Safe RLHF's (1 + lam) on a tensor): the same rounding as one constraint always had
+    denom = 1.0 + torch.tensor([float(x) for x in lams if x is not None], dtype=R.dtype).sum()
     return scheme_fn(useful, w, C, mu, denom, torch.tensor(floors, dtype=R.dtype), group_size, mode, scale, eps), metrics
 
 
