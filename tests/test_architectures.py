@@ -4,10 +4,9 @@ import sys
 
 import pytest
 
+from conftest import ROOT, make_tiny_model
 from grpo.config import load_recipe
 from grpo.pipeline import run_pipeline
-
-from conftest import ROOT, make_tiny_model
 
 sys.path.insert(0, str(ROOT / "tests"))  # rewards_for_tests
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from grpo.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from grpo.errors import UserError

@@ -114,7 +114,7 @@ def test_a_signal_to_one_process_stops_every_process(tmp_path, tiny_model):
     exit; none runs on alone (it would wait forever in the next step's collectives)."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    stopper = f"{{name: 'rewards_for_tests:signal_self', weight: 0.0, key: stop, at_call: 2, sig: SIGTERM, rank: 1}}"
+    stopper = "{name: 'rewards_for_tests:signal_self', weight: 0.0, key: stop, at_call: 2, sig: SIGTERM, rank: 1}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate_configs" / "cpu_ddp.yaml"),
            "--num_processes", "2", "-m", "grpo", "train", str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={out}",
            f"model.name_or_path={tiny_model}", *ARGS, "grpo.steps=5", f"rewards=[{{name: 'rewards_for_tests:sevens'}}, {stopper}]"]

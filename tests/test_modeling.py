@@ -7,7 +7,15 @@ from safetensors.torch import load_file
 
 from grpo.config import LoraConfig, ModelConfig
 from grpo.errors import UserError
-from grpo.modeling import count_parameters, is_peft, load_model, load_tokenizer, make_reference, reference_context, save_model
+from grpo.modeling import (
+    count_parameters,
+    is_peft,
+    load_model,
+    load_tokenizer,
+    make_reference,
+    reference_context,
+    save_model,
+)
 
 
 def test_load_plain_model_and_tokenizer(tiny_model):

@@ -20,9 +20,9 @@ import os
 import pytest
 import torch
 
+from grpo.batch import build_batch, loss_mask, token_logprobs
 from grpo.losses import policy_loss
 from grpo.rollout import Completion
-from grpo.batch import build_batch, loss_mask, token_logprobs
 
 LN2 = math.log(2.0)
 BETA = 0.1

@@ -5,13 +5,11 @@ import re
 import pytest
 import torch
 
-from grpo.config import DataConfig, load_recipe
+from conftest import ROOT, TOKENIZER
+from grpo.config import DataConfig, ModelConfig, load_recipe
 from grpo.data import sft_examples
 from grpo.modeling import load_tokenizer
-from grpo.config import ModelConfig
 from grpo.sft import collate, lm_loss, pack, run_sft
-
-from conftest import ROOT, TOKENIZER
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ import sys
 import pytest
 import torch
 
+from conftest import ROOT
 from grpo import checkpoint
+from grpo.batch import build_batch, loss_mask, token_logprobs
 from grpo.config import load_recipe
 from grpo.errors import Interrupted, UserError
-from grpo.batch import build_batch, loss_mask, token_logprobs
-from grpo.trainer import run_grpo
 from grpo.rollout import Completion
-
-from conftest import ROOT
+from grpo.trainer import run_grpo
 
 sys.path.insert(0, str(ROOT / "tests"))
 
