@@ -71,23 +71,62 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "WANDB_MODE": "offline", "TQDM_DISABLE": "1"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "offline",
+    "TQDM_DISABLE": "1",
+}.items():
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
-
 from gpu_check_report import Report, Section, free_memory, print_table  # noqa: E402  (sys.path[0] is this folder)
 
 OPTIONAL = ("deepspeed", "datasets", "wandb", "trl", "tensorboard", "matplotlib", "peft")
-QWEN05 = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
-              vocab_size=151936)
-TINY_QWEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                 vocab_size=1024)
-FULL = dict(model=QWEN05, matmul=8192, copy_mb=1024, prompts=64, prompt_len=256, G=8, new=256, hf_prompts=16,
-            train_prompts=16, train_steps=4, micro=32)
-TINY = dict(model=TINY_QWEN, matmul=256, copy_mb=16, prompts=4, prompt_len=16, G=4, new=8, hf_prompts=2,
-            train_prompts=4, train_steps=2, micro=8)
+QWEN05 = dict(
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+)
+TINY_QWEN = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=1024,
+)
+FULL = dict(
+    model=QWEN05,
+    matmul=8192,
+    copy_mb=1024,
+    prompts=64,
+    prompt_len=256,
+    G=8,
+    new=256,
+    hf_prompts=16,
+    train_prompts=16,
+    train_steps=4,
+    micro=32,
+)
+TINY = dict(
+    model=TINY_QWEN,
+    matmul=256,
+    copy_mb=16,
+    prompts=4,
+    prompt_len=16,
+    G=4,
+    new=8,
+    hf_prompts=2,
+    train_prompts=4,
+    train_steps=2,
+    micro=8,
+)
 TOL = {"bfloat16": {"values": 1e-2, "grads": 3e-2}, "float32": {"values": 1e-5, "grads": 1e-5}}
 # share of --budget per section (a section stops starting new rows past its share; the rest roll over)
 SHARES = {"env": 0.08, "correctness_bf16": 0.12, "correctness_fp32": 0.12, "rollout": 0.36, "train": 0.32}
@@ -111,8 +150,12 @@ def section_env(s: Section, ctx: dict) -> None:
     s.data["missing_optional"] = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        s.data["gpu"] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
-                         "count": torch.cuda.device_count()}
+        s.data["gpu"] = {
+            "name": p.name,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "capability": f"{p.major}.{p.minor}",
+            "count": torch.cuda.device_count(),
+        }
     s.log(f"versions {versions}; missing optional: {s.data['missing_optional']}; gpu {s.data.get('gpu')}")
     n = ctx["shape"]["matmul"]
     a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -123,8 +166,15 @@ def section_env(s: Section, ctx: dict) -> None:
     src.fill_(1)
     t = _median_time(lambda: dst.copy_(src), dev)
     ctx["copy_gbps"] = 2 * nbytes / t / 1e9  # each byte read once and written once
-    s.row({"name": "ceilings", "bf16_matmul_tflops": round(ctx["matmul_tflops"], 2), "matmul_n": n,
-           "copy_gbps": round(ctx["copy_gbps"], 1), "copy_mib": ctx["shape"]["copy_mb"]})
+    s.row(
+        {
+            "name": "ceilings",
+            "bf16_matmul_tflops": round(ctx["matmul_tflops"], 2),
+            "matmul_n": n,
+            "copy_gbps": round(ctx["copy_gbps"], 1),
+            "copy_mib": ctx["shape"]["copy_mb"],
+        }
+    )
 
 
 def versions() -> dict:
@@ -160,12 +210,22 @@ def _median_time(fn, dev: torch.device, warmup: int = 3, reps: int = 10) -> floa
 
 
 # ----------------------------------------------------------------------------------------- models
-def qwen_model(shape: dict, device: torch.device, dtype: torch.dtype, seed: int, init: float = 0.02, max_pos: int = 2048):
+def qwen_model(
+    shape: dict, device: torch.device, dtype: torch.dtype, seed: int, init: float = 0.02, max_pos: int = 2048
+):
     """A random-init tied-embedding Qwen2 causal LM built directly on `device` in `dtype` (pad 0, eos 1)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(**shape, tie_word_embeddings=True, max_position_embeddings=max_pos, initializer_range=init,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, use_sliding_window=False)
+    cfg = Qwen2Config(
+        **shape,
+        tie_word_embeddings=True,
+        max_position_embeddings=max_pos,
+        initializer_range=init,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        use_sliding_window=False,
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -177,7 +237,9 @@ def tiny_base(device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = ROOT / "data" / "tiny_base"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), AutoTokenizer.from_pretrained(
+        path
+    )
 
 
 def toy_prompts(tok, n: int) -> list[list[int]]:
@@ -201,9 +263,18 @@ def section_correctness(s: Section, ctx: dict, dtype_name: str) -> None:
     first = None
     if diff:
         a, b = eng[diff[0]].token_ids, ref[diff[0]].token_ids
-        first = {"completion": diff[0], "position": next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))}
-    s.check("greedy engine == hf (tiny_base)", not diff and len(eng) == len(ref), completions=len(eng), differing=len(diff),
-            tokens=sum(len(c.token_ids) for c in eng), first_difference=first)
+        first = {
+            "completion": diff[0],
+            "position": next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))),
+        }
+    s.check(
+        "greedy engine == hf (tiny_base)",
+        not diff and len(eng) == len(ref),
+        completions=len(eng),
+        differing=len(diff),
+        tokens=sum(len(c.token_ids) for c in eng),
+        first_difference=first,
+    )
     fresh = lambda: tiny_base(dev, dtype)[0]  # noqa: E731
     _logprob_checks(s, "tiny_base", model, fresh, prompts[::4][:4], tok.eos_token_id, tok.pad_token_id, tol, T=2.0)
     del model
@@ -213,8 +284,11 @@ def section_correctness(s: Section, ctx: dict, dtype_name: str) -> None:
     _logprob_checks(s, "qwen2_tiny", qwen, lambda: copy.deepcopy(qwen), qprompts, 1, 0, tol)
 
 
-def _logprob_checks(s: Section, label: str, model, fresh, prompts, eos: int, pad: int, tol: dict, G: int = 4, T: float = 0.8) -> None:
-    """Engine sampling logprobs vs a fresh forward; shared-prefix, plain and chunked logprobs (values, grads) vs the reference."""
+def _logprob_checks(
+    s: Section, label: str, model, fresh, prompts, eos: int, pad: int, tol: dict, G: int = 4, T: float = 0.8
+) -> None:
+    """Engine sampling logprobs vs a fresh forward; shared-prefix, plain and chunked logprobs (values, grads) vs the
+    reference."""
     from grpo.prefix import shared_prefix_logprobs
     from grpo.rollout import SamplingParams, make_rollout
 
@@ -228,39 +302,66 @@ def _logprob_checks(s: Section, label: str, model, fresh, prompts, eos: int, pad
     del other
     eng_lp = torch.tensor([x for c in outs for x in c.logprobs])
     e = _rel(eng_lp, ref_fresh.cpu())
-    s.check(f"engine logprobs vs fresh forward ({label})", e <= tol["values"], rel_err=e, limit=tol["values"], tokens=len(eng_lp))
+    s.check(
+        f"engine logprobs vs fresh forward ({label})",
+        e <= tol["values"],
+        rel_err=e,
+        limit=tol["values"],
+        tokens=len(eng_lp),
+    )
     sens = _rel(wrong, ref_fresh)
-    s.check(f"sensitivity: wrong context detected ({label})", sens >= 10 * tol["values"], rel_err_wrong_context=sens,
-            needs=10 * tol["values"])
+    s.check(
+        f"sensitivity: wrong context detected ({label})",
+        sens >= 10 * tol["values"],
+        rel_err_wrong_context=sens,
+        needs=10 * tol["values"],
+    )
     dev = next(model.parameters()).device
     C = max(len(c) for c in comps)
     w = torch.randn(len(comps), C, generator=torch.Generator().manual_seed(4)).to(dev)
     mask = torch.zeros(len(comps), C, device=dev)
     for j, c in enumerate(comps):
-        mask[j, :len(c)] = 1
+        mask[j, : len(c)] = 1
 
     def ref_loss():
         lps = _reference(model, prompts, comps, G, T)
-        return sum((w[j, :len(c)] * lp).sum() for j, (c, lp) in enumerate(zip(comps, lps))), torch.cat(lps)
+        return sum((w[j, : len(c)] * lp).sum() for j, (c, lp) in enumerate(zip(comps, lps))), torch.cat(lps)
 
     ref_vals, ref_grads = _with_grads(model, ref_loss)
-    paths = [("shared-prefix", lambda: shared_prefix_logprobs(model, prompts, comps, G, T)[0]),
-             ("plain forward", lambda: _plain_logprobs(model, prompts, comps, G, T, pad))]
+    paths = [
+        ("shared-prefix", lambda: shared_prefix_logprobs(model, prompts, comps, G, T)[0]),
+        ("plain forward", lambda: _plain_logprobs(model, prompts, comps, G, T, pad)),
+    ]
     try:
         from grpo.logprobs import chunked_logprobs  # issue 14's chunked LM head (absent in older trees)
     except ImportError:
         s.row({"name": f"chunked LM head ({label})", "not_available": "grpo.logprobs has no chunked_logprobs"})
     else:
-        paths.append(("chunked LM head", lambda: torch.nn.utils.rnn.pad_sequence(
-            _reference(model, prompts, comps, G, T, chunked=chunked_logprobs), batch_first=True)))
+        paths.append(
+            (
+                "chunked LM head",
+                lambda: torch.nn.utils.rnn.pad_sequence(
+                    _reference(model, prompts, comps, G, T, chunked=chunked_logprobs), batch_first=True
+                ),
+            )
+        )
     for name, fn in paths:
+
         def loss(fn=fn):
             lp = fn()[:, :C]
             return (w * lp * mask).sum(), lp[mask.bool()]
+
         vals, grads = _with_grads(model, loss)
         ev, eg = _rel(vals, ref_vals), _rel(grads, ref_grads)
-        s.check(f"{name} logprobs vs reference ({label})", ev <= tol["values"] and eg <= tol["grads"], rel_err_values=ev,
-                rel_err_grads=eg, limit_values=tol["values"], limit_grads=tol["grads"], tokens=int(mask.sum()))
+        s.check(
+            f"{name} logprobs vs reference ({label})",
+            ev <= tol["values"] and eg <= tol["grads"],
+            rel_err_values=ev,
+            rel_err_grads=eg,
+            limit_values=tol["values"],
+            limit_grads=tol["grads"],
+            tokens=int(mask.sum()),
+        )
 
 
 def _reference(model, prompts, comps, G: int, T: float, chunked=None) -> list[torch.Tensor]:
@@ -274,7 +375,7 @@ def _reference(model, prompts, comps, G: int, T: float, chunked=None) -> list[to
     for j, c in enumerate(comps):
         p = prompts[j // G]
         ids = torch.tensor([p + c], device=dev)
-        at, target = slice(len(p) - 1, len(p) + len(c) - 1), ids[0, len(p):]
+        at, target = slice(len(p) - 1, len(p) + len(c) - 1), ids[0, len(p) :]
         if chunked is not None:
             hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, at]
             out.append(chunked(hidden, model.get_output_embeddings(), target, T, chunk_size=3).float())
@@ -303,7 +404,9 @@ def _with_grads(model, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     loss, vals = loss_fn()
     loss.backward()
-    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in model.parameters()])
+    grads = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in model.parameters()]
+    )
     model.zero_grad(set_to_none=True)
     return vals.detach().float(), grads
 
@@ -314,17 +417,30 @@ def section_rollout(s: Section, ctx: dict) -> None:
     model = qwen_model(sh["model"], dev, dtype, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
-    kv_tok = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * model.dtype.itemsize
-    s.data.update(params=n_params, weight_bytes=n_params * model.dtype.itemsize, kv_bytes_per_token=kv_tok, dtype=ctx["dtype"],
-                  shape={k: sh[k] for k in ("prompts", "prompt_len", "G", "new", "hf_prompts")})
+    kv_tok = (
+        cfg.num_hidden_layers
+        * 2
+        * cfg.num_key_value_heads
+        * (cfg.hidden_size // cfg.num_attention_heads)
+        * model.dtype.itemsize
+    )
+    s.data.update(
+        params=n_params,
+        weight_bytes=n_params * model.dtype.itemsize,
+        kv_bytes_per_token=kv_tok,
+        dtype=ctx["dtype"],
+        shape={k: sh[k] for k in ("prompts", "prompt_len", "G", "new", "hf_prompts")},
+    )
     g = torch.Generator().manual_seed(5)
     prompts = torch.randint(2, cfg.vocab_size, (sh["prompts"], sh["prompt_len"]), generator=g).tolist()
-    sub = prompts[:sh["hf_prompts"]]
-    rows = [("engine", {"max_batch": len(prompts) * sh["G"]}, prompts),
-            ("engine static_decode", {"max_batch": len(prompts) * sh["G"], "static_decode": True}, prompts),
-            ("engine", {"max_batch": len(sub) * sh["G"]}, sub),
-            ("hf", {}, sub),
-            ("hf static cache", {"cache_implementation": "static"}, sub)]
+    sub = prompts[: sh["hf_prompts"]]
+    rows = [
+        ("engine", {"max_batch": len(prompts) * sh["G"]}, prompts),
+        ("engine static_decode", {"max_batch": len(prompts) * sh["G"], "static_decode": True}, prompts),
+        ("engine", {"max_batch": len(sub) * sh["G"]}, sub),
+        ("hf", {}, sub),
+        ("hf static cache", {"cache_implementation": "static"}, sub),
+    ]
     est = None
     for name, opts, ps in rows:
         label = f"{name} ({len(ps)} prompts)"
@@ -372,13 +488,23 @@ def _time_backend(model, name: str, opts: dict, prompts, sh: dict, ctx: dict, kv
             gen_cfg.disable_compile = compile_flag
     tokens = sum(len(c.token_ids) for c in out)
     if len(out) != len(prompts) * G or tokens != len(out) * N:
-        raise RuntimeError(f"{name}: expected {len(prompts) * G} completions of {N} tokens, got {len(out)} with {tokens} tokens")
+        raise RuntimeError(
+            f"{name}: expected {len(prompts) * G} completions of {N} tokens, got {len(out)} with {tokens} tokens"
+        )
     groups, P = len(prompts), len(prompts[0])
-    # bytes read per decode step k (k tokens already generated): the weights once + the KV cache, a prompt's KV once per group
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embeddings once: the LM head reads them
+    # bytes read per decode step k (k tokens already generated): the weights once + the KV cache, a prompt's KV once per
+    # group
+    weights = sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )  # tied embeddings once: the LM head reads them
     floor_bytes = sum(weights + groups * (P + G * k) * kv_tok for k in range(N))
-    row = {"completion_tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-           "ms_per_step": round(1e3 * wall / N, 2), "floor_bytes": floor_bytes}
+    row = {
+        "completion_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ms_per_step": round(1e3 * wall / N, 2),
+        "floor_bytes": floor_bytes,
+    }
     if ctx.get("copy_gbps"):
         floor_s = floor_bytes / (ctx["copy_gbps"] * 1e9)
         row.update(floor_s=round(floor_s, 4), floor_frac=round(floor_s / wall, 4))
@@ -405,8 +531,16 @@ def section_train(s: Section, ctx: dict) -> None:
         rc, cut = _train_in_process(recipe, s.left() - 5, ctx.get("train_set", []))
         s.data["overrides"] = ctx.get("train_set", [])
         _sync(dev)
-        summary = {"name": "train (one process)", "rc": rc, "wall_s": round(time.perf_counter() - t, 1), "dtype": ctx["dtype"],
-                   "prompts_per_step": sh["train_prompts"], "G": sh["G"], "new_tokens": sh["new"], "prompt_len": sh["prompt_len"]}
+        summary = {
+            "name": "train (one process)",
+            "rc": rc,
+            "wall_s": round(time.perf_counter() - t, 1),
+            "dtype": ctx["dtype"],
+            "prompts_per_step": sh["train_prompts"],
+            "G": sh["G"],
+            "new_tokens": sh["new"],
+            "prompt_len": sh["prompt_len"],
+        }
         if dev.type == "cuda":
             summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
         metrics = work / "run" / "train" / "metrics.jsonl"
@@ -417,8 +551,13 @@ def section_train(s: Section, ctx: dict) -> None:
             shutil.copy(metrics, s.report.out / "train_metrics.jsonl")
         s.row(summary)
         steps = summary.get("steps", 0)
-        s.check("train stage ran (exit 0, every step logged)", (rc == 0 and steps == sh["train_steps"]) or (cut and steps >= 1),
-                rc=rc, steps=steps, of=sh["train_steps"])
+        s.check(
+            "train stage ran (exit 0, every step logged)",
+            (rc == 0 and steps == sh["train_steps"]) or (cut and steps >= 1),
+            rc=rc,
+            steps=steps,
+            of=sh["train_steps"],
+        )
         _zero2(s, ctx, recipe, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -462,29 +601,58 @@ def _step_stats(path: Path) -> dict:
     keys = ("time_step", "time_rollout", "time_score", "time_logprobs", "time_train", "tokens_per_s", "completion_len")
     out = {"steps": len(steps), "first_step": {k: round(steps[0].get(k, math.nan), 3) for k in keys} if steps else {}}
     rest = steps[1:] or steps
-    out["median_later_steps"] = {k: round(statistics.median(x.get(k, math.nan) for x in rest), 3) for k in keys} if rest else {}
+    out["median_later_steps"] = (
+        {k: round(statistics.median(x.get(k, math.nan) for x in rest), 3) for k in keys} if rest else {}
+    )
     return out
 
 
 def _zero2(s: Section, ctx: dict, recipe: Path, work: Path) -> None:
     """ZeRO-2 through accelerate launch (one process), where deepspeed imports and the device is CUDA."""
     if ctx["zero2"] == "off" or (ctx["zero2"] == "auto" and ctx["device"].type != "cuda"):
-        s.row({"name": "train ZeRO-2", "skipped": "not on CUDA (CPU ZeRO runs are covered by tests/test_distributed.py)"})
+        s.row(
+            {"name": "train ZeRO-2", "skipped": "not on CUDA (CPU ZeRO runs are covered by tests/test_distributed.py)"}
+        )
         return
     if importlib.util.find_spec("deepspeed") is None:
-        s.row({"name": "train ZeRO-2", "skipped": "deepspeed is not installed (see the docstring for the wheels to carry)"})
+        s.row(
+            {
+                "name": "train ZeRO-2",
+                "skipped": "deepspeed is not installed (see the docstring for the wheels to carry)",
+            }
+        )
         return
     if s.left() < 60:
         s.row({"name": "train ZeRO-2", "skipped": f"time share left {s.left():.0f} s"})
         return
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate_configs/zero2.yaml"),
-           "--num_processes", "1", "-m", "grpo", "train", str(recipe), f"run.output_dir={work / 'run_zero2'}", "grpo.steps=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate_configs/zero2.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "grpo",
+        "train",
+        str(recipe),
+        f"run.output_dir={work / 'run_zero2'}",
+        "grpo.steps=2",
+    ]
     t = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TORCH_EXTENSIONS_DIR": str(work / "torch_extensions")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_EXTENSIONS_DIR": str(work / "torch_extensions"),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(30, int(s.left())))
-    row = {"name": "train ZeRO-2", "rc": proc.returncode, "wall_s": round(time.perf_counter() - t, 1),
-           **_step_stats(work / "run_zero2" / "train" / "metrics.jsonl")}
+    row = {
+        "name": "train ZeRO-2",
+        "rc": proc.returncode,
+        "wall_s": round(time.perf_counter() - t, 1),
+        **_step_stats(work / "run_zero2" / "train" / "metrics.jsonl"),
+    }
     if proc.returncode:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
     s.row(row)
@@ -504,21 +672,38 @@ def _write_train_assets(work: Path, sh: dict, dev: torch.device, dtype: str, thr
     vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, V)}}  # ids cover the whole vocabulary
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    # its own folder: transformers 5 AutoTokenizer on a folder whose config.json says qwen2 builds Qwen2Tokenizer's byte-level
+    # its own folder: transformers 5 AutoTokenizer on a folder whose config.json says qwen2 builds Qwen2Tokenizer's
+    # byte-level
     # pre-tokenizer over this vocabulary (every prompt then encodes to nothing)
-    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>").save_pretrained(work / "tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>").save_pretrained(
+        work / "tokenizer"
+    )
     g = torch.Generator().manual_seed(6)
     n_rows = sh["train_prompts"] * sh["train_steps"]
     ids = torch.randint(2, V, (n_rows, sh["prompt_len"]), generator=g).tolist()
-    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": " ".join(f"w{i}" for i in row)}) + "\n" for row in ids))
+    (work / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": " ".join(f"w{i}" for i in row)}) + "\n" for row in ids)
+    )
     recipe = {
         "run": {"output_dir": str(work / "run"), "stages": ["train"], "seed": 0, "threads": threads or None},
         "model": {"name_or_path": str(work / "model"), "tokenizer": str(work / "tokenizer"), "dtype": dtype},
-        "data": {"sft_train": None, "sft_eval": None, "train": str(work / "prompts.jsonl"), "eval": None,
-                 "max_prompt_length": sh["prompt_len"]},
+        "data": {
+            "sft_train": None,
+            "sft_eval": None,
+            "train": str(work / "prompts.jsonl"),
+            "eval": None,
+            "max_prompt_length": sh["prompt_len"],
+        },
         "rollout": {"backend": "engine", "max_new_tokens": sh["new"], "min_new_tokens": sh["new"], "temperature": 1.0},
-        "grpo": {"steps": sh["train_steps"], "prompts_per_step": sh["train_prompts"], "num_generations": sh["G"],
-                 "micro_batch_size": sh["micro"], "lr": 1e-6, "beta": 0.04, "loss_type": "grpo"},
+        "grpo": {
+            "steps": sh["train_steps"],
+            "prompts_per_step": sh["train_prompts"],
+            "num_generations": sh["G"],
+            "micro_batch_size": sh["micro"],
+            "lr": 1e-6,
+            "beta": 0.04,
+            "loss_type": "grpo",
+        },
         "rewards": [{"name": "repetition", "unit": "char", "ngram": 3, "weight": 1.0}],
         "tracking": {"log_every": 1, "samples_every": 0},
     }
@@ -532,16 +717,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU CI mode)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="folder for gpu_check.json (default $OUT)")
+    ap.add_argument(
+        "--out", default=os.environ.get("OUT") or "gpu_check_out", help="folder for gpu_check.json (default $OUT)"
+    )
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all sections together (default 450)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the rollout and train sections")
     ap.add_argument("--hf-prompts", type=int, default=None, help="prompts for the hf rows (default 16; tiny 2)")
     ap.add_argument("--train-steps", type=int, default=None, help="GRPO steps in the train section (default 4; tiny 2)")
-    ap.add_argument("--train-prompts", type=int, default=None, help="prompts per GRPO step (default 16 = one engine batch of 128)")
-    ap.add_argument("--zero2", choices=("auto", "on", "off"), default="auto", help="auto: only on CUDA with deepspeed installed")
+    ap.add_argument(
+        "--train-prompts", type=int, default=None, help="prompts per GRPO step (default 16 = one engine batch of 128)"
+    )
+    ap.add_argument(
+        "--zero2", choices=("auto", "on", "off"), default="auto", help="auto: only on CUDA with deepspeed installed"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; tiny: 1)")
-    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="recipe override for the train section (repeatable), e.g. model.fp32_lm_head=true")
+    ap.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the train section (repeatable), e.g. model.fp32_lm_head=true",
+    )
     ap.add_argument("--sections", default=",".join(SHARES), help="comma-separated subset of: " + ", ".join(SHARES))
     args = ap.parse_args(argv)
     try:
@@ -550,7 +746,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu --tiny", file=sys.stderr)
+        print(
+            "error: --device cuda but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu --tiny",
+            file=sys.stderr,
+        )
         return 2
     threads = args.threads or (1 if args.tiny else None)
     if threads:
@@ -563,14 +762,31 @@ def main(argv: list[str] | None = None) -> int:
     shape = dict(TINY if args.tiny else FULL)
     overrides = {"hf_prompts": args.hf_prompts, "train_steps": args.train_steps, "train_prompts": args.train_prompts}
     shape.update({k: v for k, v in overrides.items() if v})
-    ctx = {"device": device, "shape": shape, "dtype": args.dtype, "zero2": args.zero2, "threads": threads or 0,
-           "train_set": args.train_set}
-    meta = {"device": str(device), "mode": "tiny" if args.tiny else "full", "argv": sys.argv[1:], "versions": versions(),
-            "shape": {k: v for k, v in shape.items() if k != "model"}, "model": shape["model"]}
+    ctx = {
+        "device": device,
+        "shape": shape,
+        "dtype": args.dtype,
+        "zero2": args.zero2,
+        "threads": threads or 0,
+        "train_set": args.train_set,
+    }
+    meta = {
+        "device": str(device),
+        "mode": "tiny" if args.tiny else "full",
+        "argv": sys.argv[1:],
+        "versions": versions(),
+        "shape": {k: v for k, v in shape.items() if k != "model"},
+        "model": shape["model"],
+    }
     rep = Report(Path(args.out), args.budget, meta, SHARES)
     rep.log(f"gpu_check: device {device}, {meta['mode']} shapes, budget {args.budget:.0f} s, out {rep.out}")
-    plan = {"env": (section_env,), "correctness_bf16": (section_correctness, "bfloat16"),
-            "correctness_fp32": (section_correctness, "float32"), "rollout": (section_rollout,), "train": (section_train,)}
+    plan = {
+        "env": (section_env,),
+        "correctness_bf16": (section_correctness, "bfloat16"),
+        "correctness_fp32": (section_correctness, "float32"),
+        "rollout": (section_rollout,),
+        "train": (section_train,),
+    }
     for name in SHARES:
         if name in wanted:
             fn, *extra = plan[name]

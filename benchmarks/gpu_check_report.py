@@ -34,19 +34,26 @@ class Report:
     def run(self, name: str, fn, *args) -> None:
         """Runs one section with its own time share; an exception is recorded, never raised."""
         spent = sum(s.get("seconds", 0) for s in self.data["sections"].values())
-        share = self.shares[name] * self.budget + max(0.0, sum(self.shares[k] * self.budget for k in self.data["sections"]) - spent)
+        share = self.shares[name] * self.budget + max(
+            0.0, sum(self.shares[k] * self.budget for k in self.data["sections"]) - spent
+        )
         sec = Section(self, name, deadline=time.perf_counter() + share)
         self.data["sections"][name] = sec.data
         self.log(f"== {name} (time share {share:.0f} s)")
         if self.elapsed() > self.budget:
-            sec.data.update(status="skipped", error=f"the whole --budget ({self.budget:.0f} s) was spent before it started")
+            sec.data.update(
+                status="skipped", error=f"the whole --budget ({self.budget:.0f} s) was spent before it started"
+            )
         else:
             try:
                 fn(sec, *args)
                 sec.data["status"] = "ok"
             except Exception as e:  # noqa: BLE001  (isolation is the point: record and go on)
-                sec.data.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
-                                traceback=traceback.format_exc()[-3000:])
+                sec.data.update(
+                    status="error",
+                    error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
+                    traceback=traceback.format_exc()[-3000:],
+                )
                 self.log(f"{name}: ERROR {sec.data['error']}")
         sec.data["seconds"] = round(time.perf_counter() - sec.start, 1)
         free_memory()
@@ -96,25 +103,33 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-
 def print_table(rep: Report) -> None:
     """The short summary printed last (the device tool keeps only the end of the output)."""
     secs, meta = rep.data["sections"], rep.data["meta"]
     env = secs.get("env", {})
     v, gpu = meta["versions"], env.get("gpu") or {}
-    lines = ["", "=" * 100, f"gpu_check | {meta['device']} {gpu.get('name', '')} {gpu.get('memory_gib', '')} GiB | torch "
-             f"{v.get('torch')} cuda {v.get('cuda')} | transformers {v.get('transformers')} | accelerate {v.get('accelerate')} | "
-             f"peft {v.get('peft')} | missing: {', '.join(env.get('missing_optional', [])) or '-'} | {meta['mode']}"]
+    lines = [
+        "",
+        "=" * 100,
+        f"gpu_check | {meta['device']} {gpu.get('name', '')} {gpu.get('memory_gib', '')} GiB | torch "
+        f"{v.get('torch')} cuda {v.get('cuda')} | transformers {v.get('transformers')} | accelerate "
+        f"{v.get('accelerate')} | "
+        f"peft {v.get('peft')} | missing: {', '.join(env.get('missing_optional', [])) or '-'} | {meta['mode']}",
+    ]
     for name, s in secs.items():
-        lines.append(f"-- {name}: {s.get('status')} in {s.get('seconds', 0)} s" + (f" | {s['error']}" if s.get("error") else ""))
+        lines.append(
+            f"-- {name}: {s.get('status')} in {s.get('seconds', 0)} s" + (f" | {s['error']}" if s.get("error") else "")
+        )
         for c in s.get("checks", []):
             nums = {k: c[k] for k in c if k not in ("name", "passed", "first_difference", "tokens", "completions")}
             lines.append(f"   {'PASS' if c['passed'] else 'FAIL'}  {c['name']:<48} {fmt(nums)}")
         for r in s.get("rows", []):
             lines.append("   " + _row_line(r))
     bad = rep.failures()
-    lines.append(f"RESULT: {'FAIL' if bad else 'OK'} | {len(bad)} failure(s){': ' + '; '.join(bad)[:600] if bad else ''} | "
-                 f"total {rep.elapsed():.0f} s | JSON {rep.out / 'gpu_check.json'}")
+    lines.append(
+        f"RESULT: {'FAIL' if bad else 'OK'} | {len(bad)} failure(s){': ' + '; '.join(bad)[:600] if bad else ''} | "
+        f"total {rep.elapsed():.0f} s | JSON {rep.out / 'gpu_check.json'}"
+    )
     print("\n".join(lines), flush=True)
 
 
@@ -122,14 +137,18 @@ def _row_line(r: dict) -> str:
     if "tokens_per_s" in r:
         frac = f"{r['floor_frac']:.1%} of bw floor" if "floor_frac" in r else "floor n/a"
         mem = f" | +{r['peak_extra_mib']} MiB" if "peak_extra_mib" in r else ""
-        return (f"{r['name']:<36} {r['tokens_per_s']:>10.1f} tok/s | {r['ms_per_step']:>7.2f} ms/step | {frac}{mem}"
-                + (f" | {r['note']}" if r.get("note") else ""))
+        return f"{r['name']:<36} {r['tokens_per_s']:>10.1f} tok/s | {r['ms_per_step']:>7.2f} ms/step | {frac}{mem}" + (
+            f" | {r['note']}" if r.get("note") else ""
+        )
     if "median_later_steps" in r:
         m = r["median_later_steps"]
         mem = f" | peak {r['peak_cuda_mib']} MiB" if "peak_cuda_mib" in r else ""
-        return (f"{r['name']:<36} rc {r['rc']} | {r['steps']} steps in {r['wall_s']} s | median step {m.get('time_step')} s = "
-                f"rollout {m.get('time_rollout')} + score {m.get('time_score')} + logprobs {m.get('time_logprobs')} + train "
-                f"{m.get('time_train')} | {m.get('tokens_per_s')} rollout tok/s{mem} | first step {r['first_step'].get('time_step')} s")
+        return (
+            f"{r['name']:<36} rc {r['rc']} | {r['steps']} steps in {r['wall_s']} s | median step {m.get('time_step')} "
+            "s = "
+            f"rollout {m.get('time_rollout')} + score {m.get('time_score')} + logprobs {m.get('time_logprobs')} + "
+            "train "
+            f"{m.get('time_train')} | {m.get('tokens_per_s')} rollout tok/s{mem} | first step "
+            f"{r['first_step'].get('time_step')} s"
+        )
     return f"{r.get('name', '?'):<36} " + fmt({k: x for k, x in r.items() if k != "name"})
-
-

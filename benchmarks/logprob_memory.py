@@ -2,7 +2,8 @@
 
     python benchmarks/logprob_memory.py                      # Qwen vocabulary 151936, hidden 512, 2 layers, 16 x 256
     python benchmarks/logprob_memory.py --new-tokens 128 256 512 --json out.json
-    python benchmarks/logprob_memory.py --step --new-tokens 128 256 512 1024 --micro-batch-tokens 2048   # whole GRPO steps
+    python benchmarks/logprob_memory.py --step --new-tokens 128 256 512 1024 --micro-batch-tokens 2048   # whole GRPO
+    steps
 
 One forward + backward of the policy's completion log-probs on the plain layout (16 rows of
 ``[prompt | completion]``, random tokens, random-init Qwen2-shaped model in fp32, untied lm_head
@@ -57,9 +58,16 @@ def child(a) -> None:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=4096,
-                      tie_word_embeddings=a.tied)
+    cfg = Qwen2Config(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=a.tied,
+    )
     model = AutoModelForCausalLM.from_config(cfg).train()
     C = a.length
     ids = torch.randint(0, a.vocab, (a.rows, a.prompt_len + C), generator=torch.Generator().manual_seed(1))
@@ -77,16 +85,50 @@ def child(a) -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
-    print(json.dumps(dict(variant=a.child, length=C, base=base, peak=peak, seconds=seconds,
-                          logp_sum=float(logp.detach().double().sum()), grad_norm=float(grad_norm))))
+    print(
+        json.dumps(
+            dict(
+                variant=a.child,
+                length=C,
+                base=base,
+                peak=peak,
+                seconds=seconds,
+                logp_sum=float(logp.detach().double().sum()),
+                grad_norm=float(grad_norm),
+            )
+        )
+    )
 
 
 def run(variant: str, length: int, a) -> dict:
-    args = [sys.executable, __file__, "--child", variant, "--length", str(length), "--vocab", str(a.vocab),
-            "--hidden", str(a.hidden), "--ffn", str(a.ffn), "--layers", str(a.layers), "--heads", str(a.heads),
-            "--rows", str(a.rows), "--prompt-len", str(a.prompt_len), "--threads", str(a.threads),
-            "--temperature", str(a.temperature), *(["--tied"] if a.tied else []),
-            *(["--chunk-size", str(a.chunk_size)] if a.chunk_size else [])]
+    args = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--length",
+        str(length),
+        "--vocab",
+        str(a.vocab),
+        "--hidden",
+        str(a.hidden),
+        "--ffn",
+        str(a.ffn),
+        "--layers",
+        str(a.layers),
+        "--heads",
+        str(a.heads),
+        "--rows",
+        str(a.rows),
+        "--prompt-len",
+        str(a.prompt_len),
+        "--threads",
+        str(a.threads),
+        "--temperature",
+        str(a.temperature),
+        *(["--tied"] if a.tied else []),
+        *(["--chunk-size", str(a.chunk_size)] if a.chunk_size else []),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -96,21 +138,30 @@ def run(variant: str, length: int, a) -> dict:
 
 def report(results: list[dict], a) -> str:
     gb = 1 << 30
-    lines = [f"log-prob forward+backward, Qwen2-shaped fp32: vocab {a.vocab}, hidden {a.hidden}, ffn {a.ffn}, {a.layers} layers, "
-             f"{'tied' if a.tied else 'untied'} head; {a.rows} rows x ({a.prompt_len} prompt + C completion) tokens, "
-             f"{a.threads} threads",
-             f"{'C':>5} {'variant':>8} {'base GB':>8} {'peak GB':>8} {'logprob part GB':>16} {'s':>6} {'logp sum':>14} {'grad norm':>12}"]
+    lines = [
+        f"log-prob forward+backward, Qwen2-shaped fp32: vocab {a.vocab}, hidden {a.hidden}, ffn {a.ffn}, {a.layers} "
+        "layers, "
+        f"{'tied' if a.tied else 'untied'} head; {a.rows} rows x ({a.prompt_len} prompt + C completion) tokens, "
+        f"{a.threads} threads",
+        f"{'C':>5} {'variant':>8} {'base GB':>8} {'peak GB':>8} {'logprob part GB':>16} {'s':>6} {'logp sum':>14} "
+        f"{'grad norm':>12}",
+    ]
     by = {(r["variant"], r["length"]): r for r in results}
     for length in a.new_tokens:
         for v in a.variants:
             r = by[v, length]
-            lines.append(f"{length:>5} {v:>8} {r['base'] / gb:>8.2f} {r['peak'] / gb:>8.2f} {(r['peak'] - r['base']) / gb:>16.2f} "
-                         f"{r['seconds']:>6.1f} {r['logp_sum']:>14.3f} {r['grad_norm']:>12.5f}")
+            lines.append(
+                f"{length:>5} {v:>8} {r['base'] / gb:>8.2f} {r['peak'] / gb:>8.2f} "
+                f"{(r['peak'] - r['base']) / gb:>16.2f} "
+                f"{r['seconds']:>6.1f} {r['logp_sum']:>14.3f} {r['grad_norm']:>12.5f}"
+            )
         if len(a.variants) < 2:
             continue
         f, c = by["full", length], by["chunked", length]
-        lines.append(f"{length:>5} chunked/full: peak {c['peak'] / f['peak']:.2f}x, logprob part "
-                     f"{(c['peak'] - c['base']) / max(1, f['peak'] - f['base']):.2f}x, time {c['seconds'] / f['seconds']:.2f}x")
+        lines.append(
+            f"{length:>5} chunked/full: peak {c['peak'] / f['peak']:.2f}x, logprob part "
+            f"{(c['peak'] - c['base']) / max(1, f['peak'] - f['base']):.2f}x, time {c['seconds'] / f['seconds']:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -123,33 +174,73 @@ def step_sweep(a) -> list[dict]:
 
     out = []
     for length in a.new_tokens:
-        va = vs_trl.parse(["--vocab", str(a.vocab), "--hidden", str(a.hidden), "--ffn", str(a.ffn), "--layers", str(a.layers),
-                           "--heads", str(a.heads), "--prompts", str(a.prompts), "--G", str(a.G), "--prompt-len", str(a.prompt_len),
-                           "--new-tokens", str(length), "--micro-batch-tokens", str(a.micro_batch_tokens), "--threads", str(a.threads),
-                           "--warmup", "1", "--steps", str(a.steps), "--loss-types", "grpo", "--runners", "ours"])
+        va = vs_trl.parse(
+            [
+                "--vocab",
+                str(a.vocab),
+                "--hidden",
+                str(a.hidden),
+                "--ffn",
+                str(a.ffn),
+                "--layers",
+                str(a.layers),
+                "--heads",
+                str(a.heads),
+                "--prompts",
+                str(a.prompts),
+                "--G",
+                str(a.G),
+                "--prompt-len",
+                str(a.prompt_len),
+                "--new-tokens",
+                str(length),
+                "--micro-batch-tokens",
+                str(a.micro_batch_tokens),
+                "--threads",
+                str(a.threads),
+                "--warmup",
+                "1",
+                "--steps",
+                str(a.steps),
+                "--loss-types",
+                "grpo",
+                "--runners",
+                "ours",
+            ]
+        )
         with tempfile.TemporaryDirectory(prefix="grpo_logprob_step_") as tmp:
             vs_trl.spawn("assets", "grpo", Path(tmp), va)
             r = vs_trl.spawn("ours", "grpo", Path(tmp), va)
         r |= {"length": length, "summary": vs_trl.summarize(r, 1), "phase_peaks": vs_trl.phase_peaks(r, 1)}
-        print(f"C={length}: peak RSS {r['peak_rss_mb']:.0f} MB, {r['summary']['step']:.1f} s/step ({r['wall_s']:.0f} s)", flush=True)
+        print(
+            f"C={length}: peak RSS {r['peak_rss_mb']:.0f} MB, {r['summary']['step']:.1f} s/step ({r['wall_s']:.0f} s)",
+            flush=True,
+        )
         out.append(r)
     return out
 
 
 def step_report(results: list[dict], a) -> str:
-    lines = [f"GRPO steps (grpo.trainer.run_grpo), Llama-shaped fp32: vocab {a.vocab}, hidden {a.hidden}, ffn {a.ffn}, "
-             f"{a.layers} layers; {a.prompts} prompts x G={a.G}, {a.prompt_len} prompt + C completion tokens, beta 0.04, "
-             f"grpo.micro_batch_tokens={a.micro_batch_tokens}, {a.threads} threads; phases: RSS at start -> peak (MB), "
-             f"largest over {a.steps} step(s) after 1 warm-up",
-             f"{'C':>5} {'micro-batches':>13} {'max tokens':>10} {'rollout':>16} {'reference':>22} {'update':>22} "
-             f"{'step peak MB':>12} {'s/step':>7}"]
+    lines = [
+        f"GRPO steps (grpo.trainer.run_grpo), Llama-shaped fp32: vocab {a.vocab}, hidden {a.hidden}, ffn {a.ffn}, "
+        f"{a.layers} layers; {a.prompts} prompts x G={a.G}, {a.prompt_len} prompt + C completion tokens, beta 0.04, "
+        f"grpo.micro_batch_tokens={a.micro_batch_tokens}, {a.threads} threads; phases: RSS at start -> peak (MB), "
+        f"largest over {a.steps} step(s) after 1 warm-up",
+        f"{'C':>5} {'micro-batches':>13} {'max tokens':>10} {'rollout':>16} {'reference':>22} {'update':>22} "
+        f"{'step peak MB':>12} {'s/step':>7}",
+    ]
     for r in results:
         sizes = r["micro_tokens"][-1]
         ph = r["phase_peaks"]
-        cell = {k: f"{ph[k][0]:.0f} -> {ph[k][1]:.0f}" + (f" (+{ph[k][1] - ph[k][0]:.0f})" if k != "rollout" else "")
-                for k in ("rollout", "ref", "train")}
-        lines.append(f"{r['length']:>5} {len(sizes):>13} {max(sizes):>10} {cell['rollout']:>16} {cell['ref']:>22} {cell['train']:>22} "
-                     f"{r['peak_rss_mb']:>12.0f} {r['summary']['step']:>7.1f}")
+        cell = {
+            k: f"{ph[k][0]:.0f} -> {ph[k][1]:.0f}" + (f" (+{ph[k][1] - ph[k][0]:.0f})" if k != "rollout" else "")
+            for k in ("rollout", "ref", "train")
+        }
+        lines.append(
+            f"{r['length']:>5} {len(sizes):>13} {max(sizes):>10} {cell['rollout']:>16} {cell['ref']:>22} "
+            f"{cell['train']:>22} "
+            f"{r['peak_rss_mb']:>12.0f} {r['summary']['step']:>7.1f}"
+        )
     return "\n".join(lines)
 
 

@@ -90,17 +90,48 @@ def recipe_for(runner: str, folder: Path, a) -> dict:
     out = folder / runner
     return {
         "run": {"output_dir": str(out), "seed": 0, "threads": a.threads, "overwrite": True},
-        "model": {"name_or_path": str(folder / "model"), "dtype": "float32",
-                  "lora": {"enabled": runner == "lora", "r": a.lora_r, "alpha": 2 * a.lora_r, "dropout": a.lora_dropout,
-                           "target_modules": LORA_TARGETS}},
-        "data": {"train": str(folder / "prompts.jsonl"), "sft_train": None, "sft_eval": None, "eval": None,
-                 "max_prompt_length": a.prompt_len + 8},
-        "rollout": {"backend": "engine", "max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens,
-                    "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-        "grpo": {"steps": a.warmup + a.steps, "prompts_per_step": a.prompts, "num_generations": a.G,
-                 "micro_batch_size": a.micro_batch or a.prompts * a.G, "num_iterations": 1, "lr": a.lr, "weight_decay": 0.0,
-                 "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
-                 "beta": 0.0 if runner == "full_beta0" else a.beta, "loss_type": "grpo", "save_every": 0, "keep_last": 1},
+        "model": {
+            "name_or_path": str(folder / "model"),
+            "dtype": "float32",
+            "lora": {
+                "enabled": runner == "lora",
+                "r": a.lora_r,
+                "alpha": 2 * a.lora_r,
+                "dropout": a.lora_dropout,
+                "target_modules": LORA_TARGETS,
+            },
+        },
+        "data": {
+            "train": str(folder / "prompts.jsonl"),
+            "sft_train": None,
+            "sft_eval": None,
+            "eval": None,
+            "max_prompt_length": a.prompt_len + 8,
+        },
+        "rollout": {
+            "backend": "engine",
+            "max_new_tokens": a.new_tokens,
+            "min_new_tokens": a.new_tokens,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+        },
+        "grpo": {
+            "steps": a.warmup + a.steps,
+            "prompts_per_step": a.prompts,
+            "num_generations": a.G,
+            "micro_batch_size": a.micro_batch or a.prompts * a.G,
+            "num_iterations": 1,
+            "lr": a.lr,
+            "weight_decay": 0.0,
+            "lr_scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0,
+            "beta": 0.0 if runner == "full_beta0" else a.beta,
+            "loss_type": "grpo",
+            "save_every": 0,
+            "keep_last": 1,
+        },
         "rewards": [{"name": "vs_trl:toy_reward"}],
         "tracking": {"samples_every": 0, "log_every": 1},
     }
@@ -119,7 +150,12 @@ def observe_trainer() -> dict:
 
     seen: dict = {"steps": [], "marks": []}
     build_optimizer, make_reference, generate, logprobs, log = (
-        grpo.runtime.build_optimizer, grpo.train_state.make_reference, grpo.trainer.generate, MicroBatch.logprobs, Tracker.log)
+        grpo.runtime.build_optimizer,
+        grpo.train_state.make_reference,
+        grpo.trainer.generate,
+        MicroBatch.logprobs,
+        Tracker.log,
+    )
 
     def mark(phase: str) -> None:  # ru_maxrss is monotone: the phase after which it first reaches a value set it
         seen["marks"].append((len(seen["steps"]) + 1, phase, rss_mb()))
@@ -145,12 +181,23 @@ def observe_trainer() -> dict:
 
     def log_and_measure(self, step, metrics):  # once per step, right after the optimizer step
         mark("backward + optimizer step")
-        seen["steps"].append({"optimizer_state": optimizer_state_bytes(seen["optimizer"]), "params": live_parameter_bytes(),
-                              "rss_mb": rss_mb(), "cpu": time.process_time()})
+        seen["steps"].append(
+            {
+                "optimizer_state": optimizer_state_bytes(seen["optimizer"]),
+                "params": live_parameter_bytes(),
+                "rss_mb": rss_mb(),
+                "cpu": time.process_time(),
+            }
+        )
         return log(self, step, metrics)
 
-    grpo.runtime.build_optimizer, grpo.train_state.make_reference, grpo.trainer.generate, MicroBatch.logprobs, Tracker.log = (
-        capture_optimizer, capture_reference, marked_generate, marked_logprobs, log_and_measure)
+    (
+        grpo.runtime.build_optimizer,
+        grpo.train_state.make_reference,
+        grpo.trainer.generate,
+        MicroBatch.logprobs,
+        Tracker.log,
+    ) = (capture_optimizer, capture_reference, marked_generate, marked_logprobs, log_and_measure)
     seen["mark"] = mark
     return seen
 
@@ -172,16 +219,24 @@ def run_runner(runner: str, folder: Path, a) -> dict:
     steps, ckpts = seen["steps"], sorted(final.parent.glob("ckpt-*"))
     step, phase, _ = next(m for m in seen["marks"] if m[2] >= steps[-1]["rss_mb"])  # where the steps' peak was set
     trainable, total = count_parameters(seen["policy"])
-    return {"grpo": str(Path(grpo.trainer.__file__).parent), "trainable": trainable, "total": total,
-            "optimizer_params": sum(p.numel() for g in seen["optimizer"].param_groups for p in g["params"]),
-            "reference_params": count_parameters(seen["reference"])[1] if seen["reference"] is not None else 0,
-            "params_mb": max(s["params"] for s in steps) / MB, "optimizer_state_mb": max(s["optimizer_state"] for s in steps) / MB,
-            "rss_base_mb": base_rss, "rss_steps_mb": steps[-1]["rss_mb"], "rss_marks": seen["marks"],
-            "peak_phase": f"step {step}: {phase}" if phase != "load" else phase,
-            "saved_weights_mb": folder_bytes(final, "*.safetensors") / MB, "saved_files": sorted(f.name for f in final.glob("*.safetensors")),
-            "ckpt_mb": folder_bytes(ckpts[-1]) / MB if ckpts else 0.0,
-            "step_s": [json.loads(line)["time_step"] for line in open(final.parent / "metrics.jsonl")],
-            "cpu_s": [b["cpu"] - a_["cpu"] for a_, b in zip(steps, steps[1:])]}
+    return {
+        "grpo": str(Path(grpo.trainer.__file__).parent),
+        "trainable": trainable,
+        "total": total,
+        "optimizer_params": sum(p.numel() for g in seen["optimizer"].param_groups for p in g["params"]),
+        "reference_params": count_parameters(seen["reference"])[1] if seen["reference"] is not None else 0,
+        "params_mb": max(s["params"] for s in steps) / MB,
+        "optimizer_state_mb": max(s["optimizer_state"] for s in steps) / MB,
+        "rss_base_mb": base_rss,
+        "rss_steps_mb": steps[-1]["rss_mb"],
+        "rss_marks": seen["marks"],
+        "peak_phase": f"step {step}: {phase}" if phase != "load" else phase,
+        "saved_weights_mb": folder_bytes(final, "*.safetensors") / MB,
+        "saved_files": sorted(f.name for f in final.glob("*.safetensors")),
+        "ckpt_mb": folder_bytes(ckpts[-1]) / MB if ckpts else 0.0,
+        "step_s": [json.loads(line)["time_step"] for line in open(final.parent / "metrics.jsonl")],
+        "cpu_s": [b["cpu"] - a_["cpu"] for a_, b in zip(steps, steps[1:])],
+    }
 
 
 def child(a) -> None:
@@ -199,50 +254,88 @@ def child(a) -> None:
 
 # ------------------------------------------------------------------------------------- parent
 def spawn(runner: str, assets: Path, a) -> dict:
-    keys = ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads", "warmup", "steps",
-            "lr", "beta", "lora_r", "lora_dropout", "micro_batch")
+    keys = (
+        "threads",
+        "prompts",
+        "G",
+        "prompt_len",
+        "new_tokens",
+        "vocab",
+        "hidden",
+        "ffn",
+        "layers",
+        "heads",
+        "warmup",
+        "steps",
+        "lr",
+        "beta",
+        "lora_r",
+        "lora_dropout",
+        "micro_batch",
+    )
     return run_child(Path(__file__).resolve(), ["--child", runner, "--assets", str(assets)], a, keys, runner)
 
 
 def report(results: dict, a) -> str:
-    lines = [f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
-             f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens, "
-             f"micro-batch {a.micro_batch or a.prompts * a.G}; "
-             f"beta {a.beta} (full_beta0: 0); LoRA r {a.lora_r} alpha {2 * a.lora_r} dropout {a.lora_dropout} on {', '.join(LORA_TARGETS)}; "
-             f"{a.threads} thread(s); {a.warmup} warm-up + {a.steps} timed steps", "",
-             "| runner | trainable params | total params | ref copy params | params in RAM MB | optimizer state MB "
-             "| RSS after imports MB | RSS after load MB | peak RSS MB (steps) | peak RSS MB (+save) | peak in | saved weights MB "
-             "| ckpt MB | s/step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
+        f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens, "
+        f"micro-batch {a.micro_batch or a.prompts * a.G}; "
+        f"beta {a.beta} (full_beta0: 0); LoRA r {a.lora_r} alpha {2 * a.lora_r} dropout {a.lora_dropout} on "
+        f"{', '.join(LORA_TARGETS)}; "
+        f"{a.threads} thread(s); {a.warmup} warm-up + {a.steps} timed steps",
+        "",
+        "| runner | trainable params | total params | ref copy params | params in RAM MB | optimizer state MB "
+        "| RSS after imports MB | RSS after load MB | peak RSS MB (steps) | peak RSS MB (+save) | peak in | saved "
+        "weights MB "
+        "| ckpt MB | s/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for runner, r in results.items():
         load = next(rss for _, phase, rss in r["rss_marks"] if phase == "load")
-        lines.append(f"| {runner} | {r['trainable']:,} | {r['total']:,} | {r['reference_params']:,} | {r['params_mb']:.0f} "
-                     f"| {r['optimizer_state_mb']:.1f} | {r['rss_base_mb']:.0f} | {load:.0f} | {r['rss_steps_mb']:.0f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['peak_phase']} | {r['saved_weights_mb']:.2f} | {r['ckpt_mb']:.1f} | {r['s_per_step']:.2f} |")
+        lines.append(
+            f"| {runner} | {r['trainable']:,} | {r['total']:,} | {r['reference_params']:,} | {r['params_mb']:.0f} "
+            f"| {r['optimizer_state_mb']:.1f} | {r['rss_base_mb']:.0f} | {load:.0f} | {r['rss_steps_mb']:.0f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['peak_phase']} | {r['saved_weights_mb']:.2f} | {r['ckpt_mb']:.1f} | "
+            f"{r['s_per_step']:.2f} |"
+        )
     if "lora" in results:
         lora = results["lora"]
         lines.append("")
-        lines.append(f"lora: {lora['trainable'] / lora['total']:.2%} of the parameters trainable; saved adapter "
-                     f"{', '.join(lora['saved_files'])} = {lora['saved_weights_mb']:.2f} MB")
+        lines.append(
+            f"lora: {lora['trainable'] / lora['total']:.2%} of the parameters trainable; saved adapter "
+            f"{', '.join(lora['saved_files'])} = {lora['saved_weights_mb']:.2f} MB"
+        )
         for name in ("full", "full_beta0"):
             if name in results:
                 r = results[name]
-                lines.append(f"lora / {name}: peak RSS (steps) {lora['rss_steps_mb'] / r['rss_steps_mb']:.2f}x "
-                             f"({r['rss_steps_mb'] - lora['rss_steps_mb']:.0f} MB less), "
-                             f"optimizer state {lora['optimizer_state_mb'] / r['optimizer_state_mb']:.3f}x, "
-                             f"params in RAM {lora['params_mb'] / r['params_mb']:.2f}x, "
-                             f"saved weights {lora['saved_weights_mb'] / r['saved_weights_mb']:.3f}x")
+                lines.append(
+                    f"lora / {name}: peak RSS (steps) {lora['rss_steps_mb'] / r['rss_steps_mb']:.2f}x "
+                    f"({r['rss_steps_mb'] - lora['rss_steps_mb']:.0f} MB less), "
+                    f"optimizer state {lora['optimizer_state_mb'] / r['optimizer_state_mb']:.3f}x, "
+                    f"params in RAM {lora['params_mb'] / r['params_mb']:.2f}x, "
+                    f"saved weights {lora['saved_weights_mb'] / r['saved_weights_mb']:.3f}x"
+                )
     return "\n".join(lines)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="hidden 256, 4 layers, vocab 8000, 2 prompts x G=4, 32 prompt / 16 new tokens")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="hidden 256, 4 layers, vocab 8000, 2 prompts x G=4, 32 prompt / 16 new tokens",
+    )
     p.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=8)
     add_shape_args(p)
-    p.add_argument("--micro-batch", type=int, default=0, help="grpo.micro_batch_size (0 = the whole step in one micro-batch)")
+    p.add_argument(
+        "--micro-batch", type=int, default=0, help="grpo.micro_batch_size (0 = the whole step in one micro-batch)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -254,8 +347,18 @@ def parse(argv=None):
     p.add_argument("--assets", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick and not a.child:
-        a.hidden, a.ffn, a.layers, a.heads, a.vocab, a.prompts, a.G, a.prompt_len, a.new_tokens, a.steps = \
-            256, 688, 4, 4, 8000, 2, 4, 32, 16, 2
+        a.hidden, a.ffn, a.layers, a.heads, a.vocab, a.prompts, a.G, a.prompt_len, a.new_tokens, a.steps = (
+            256,
+            688,
+            4,
+            4,
+            8000,
+            2,
+            4,
+            32,
+            16,
+            2,
+        )
     return a
 
 
@@ -270,9 +373,12 @@ def main(argv=None) -> None:
         spawn("assets", assets, a)
         for runner in a.runners:
             results[runner] = r = spawn(runner, assets, a)
-            r["s_per_step"] = statistics.median(r["step_s"][a.warmup:])
-            print(f"{runner}: peak RSS {r['peak_rss_mb']:.0f} MB, optimizer state {r['optimizer_state_mb']:.1f} MB, "
-                  f"{r['s_per_step']:.2f} s/step ({r['wall_s']:.0f} s)", flush=True)
+            r["s_per_step"] = statistics.median(r["step_s"][a.warmup :])
+            print(
+                f"{runner}: peak RSS {r['peak_rss_mb']:.0f} MB, optimizer state {r['optimizer_state_mb']:.1f} MB, "
+                f"{r['s_per_step']:.2f} s/step ({r['wall_s']:.0f} s)",
+                flush=True,
+            )
     print()
     print(report(results, a))
     if a.json:

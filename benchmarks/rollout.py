@@ -51,8 +51,11 @@ QUICK = dict(hidden=256, layers=4, heads=4, ffn=704, vocab=8000, prompts=4, prom
 QUICKSTART = dict(model="data/tiny_base", data="data/toyworld/grpo_train.jsonl", prompts=8, group=8, new=40, calls=25)
 WORKLOADS = {"design": FULL, "quick": QUICK, "quickstart": QUICKSTART}
 BACKENDS = ("hf", "hf_static", "hf_cb", "engine", "engine_static", "engine_compiled")
-ENGINE_OPTS = {"engine": {}, "engine_static": {"static_decode": True},
-               "engine_compiled": {"static_decode": True, "compile_decode": True}}
+ENGINE_OPTS = {
+    "engine": {},
+    "engine_static": {"static_decode": True},
+    "engine_compiled": {"static_decode": True, "compile_decode": True},
+}
 
 
 def build_workload(shape: dict):
@@ -71,9 +74,14 @@ def build_workload(shape: dict):
     rows = [json.loads(line) for line in (ROOT / shape["data"]).read_text().splitlines()]
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in rows]
     P = shape["prompts"]
-    calls = [prompts[i * P:(i + 1) * P] for i in range(shape["calls"])]
-    return model, calls, lambda seed: SamplingParams(max_new_tokens=shape["new"], temperature=1.0, seed=seed,
-                                                     stop_token_ids=(tok.eos_token_id,))
+    calls = [prompts[i * P : (i + 1) * P] for i in range(shape["calls"])]
+    return (
+        model,
+        calls,
+        lambda seed: SamplingParams(
+            max_new_tokens=shape["new"], temperature=1.0, seed=seed, stop_token_ids=(tok.eos_token_id,)
+        ),
+    )
 
 
 def fixed_length(new: int, seed: int):
@@ -87,10 +95,19 @@ def build(shape: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                      num_key_value_heads=shape["heads"], intermediate_size=shape["ffn"], vocab_size=shape["vocab"],
-                      max_position_embeddings=shape["prompt_len"] + shape["new"] + 64, tie_word_embeddings=False,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    cfg = LlamaConfig(
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        intermediate_size=shape["ffn"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=shape["prompt_len"] + shape["new"] + 64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).float().eval()
     g = torch.Generator().manual_seed(1)
@@ -100,7 +117,14 @@ def build(shape: dict):
 
 def useful_flops(shape: dict, n_layer_params: int) -> float:
     """FLOPs of the minimal computation (see module docstring); 2 per multiply-add."""
-    P, L, G, N, d, V = shape["prompts"], shape["prompt_len"], shape["group"], shape["new"], shape["hidden"], shape["vocab"]
+    P, L, G, N, d, V = (
+        shape["prompts"],
+        shape["prompt_len"],
+        shape["group"],
+        shape["new"],
+        shape["hidden"],
+        shape["vocab"],
+    )
     prefill_tokens, decode_tokens = P * L, P * G * (N - 1)
     linear = 2 * n_layer_params * (prefill_tokens + decode_tokens) + 2 * d * V * (P + decode_tokens)
     attn_prefill = shape["layers"] * P * 2 * L * L * d  # QK^T and PV at causal (half) length
@@ -159,14 +183,27 @@ def run_worker(names: list[str], shape: dict, threads: int, rounds: int = 1) -> 
                 tokens[name] += generate[name](prompts, params(i))
                 walls[name].append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if len(names) == 1 else None
-    flops = useful_flops(shape, sum(p.numel() for p in model.model.layers.parameters())) if "model" not in shape else None
+    flops = (
+        useful_flops(shape, sum(p.numel() for p in model.model.layers.parameters())) if "model" not in shape else None
+    )
     out = []
     for name in names:
         wall, median = sum(walls[name]), sorted(walls[name])[len(walls[name]) // 2]
-        out.append(dict(backend=name, tokens=tokens[name], wall=wall, tok_s=tokens[name] / wall, calls=len(walls[name]),
-                        median_call_s=median, peak_rss_mb=peak, gen_mem_mb=None if peak is None else max(peak - before, 0.0),
-                        flops=None if flops is None else flops * rounds, first_s=first[name],
-                        compile_s=None if first[name] is None else max(first[name] - median, 0.0)))
+        out.append(
+            dict(
+                backend=name,
+                tokens=tokens[name],
+                wall=wall,
+                tok_s=tokens[name] / wall,
+                calls=len(walls[name]),
+                median_call_s=median,
+                peak_rss_mb=peak,
+                gen_mem_mb=None if peak is None else max(peak - before, 0.0),
+                flops=None if flops is None else flops * rounds,
+                first_s=first[name],
+                compile_s=None if first[name] is None else max(first[name] - median, 0.0),
+            )
+        )
     return out
 
 
@@ -178,13 +215,17 @@ def make_generate(name: str, model, G: int):
         if name in ENGINE_OPTS:
             rollout = make_rollout("engine", model, None, max_batch=128, **ENGINE_OPTS[name])
         else:
-            rollout = make_rollout("hf", model, None, **({"cache_implementation": "static"} if name == "hf_static" else {}))
+            rollout = make_rollout(
+                "hf", model, None, **({"cache_implementation": "static"} if name == "hf_static" else {})
+            )
 
         def generate(prompts, params):
             out = rollout.generate(prompts, G, params)
-            assert len(out) == len(prompts) * G and all(params.min_new_tokens <= len(c.token_ids) <= params.max_new_tokens
-                                                        for c in out)
+            assert len(out) == len(prompts) * G and all(
+                params.min_new_tokens <= len(c.token_ids) <= params.max_new_tokens for c in out
+            )
             return sum(len(c.token_ids) for c in out)
+
         return generate
     if name == "hf_cb":
         from transformers import GenerationConfig
@@ -192,14 +233,23 @@ def make_generate(name: str, model, G: int):
 
         def generate(prompts, params):
             new = params.max_new_tokens
-            cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=params.min_new_tokens, do_sample=True,
-                                   temperature=params.temperature, top_k=0, top_p=1.0, num_return_sequences=G,
-                                   eos_token_id=list(params.stop_token_ids), pad_token_id=0)
+            cfg = GenerationConfig(
+                max_new_tokens=new,
+                min_new_tokens=params.min_new_tokens,
+                do_sample=True,
+                temperature=params.temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=G,
+                eos_token_id=list(params.stop_token_ids),
+                pad_token_id=0,
+            )
             blocks = (len(prompts) * G * (len(prompts[0]) + new)) // 64 + 8
             cb = ContinuousBatchingConfig(page_size=64, num_blocks=blocks, max_batch_tokens=4096, seed=0)
             res = model.generate_batch(prompts, generation_config=cfg, continuous_batching_config=cb)  # own thread
             assert len(res) == len(prompts) * G
             return sum(len(r.generated_tokens) for r in res.values())
+
         return generate
     raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
 
@@ -210,8 +260,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="= --workload quick (seconds)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2; 1 for the quickstart workload)")
     ap.add_argument("--backends", default=",".join(BACKENDS))
-    ap.add_argument("--interleave", action="store_true",
-                    help="run the backends in ONE process, taking turns (fairer on a shared machine; no per-backend RSS)")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the backends in ONE process, taking turns (fairer on a shared machine; no per-backend RSS)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="times each backend runs the workload's calls")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -229,15 +282,27 @@ def main() -> None:
     results = []
     groups = [args.backends] if args.interleave else args.backends.split(",")
     for group in groups:
-        cmd = [sys.executable, __file__, "--worker", group, "--threads", str(threads), "--workload", workload,
-               "--rounds", str(args.rounds)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            group,
+            "--threads",
+            str(threads),
+            "--workload",
+            workload,
+            "--rounds",
+            str(args.rounds),
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{group}: FAILED ({proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
             continue
         results += json.loads(lines[-1][7:])
-        for r in results[-len(group.split(",")):]:
+        for r in results[-len(group.split(",")) :]:
             print(f"  {r['backend']}: {r['tok_s']:.1f} tok/s in {r['wall']:.1f} s", flush=True)
     print_table(results, rate)
 
@@ -246,19 +311,25 @@ def print_table(results: list[dict], rate: float) -> None:
     base = {r["backend"]: r["tok_s"] for r in results}
     ref = base.get("hf")
     best_stock = max((v for k, v in base.items() if k.startswith("hf")), default=None)
-    print("\n| backend | completion tok/s | wall s | peak RSS MB | gen. memory MB | vs hf | vs engine | first call s "
-          "| compile s | useful GFLOP/s | of matmul peak |")
+    print(
+        "\n| backend | completion tok/s | wall s | peak RSS MB | gen. memory MB | vs hf | vs engine | first call s "
+        "| compile s | useful GFLOP/s | of matmul peak |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def opt(v, fmt):
         return "-" if v is None else format(v, fmt)
+
     for r in results:
         gflops = None if r["flops"] is None else r["flops"] / r["wall"] / 1e9
         vs = f"{r['tok_s'] / ref:.2f}x" if ref else "-"
         vs_engine = f"{r['tok_s'] / base['engine']:.2f}x" if "engine" in base else "-"
-        print(f"| {r['backend']} | {r['tok_s']:.1f} | {r['wall']:.1f} | {opt(r['peak_rss_mb'], '.0f')} | {opt(r['gen_mem_mb'], '.0f')} | {vs} "
-              f"| {vs_engine} | {opt(r['first_s'], '.1f')} | {opt(r['compile_s'], '.1f')} | {opt(gflops, '.1f')} "
-              f"| {opt(None if gflops is None else gflops / rate, '.0%')} |")
+        print(
+            f"| {r['backend']} | {r['tok_s']:.1f} | {r['wall']:.1f} | {opt(r['peak_rss_mb'], '.0f')} | "
+            f"{opt(r['gen_mem_mb'], '.0f')} | {vs} "
+            f"| {vs_engine} | {opt(r['first_s'], '.1f')} | {opt(r['compile_s'], '.1f')} | {opt(gflops, '.1f')} "
+            f"| {opt(None if gflops is None else gflops / rate, '.0%')} |"
+        )
     if "engine" in base and best_stock:
         print(f"\nengine vs best stock variant: {base['engine'] / best_stock:.2f}x")
 

@@ -1,8 +1,10 @@
 """Time to accuracy: our GRPO vs TRL's GRPOTrainer from the same SFT checkpoint (issue #14).
 
-    python benchmarks/time_to_accuracy.py                         # builds the quickstart SFT model, 1 seed, <= 300 steps each
+    python benchmarks/time_to_accuracy.py                         # builds the quickstart SFT model, 1 seed, <= 300
+    steps each
     python benchmarks/time_to_accuracy.py --sft runs/quickstart/sft/final --seeds 0 1 --json out.json
-    python benchmarks/time_to_accuracy.py --quick                 # 4 steps, eval every 2: a smoke run of a minute or two
+    python benchmarks/time_to_accuracy.py --quick                 # 4 steps, eval every 2: a smoke run of a minute or
+    two
 
 Needs trl (`pip install -e .[bench]`). Both trainers start from one SFT checkpoint (by default built once with
 `python -m grpo sft recipes/quickstart.yaml`: the toy world's tiny model, ~20% held-out accuracy) and train on the
@@ -82,7 +84,14 @@ class Clock:
     def start(self, model, tok) -> None:
         """Before the first step: evaluate the starting model, then start the clock."""
         self.setup_s = time.perf_counter() - self.created
-        self.curve.append({"step": 0, "train_s": 0.0, "cpu_s": 0.0, "accuracy": greedy_accuracy(model, tok, self.records, self.a.new_tokens)})
+        self.curve.append(
+            {
+                "step": 0,
+                "train_s": 0.0,
+                "cpu_s": 0.0,
+                "accuracy": greedy_accuracy(model, tok, self.records, self.a.new_tokens),
+            }
+        )
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def step_end(self, step: int, model, tok) -> bool:
@@ -101,8 +110,12 @@ class Clock:
 
     def result(self) -> dict:
         per_step = [b - a for a, b in zip([0.0, *self.step_ends], self.step_ends)]
-        return {"curve": self.curve, "setup_s": self.setup_s, "steps_run": len(self.step_ends),
-                "median_step_s": statistics.median(per_step) if per_step else float("nan")}
+        return {
+            "curve": self.curve,
+            "setup_s": self.setup_s,
+            "steps_run": len(self.step_ends),
+            "median_step_s": statistics.median(per_step) if per_step else float("nan"),
+        }
 
 
 # ------------------------------------------------------------------------------------- runners (children)
@@ -119,9 +132,25 @@ def run_ours(a, clock: Clock) -> None:
     from grpo.config import load_recipe
 
     out = Path(a.work) / f"ours_seed{a.seed}"
-    recipe = our_recipe(out, a.sft, a.train, REWARDS, prompts=a.prompts, G=a.G, new_tokens=a.new_tokens, lr=a.lr, beta=0.0,
-                        loss_type=a.loss_type, steps=a.steps, threads=a.threads, max_prompt_length=24, seed=a.seed)
-    recipe["tracking"]["log_every"] = 10 ** 9  # no console line per step (metrics.jsonl is still written, as in a real run)
+    recipe = our_recipe(
+        out,
+        a.sft,
+        a.train,
+        REWARDS,
+        prompts=a.prompts,
+        G=a.G,
+        new_tokens=a.new_tokens,
+        lr=a.lr,
+        beta=0.0,
+        loss_type=a.loss_type,
+        steps=a.steps,
+        threads=a.threads,
+        max_prompt_length=24,
+        seed=a.seed,
+    )
+    recipe["tracking"]["log_every"] = (
+        10**9
+    )  # no console line per step (metrics.jsonl is still written, as in a real run)
     path = Path(a.work) / f"recipe_ours_seed{a.seed}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     setup, log_step = grpo.train_state.setup, grpo.trainer.log_step
@@ -154,9 +183,19 @@ def run_trl(a, clock: Clock) -> None:
 
     tok = AutoTokenizer.from_pretrained(a.sft)
     rows = read_jsonl(a.train)
-    args = trl_config(Path(a.work) / f"trl_seed{a.seed}", prompts=a.prompts, G=a.G, new_tokens=a.new_tokens, lr=a.lr, beta=0.0,
-                      loss_type=a.loss_type, steps=a.steps, seed=a.seed, logging_steps=10 ** 9,
-                      reward_weights=[r["weight"] for r in REWARDS])
+    args = trl_config(
+        Path(a.work) / f"trl_seed{a.seed}",
+        prompts=a.prompts,
+        G=a.G,
+        new_tokens=a.new_tokens,
+        lr=a.lr,
+        beta=0.0,
+        loss_type=a.loss_type,
+        steps=a.steps,
+        seed=a.seed,
+        logging_steps=10**9,
+        reward_weights=[r["weight"] for r in REWARDS],
+    )
 
     class Evaluate(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -166,8 +205,14 @@ def run_trl(a, clock: Clock) -> None:
             if clock.step_end(state.global_step, model, tok):
                 control.should_training_stop = True
 
-    trainer = GRPOTrainer(model=a.sft, reward_funcs=[accuracy_reward, format_reward], args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Evaluate()])
+    trainer = GRPOTrainer(
+        model=a.sft,
+        reward_funcs=[accuracy_reward, format_reward],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[Evaluate()],
+    )
     torch.set_num_threads(a.threads)
     trainer.train()
 
@@ -186,8 +231,16 @@ def child(a) -> None:
 # ------------------------------------------------------------------------------------- parent
 def build_sft(work: Path, a) -> Path:
     """The quickstart SFT checkpoint (`python -m grpo sft recipes/quickstart.yaml`), built once."""
-    cmd = [sys.executable, "-m", "grpo", "sft", "recipes/quickstart.yaml", f"run.output_dir={work / 'quickstart'}",
-           f"run.threads={a.threads}", *([f"sft.steps={a.sft_steps}"] if a.sft_steps else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpo",
+        "sft",
+        "recipes/quickstart.yaml",
+        f"run.output_dir={work / 'quickstart'}",
+        f"run.threads={a.threads}",
+        *([f"sft.steps={a.sft_steps}"] if a.sft_steps else []),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(a), capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
@@ -196,24 +249,59 @@ def build_sft(work: Path, a) -> Path:
 
 
 def child_env(a) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-            "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": str(a.threads),
+        "MKL_NUM_THREADS": str(a.threads),
+    }
 
 
 def spawn(runner: str, seed: int, a) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", runner, "--seed", str(seed), "--sft", str(a.sft),
-           "--train", str(a.train), "--eval", str(a.eval), "--work", str(a.work), "--threads", str(a.threads),
-           "--prompts", str(a.prompts), "--G", str(a.G), "--new-tokens", str(a.new_tokens), "--lr", str(a.lr),
-           "--loss-type", a.loss_type, "--steps", str(a.steps), "--eval-every", str(a.eval_every),
-           *(["--stop-at", str(a.stop_at)] if a.stop_at is not None else [])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        runner,
+        "--seed",
+        str(seed),
+        "--sft",
+        str(a.sft),
+        "--train",
+        str(a.train),
+        "--eval",
+        str(a.eval),
+        "--work",
+        str(a.work),
+        "--threads",
+        str(a.threads),
+        "--prompts",
+        str(a.prompts),
+        "--G",
+        str(a.G),
+        "--new-tokens",
+        str(a.new_tokens),
+        "--lr",
+        str(a.lr),
+        "--loss-type",
+        a.loss_type,
+        "--steps",
+        str(a.steps),
+        "--eval-every",
+        str(a.eval_every),
+        *(["--stop-at", str(a.stop_at)] if a.stop_at is not None else []),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=child_env(a), capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{runner} (seed {seed}) failed with exit code {proc.returncode}")
-    return json.loads(lines[-1][len("RESULT "):]) | {"wall_s": time.perf_counter() - t0}
+    return json.loads(lines[-1][len("RESULT ") :]) | {"wall_s": time.perf_counter() - t0}
 
 
 def first_reaching(curve: list[dict], target: float) -> dict | None:
@@ -221,11 +309,17 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 
 
 def report(results: dict, a) -> str:
-    lines = [f"GRPO from the quickstart SFT checkpoint: {a.prompts} prompts x G={a.G}, <= {a.new_tokens} new tokens, lr {a.lr}, "
-             f"loss {a.loss_type}, beta 0; rewards accuracy + 0.1 format; {a.threads} thread(s); eval every {a.eval_every} steps "
-             f"on {a.n_eval} held-out additions (greedy)", ""]
+    lines = [
+        f"GRPO from the quickstart SFT checkpoint: {a.prompts} prompts x G={a.G}, <= {a.new_tokens} new tokens, lr "
+        f"{a.lr}, "
+        f"loss {a.loss_type}, beta 0; rewards accuracy + 0.1 format; {a.threads} thread(s); eval every {a.eval_every} "
+        "steps "
+        f"on {a.n_eval} held-out additions (greedy)",
+        "",
+    ]
     head = f"{'seed':>4} {'runner':<6} {'acc@0':>6} " + " ".join(
-        f"{'steps@' + format(t, '.0%'):>9} {'train s':>8} {'cpu s':>7}" for t in a.targets)
+        f"{'steps@' + format(t, '.0%'):>9} {'train s':>8} {'cpu s':>7}" for t in a.targets
+    )
     lines += [head + f" {'s/step':>7} {'setup s':>7} {'best acc':>8}"]
     ratios: dict[float, list[tuple[float, float]]] = {t: [] for t in a.targets}
     for seed, by_runner in results.items():
@@ -233,45 +327,65 @@ def report(results: dict, a) -> str:
             cells = []
             for t in a.targets:
                 c = first_reaching(r["curve"], t)
-                cells.append(f"{c['step']:>9} {c['train_s']:>8.1f} {c['cpu_s']:>7.1f}" if c else f"{'-':>9} {'-':>8} {'-':>7}")
+                cells.append(
+                    f"{c['step']:>9} {c['train_s']:>8.1f} {c['cpu_s']:>7.1f}" if c else f"{'-':>9} {'-':>8} {'-':>7}"
+                )
             best = max(r["curve"], key=lambda c: c["accuracy"])
-            lines.append(f"{seed:>4} {runner:<6} {r['curve'][0]['accuracy']:>6.3f} " + " ".join(cells)
-                         + f" {r['median_step_s']:>7.2f} {r['setup_s']:>7.1f} {best['accuracy']:>8.3f}")
+            lines.append(
+                f"{seed:>4} {runner:<6} {r['curve'][0]['accuracy']:>6.3f} "
+                + " ".join(cells)
+                + f" {r['median_step_s']:>7.2f} {r['setup_s']:>7.1f} {best['accuracy']:>8.3f}"
+            )
         if set(by_runner) == set(RUNNERS):
             for t in a.targets:
                 ours, trl = (first_reaching(by_runner[k]["curve"], t) for k in RUNNERS)
                 if ours and trl:
                     ratios[t].append((ours["train_s"] / trl["train_s"], ours["cpu_s"] / trl["cpu_s"]))
-                    lines.append(f"     ours / trl to {t:.0%}: train time {ratios[t][-1][0]:.2f}x, CPU time {ratios[t][-1][1]:.2f}x")
+                    lines.append(
+                        f"     ours / trl to {t:.0%}: train time {ratios[t][-1][0]:.2f}x, CPU time "
+                        f"{ratios[t][-1][1]:.2f}x"
+                    )
                 else:
                     missing = " and ".join(k for k, c in zip(RUNNERS, (ours, trl)) if not c)
                     lines.append(f"     ours / trl to {t:.0%}: not reached by {missing} within {a.steps} steps")
     for t, rs in ratios.items():
         if len(rs) > 1:
-            lines.append(f"median over seeds, ours / trl to {t:.0%}: train time {statistics.median(x for x, _ in rs):.2f}x, "
-                         f"CPU time {statistics.median(y for _, y in rs):.2f}x")
+            lines.append(
+                f"median over seeds, ours / trl to {t:.0%}: train time {statistics.median(x for x, _ in rs):.2f}x, "
+                f"CPU time {statistics.median(y for _, y in rs):.2f}x"
+            )
     return "\n".join(lines)
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sft", help="the SFT checkpoint both start from (default: build the quickstart one in a temp folder)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sft", help="the SFT checkpoint both start from (default: build the quickstart one in a temp folder)"
+    )
     p.add_argument("--sft-steps", type=int, help="when building it: sft.steps (default: the quickstart's)")
     p.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step (the quickstart's)")
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=40, help="max new tokens (the quickstart's rollout.max_new_tokens)")
+    p.add_argument(
+        "--new-tokens", type=int, default=40, help="max new tokens (the quickstart's rollout.max_new_tokens)"
+    )
     p.add_argument("--lr", type=float, default=2e-5, help="the quickstart's grpo.lr")
     p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo", "bnpo", "dr_grpo"])
     p.add_argument("--steps", type=int, default=300, help="at most this many optimizer steps per run")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--targets", nargs="+", type=float, default=[0.9, 0.95])
-    p.add_argument("--stop-at", type=float, help="stop a run at the first evaluation at or above this (default: max --targets)")
+    p.add_argument(
+        "--stop-at", type=float, help="stop a run at the first evaluation at or above this (default: max --targets)"
+    )
     p.add_argument("--no-stop", action="store_true", help="run every --steps step")
     p.add_argument("--train", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--eval", default=str(ROOT / "data" / "toyworld" / "eval.jsonl"), help="held-out prompts (rows with an answer)")
+    p.add_argument(
+        "--eval", default=str(ROOT / "data" / "toyworld" / "eval.jsonl"), help="held-out prompts (rows with an answer)"
+    )
     p.add_argument("--quick", action="store_true", help="4 steps, eval every 2, no stop: a smoke run")
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--child", choices=RUNNERS, help=argparse.SUPPRESS)
@@ -298,7 +412,9 @@ def main(argv=None) -> None:
             print(f"SFT checkpoint built in {time.perf_counter() - t0:.0f} s", flush=True)
         a.train = a.work / "train_additions.jsonl"  # the addition prompts of the GRPO set (every one has an answer)
         rows = read_jsonl(ROOT / "data" / "toyworld" / "grpo_train.jsonl")
-        a.train.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("category") == "math" and r.get("answer")))
+        a.train.write_text(
+            "".join(json.dumps(r) + "\n" for r in rows if r.get("category") == "math" and r.get("answer"))
+        )
         a.n_eval = sum(1 for r in read_jsonl(a.eval) if r.get("category", "math") == "math" and r.get("answer"))
         for seed in a.seeds:
             order = a.runners if seed % 2 == 0 else a.runners[::-1]
@@ -306,16 +422,26 @@ def main(argv=None) -> None:
                 r = spawn(runner, seed, a)
                 results.setdefault(seed, {})[runner] = r
                 reached = {t: first_reaching(r["curve"], t) for t in a.targets}
-                print(f"[seed {seed}] {runner}: {r['steps_run']} steps, {r['median_step_s']:.2f} s/step, accuracy "
-                      f"{r['curve'][0]['accuracy']:.3f} -> {r['curve'][-1]['accuracy']:.3f}; "
-                      + ", ".join(f"{t:.0%} at step {c['step']} ({c['train_s']:.0f} s)" if c else f"{t:.0%} not reached"
-                                  for t, c in reached.items()) + f" ({r['wall_s']:.0f} s wall)", flush=True)
+                print(
+                    f"[seed {seed}] {runner}: {r['steps_run']} steps, {r['median_step_s']:.2f} s/step, accuracy "
+                    f"{r['curve'][0]['accuracy']:.3f} -> {r['curve'][-1]['accuracy']:.3f}; "
+                    + ", ".join(
+                        f"{t:.0%} at step {c['step']} ({c['train_s']:.0f} s)" if c else f"{t:.0%} not reached"
+                        for t, c in reached.items()
+                    )
+                    + f" ({r['wall_s']:.0f} s wall)",
+                    flush=True,
+                )
             results[seed] = {k: results[seed][k] for k in a.runners if k in results[seed]}
     print()
     print(report(results, a))
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                                            "results": results}, indent=1))
+        Path(a.json).write_text(
+            json.dumps(
+                {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "results": results},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -76,9 +76,19 @@ def build_assets(folder: Path, a) -> Path:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.heads, max_position_embeddings=1024,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.ffn,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
@@ -89,13 +99,29 @@ def build_assets(folder: Path, a) -> Path:
     n_prompts = a.prompts * (a.warmup + a.steps) * 2
     with open(folder / "prompts.jsonl", "w") as f:
         for _ in range(n_prompts):
-            f.write(json.dumps({"prompt": " ".join(f"w{rng.randrange(3, a.vocab)}" for _ in range(a.prompt_len))}) + "\n")
+            f.write(
+                json.dumps({"prompt": " ".join(f"w{rng.randrange(3, a.vocab)}" for _ in range(a.prompt_len))}) + "\n"
+            )
     return out
 
 
-# ------------------------------------------------------------------------------------- the two trainers, configured alike
-def trl_config(output_dir, *, prompts: int, G: int, new_tokens: int, lr: float, beta: float, loss_type: str, steps: int,
-               min_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0, **overrides):
+# ------------------------------------------------------------------------------------- the two trainers, configured
+# alike
+def trl_config(
+    output_dir,
+    *,
+    prompts: int,
+    G: int,
+    new_tokens: int,
+    lr: float,
+    beta: float,
+    loss_type: str,
+    steps: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    **overrides,
+):
     """TRL's `GRPOConfig` for one CPU process in fp32, set as `our_recipe` sets ours (also used by time_to_accuracy.py).
 
     `prompts` x `G` completions per optimizer step in one micro-batch, num_iterations 1, top-p 1, top-k 0,
@@ -106,20 +132,66 @@ def trl_config(output_dir, *, prompts: int, G: int, new_tokens: int, lr: float, 
     from trl import GRPOConfig
 
     kwargs = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=prompts * G, num_generations=G,
-        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=new_tokens,
-        generation_kwargs={"min_new_tokens": min_new_tokens} if min_new_tokens else None, temperature=temperature, top_p=1.0,
-        top_k=0, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=beta, loss_type=loss_type,
-        epsilon=0.2, scale_rewards="group", use_bias_correction_kl=False, max_steps=steps, logging_steps=1, report_to="none",
-        use_cpu=True, bf16=False, fp16=False, save_strategy="no", seed=seed, dataloader_num_workers=0,
-        log_completions=False, disable_tqdm=True, model_init_kwargs={"dtype": torch.float32})
+        output_dir=str(output_dir),
+        per_device_train_batch_size=prompts * G,
+        num_generations=G,
+        gradient_accumulation_steps=1,
+        num_iterations=1,
+        max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": min_new_tokens} if min_new_tokens else None,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon=0.2,
+        scale_rewards="group",
+        use_bias_correction_kl=False,
+        max_steps=steps,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        save_strategy="no",
+        seed=seed,
+        dataloader_num_workers=0,
+        log_completions=False,
+        disable_tqdm=True,
+        model_init_kwargs={"dtype": torch.float32},
+    )
     return GRPOConfig(**(kwargs | overrides))
 
 
-def our_recipe(output_dir, model, train, rewards: list[dict], *, prompts: int, G: int, new_tokens: int, lr: float, beta: float,
-               loss_type: str, steps: int, threads: int, max_prompt_length: int, min_new_tokens: int = 0, temperature: float = 1.0,
-               seed: int = 0, grpo: dict | None = None) -> dict:
+def our_recipe(
+    output_dir,
+    model,
+    train,
+    rewards: list[dict],
+    *,
+    prompts: int,
+    G: int,
+    new_tokens: int,
+    lr: float,
+    beta: float,
+    loss_type: str,
+    steps: int,
+    threads: int,
+    max_prompt_length: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    grpo: dict | None = None,
+) -> dict:
     """Our recipe (as a dict) with the settings of `trl_config`: `engine` rollout, the trainer's defaults otherwise.
 
     `grpo` overrides or adds keys of the recipe's grpo section (e.g. shared_prefix, micro_batch_tokens).
@@ -127,13 +199,40 @@ def our_recipe(output_dir, model, train, rewards: list[dict], *, prompts: int, G
     return {
         "run": {"output_dir": str(output_dir), "seed": seed, "threads": threads, "overwrite": True},
         "model": {"name_or_path": str(model), "dtype": "float32"},
-        "data": {"train": str(train), "sft_train": None, "sft_eval": None, "eval": None, "max_prompt_length": max_prompt_length},
-        "rollout": {"backend": "engine", "max_new_tokens": new_tokens, "min_new_tokens": min_new_tokens,
-                    "temperature": temperature, "top_p": 1.0, "top_k": 0},
-        "grpo": {"steps": steps, "prompts_per_step": prompts, "num_generations": G, "micro_batch_size": prompts * G,
-                 "num_iterations": 1, "lr": lr, "weight_decay": 0.0, "lr_scheduler": "constant", "warmup_steps": 0,
-                 "max_grad_norm": 1.0, "beta": beta, "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": loss_type,
-                 "scale": "group", "save_every": 0, **(grpo or {})},
+        "data": {
+            "train": str(train),
+            "sft_train": None,
+            "sft_eval": None,
+            "eval": None,
+            "max_prompt_length": max_prompt_length,
+        },
+        "rollout": {
+            "backend": "engine",
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": min_new_tokens,
+            "temperature": temperature,
+            "top_p": 1.0,
+            "top_k": 0,
+        },
+        "grpo": {
+            "steps": steps,
+            "prompts_per_step": prompts,
+            "num_generations": G,
+            "micro_batch_size": prompts * G,
+            "num_iterations": 1,
+            "lr": lr,
+            "weight_decay": 0.0,
+            "lr_scheduler": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0,
+            "beta": beta,
+            "epsilon_low": 0.2,
+            "epsilon_high": 0.2,
+            "loss_type": loss_type,
+            "scale": "group",
+            "save_every": 0,
+            **(grpo or {}),
+        },
         "rewards": rewards,
         "tracking": {"samples_every": 0, "log_every": 1},
     }
@@ -152,11 +251,25 @@ def run_trl(folder: Path, a) -> dict:
     from trl import GRPOTrainer
 
     rows = [json.loads(line) for line in open(folder / "prompts.jsonl")]
-    args = trl_config(folder / f"trl_{a.loss_type}", prompts=a.prompts, G=a.G, new_tokens=a.new_tokens, min_new_tokens=a.new_tokens,
-                      lr=a.lr, beta=a.beta, loss_type=a.loss_type, steps=a.warmup + a.steps)
+    args = trl_config(
+        folder / f"trl_{a.loss_type}",
+        prompts=a.prompts,
+        G=a.G,
+        new_tokens=a.new_tokens,
+        min_new_tokens=a.new_tokens,
+        lr=a.lr,
+        beta=a.beta,
+        loss_type=a.loss_type,
+        steps=a.warmup + a.steps,
+    )
     tok = AutoTokenizer.from_pretrained(folder / "model")
-    trainer = GRPOTrainer(model=str(folder / "model"), reward_funcs=toy_reward, args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer = GRPOTrainer(
+        model=str(folder / "model"),
+        reward_funcs=toy_reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
     acc: dict[str, float] = {}
     steps: list[dict] = []
 
@@ -187,9 +300,16 @@ def run_trl(folder: Path, a) -> dict:
             cpu_marks.append(time.process_time())
             step = time.perf_counter() - self.t0
             prep = acc.get("prepare", 0.0)
-            steps.append({"step": step, "gen": acc.get("gen", 0.0), "score": acc.get("score", 0.0),
-                          "logprobs": acc.get("ref", 0.0), "train": step - prep,
-                          "other": prep - acc.get("gen", 0.0) - acc.get("score", 0.0) - acc.get("ref", 0.0)})
+            steps.append(
+                {
+                    "step": step,
+                    "gen": acc.get("gen", 0.0),
+                    "score": acc.get("score", 0.0),
+                    "logprobs": acc.get("ref", 0.0),
+                    "train": step - prep,
+                    "other": prep - acc.get("gen", 0.0) - acc.get("score", 0.0) - acc.get("ref", 0.0),
+                }
+            )
 
     cpu_marks: list[float] = []
     trainer.add_callback(Clock())
@@ -206,10 +326,23 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
     from grpo.tracking import Tracker
 
     out = folder / f"ours_{'' if shared_prefix else 'plain_'}{a.loss_type}"
-    recipe = our_recipe(out, folder / "model", folder / "prompts.jsonl", [{"name": "vs_trl:toy_reward"}], prompts=a.prompts, G=a.G,
-                        new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, lr=a.lr, beta=a.beta, loss_type=a.loss_type,
-                        steps=a.warmup + a.steps, threads=a.threads, max_prompt_length=a.prompt_len + 8,
-                        grpo={"shared_prefix": shared_prefix, **micro_batch(a)})
+    recipe = our_recipe(
+        out,
+        folder / "model",
+        folder / "prompts.jsonl",
+        [{"name": "vs_trl:toy_reward"}],
+        prompts=a.prompts,
+        G=a.G,
+        new_tokens=a.new_tokens,
+        min_new_tokens=a.new_tokens,
+        lr=a.lr,
+        beta=a.beta,
+        loss_type=a.loss_type,
+        steps=a.warmup + a.steps,
+        threads=a.threads,
+        max_prompt_length=a.prompt_len + 8,
+        grpo={"shared_prefix": shared_prefix, **micro_batch(a)},
+    )
     path = folder / f"recipe_{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cpu_marks: list[float] = []
@@ -228,17 +361,35 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
 
     def row_splits_and_sizes(s, r):
         splits = row_splits(s, r)
-        micro_tokens.append([sum(len(r.completions[i].token_ids) for i in rows)
-                             + sum(len(r.rows[p]["prompt_ids"]) for p in {r.completions[i].prompt_index for i in rows})
-                             for rows in splits])
+        micro_tokens.append(
+            [
+                sum(len(r.completions[i].token_ids) for i in rows)
+                + sum(len(r.rows[p]["prompt_ids"]) for p in {r.completions[i].prompt_index for i in rows})
+                for rows in splits
+            ]
+        )
         return splits
 
     grpo.trainer.row_splits = row_splits_and_sizes
     grpo.trainer.run_grpo(load_recipe(path))
     rows = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
-    steps = [{"step": r["time_step"], "gen": r["time_rollout"], "score": r["time_score"], "logprobs": r["time_logprobs"],
-              "train": r["time_train"], "other": 0.0} for r in rows]
-    return {"steps": with_cpu(steps, cpu_marks), "phases": phases.calls, "peak_hwm_mb": phases.peak(), "micro_tokens": micro_tokens}
+    steps = [
+        {
+            "step": r["time_step"],
+            "gen": r["time_rollout"],
+            "score": r["time_score"],
+            "logprobs": r["time_logprobs"],
+            "train": r["time_train"],
+            "other": 0.0,
+        }
+        for r in rows
+    ]
+    return {
+        "steps": with_cpu(steps, cpu_marks),
+        "phases": phases.calls,
+        "peak_hwm_mb": phases.peak(),
+        "micro_tokens": micro_tokens,
+    }
 
 
 class PhasePeaks:
@@ -256,7 +407,9 @@ class PhasePeaks:
     @staticmethod
     def _status() -> dict:
         with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+            return {
+                k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")
+            }
 
     def _reset(self) -> float:
         self.marks.append(self._status()["VmHWM"])  # the peak since the last reset (between calls)
@@ -313,7 +466,12 @@ def run_fwdbwd(folder: Path, a) -> dict:
             t2, c2 = time.perf_counter(), time.process_time()
             model.zero_grad(set_to_none=True)
             if rep:
-                for key, value in (("ref", t1 - t0), ("fwdbwd", t2 - t1), ("ref_cpu", c1 - c0), ("fwdbwd_cpu", c2 - c1)):
+                for key, value in (
+                    ("ref", t1 - t0),
+                    ("fwdbwd", t2 - t1),
+                    ("ref_cpu", c1 - c0),
+                    ("fwdbwd_cpu", c2 - c1),
+                ):
                     times.setdefault(f"{name}_{key}", []).append(value)
     tokens_plain = int(layouts["plain"].input_ids.numel())
     tokens_packed = int(layouts["prefix"].input_ids.numel())
@@ -336,7 +494,9 @@ def child(a) -> None:
     else:
         result = run_fwdbwd(folder, a)
     # ours resets the kernel's high-water mark per phase (PhasePeaks) and reports the peak it saw
-    result["peak_rss_mb"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result.get("peak_hwm_mb", 0.0))
+    result["peak_rss_mb"] = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result.get("peak_hwm_mb", 0.0)
+    )
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -346,26 +506,53 @@ def run_child(script: Path, extra: list[str], a, keys: tuple[str, ...], what: st
     cmd = [sys.executable, str(script), *extra]
     for k in keys:
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": str(a.threads),
+        "MKL_NUM_THREADS": str(a.threads),
+    }
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{what} failed with exit code {proc.returncode}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["wall_s"] = time.perf_counter() - t0
     return result
 
 
 def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
-    keys = ("threads", "prompts", "G", "prompt_len", "new_tokens", "vocab", "hidden", "ffn", "layers", "heads", "warmup", "steps",
-            "reps", "lr", "beta")
+    keys = (
+        "threads",
+        "prompts",
+        "G",
+        "prompt_len",
+        "new_tokens",
+        "vocab",
+        "hidden",
+        "ffn",
+        "layers",
+        "heads",
+        "warmup",
+        "steps",
+        "reps",
+        "lr",
+        "beta",
+    )
     extra = ["--micro-batch-tokens", str(a.micro_batch_tokens)] if a.micro_batch_tokens else []
-    return run_child(Path(__file__).resolve(), ["--child", runner, "--assets", str(assets), "--loss-type", loss_type, *extra], a, keys,
-                     f"{runner} ({loss_type})")
+    return run_child(
+        Path(__file__).resolve(),
+        ["--child", runner, "--assets", str(assets), "--loss-type", loss_type, *extra],
+        a,
+        keys,
+        f"{runner} ({loss_type})",
+    )
 
 
 PHASES = {"collect_rollouts": "rollout", "old_and_reference_logprobs": "ref", "update": "train"}
@@ -392,42 +579,57 @@ def summarize(result: dict, warmup: int) -> dict:
 
 
 def report(results: dict, a) -> str:
-    lines = [f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
-             f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens; beta {a.beta}, "
-             f"lr {a.lr}; {a.threads} threads; median of {a.steps} steps after {a.warmup} warm-up", ""]
+    lines = [
+        f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
+        f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens; beta {a.beta}, "
+        f"lr {a.lr}; {a.threads} threads; median of {a.steps} steps after {a.warmup} warm-up",
+        "",
+    ]
     for loss_type, by_runner in results.items():
         if loss_type == "fwdbwd":
             continue
         lines.append(f"loss_type={loss_type}: seconds per optimizer step (median) and peak RSS")
-        lines.append(f"  {'runner':<12} {'step':>7} {'gen':>7} {'score':>7} {'ref':>7} {'train':>7} {'other':>7} "
-                     f"{'cpu s':>7} {'RSS MB':>8}")
+        lines.append(
+            f"  {'runner':<12} {'step':>7} {'gen':>7} {'score':>7} {'ref':>7} {'train':>7} {'other':>7} "
+            f"{'cpu s':>7} {'RSS MB':>8}"
+        )
         for runner, r in by_runner.items():
             s = r["summary"]
-            lines.append(f"  {runner:<12} {s['step']:7.2f} {s['gen']:7.2f} {s['score']:7.2f} {s['logprobs']:7.2f} "
-                         f"{s['train']:7.2f} {s['other']:7.2f} {s['cpu']:7.1f} {r['peak_rss_mb']:8.0f}")
+            lines.append(
+                f"  {runner:<12} {s['step']:7.2f} {s['gen']:7.2f} {s['score']:7.2f} {s['logprobs']:7.2f} "
+                f"{s['train']:7.2f} {s['other']:7.2f} {s['cpu']:7.1f} {r['peak_rss_mb']:8.0f}"
+            )
         for runner, r in by_runner.items():
             peaks = phase_peaks(r, a.warmup)
             if peaks:
-                lines.append(f"  {runner} peak RSS MB per phase (RSS at its start -> peak during it): " + ", ".join(
-                    f"{k} {rss:.0f} -> {peak:.0f} (+{peak - rss:.0f})" for k, (rss, peak) in peaks.items()))
+                lines.append(
+                    f"  {runner} peak RSS MB per phase (RSS at its start -> peak during it): "
+                    + ", ".join(f"{k} {rss:.0f} -> {peak:.0f} (+{peak - rss:.0f})" for k, (rss, peak) in peaks.items())
+                )
         if "trl" in by_runner:
             base = by_runner["trl"]
             for runner, r in by_runner.items():
                 if runner != "trl":
-                    lines.append(f"  {runner} / trl: step {r['summary']['step'] / base['summary']['step']:.2f}x, "
-                                 f"CPU seconds per step {r['summary']['cpu'] / base['summary']['cpu']:.2f}x, "
-                                 f"peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x")
+                    lines.append(
+                        f"  {runner} / trl: step {r['summary']['step'] / base['summary']['step']:.2f}x, "
+                        f"CPU seconds per step {r['summary']['cpu'] / base['summary']['cpu']:.2f}x, "
+                        f"peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+                    )
         lines.append("")
     if "fwdbwd" in results:
         r = results["fwdbwd"]
         med = {k: statistics.median(v) for k, v in r["times"].items()}
-        lines.append(f"training passes on one step's batch (median of {a.reps}; tokens through the model: plain "
-                     f"{r['tokens_plain']} padded, shared-prefix {r['tokens_packed']})")
+        lines.append(
+            f"training passes on one step's batch (median of {a.reps}; tokens through the model: plain "
+            f"{r['tokens_plain']} padded, shared-prefix {r['tokens_packed']})"
+        )
         for key, what in (("fwdbwd", "policy forward+backward"), ("ref", "reference forward (no grad)")):
-            lines.append(f"  {what}: plain {med[f'plain_{key}']:.2f}s, shared-prefix {med[f'prefix_{key}']:.2f}s -> "
-                         f"{med[f'plain_{key}'] / med[f'prefix_{key}']:.2f}x faster (CPU seconds: "
-                         f"{med[f'plain_{key}_cpu']:.1f} vs {med[f'prefix_{key}_cpu']:.1f}, "
-                         f"{med[f'plain_{key}_cpu'] / med[f'prefix_{key}_cpu']:.2f}x)")
+            lines.append(
+                f"  {what}: plain {med[f'plain_{key}']:.2f}s, shared-prefix {med[f'prefix_{key}']:.2f}s -> "
+                f"{med[f'plain_{key}'] / med[f'prefix_{key}']:.2f}x faster (CPU seconds: "
+                f"{med[f'plain_{key}_cpu']:.1f} vs {med[f'prefix_{key}_cpu']:.1f}, "
+                f"{med[f'plain_{key}_cpu'] / med[f'prefix_{key}_cpu']:.2f}x)"
+            )
     return "\n".join(lines)
 
 
@@ -443,8 +645,12 @@ def add_shape_args(p) -> None:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="hidden 256, 4 layers, 2 prompts, 64 prompt / 32 new tokens, 2 timed steps")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="hidden 256, 4 layers, 2 prompts, 64 prompt / 32 new tokens, 2 timed steps"
+    )
     p.add_argument("--loss-types", nargs="+", default=["grpo", "dapo"], choices=["grpo", "dapo", "bnpo", "dr_grpo"])
     p.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
     p.add_argument("--threads", type=int, default=2)
@@ -454,8 +660,12 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--reps", type=int, default=3, help="repetitions of the fwdbwd runner")
-    p.add_argument("--micro-batch-tokens", type=int, default=None,
-                   help="ours: grpo.micro_batch_tokens (a token budget per micro-batch) instead of one micro-batch per step")
+    p.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=None,
+        help="ours: grpo.micro_batch_tokens (a token budget per micro-batch) instead of one micro-batch per step",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--json", help="also write all results here")
@@ -464,7 +674,16 @@ def parse(argv=None):
     p.add_argument("--loss-type", default="grpo", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick and not a.child:
-        a.hidden, a.ffn, a.layers, a.heads, a.prompts, a.prompt_len, a.new_tokens, a.steps = 256, 688, 4, 4, 2, 64, 32, 2
+        a.hidden, a.ffn, a.layers, a.heads, a.prompts, a.prompt_len, a.new_tokens, a.steps = (
+            256,
+            688,
+            4,
+            4,
+            2,
+            64,
+            32,
+            2,
+        )
     return a
 
 
@@ -482,8 +701,11 @@ def main(argv=None) -> None:
                 r = spawn(runner, loss_type, assets, a)
                 r["summary"] = summarize(r, a.warmup)
                 results.setdefault(loss_type, {})[runner] = r
-                print(f"[{loss_type}] {runner}: {r['summary']['step']:.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
-                      f"({r['wall_s']:.0f} s)", flush=True)
+                print(
+                    f"[{loss_type}] {runner}: {r['summary']['step']:.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
+                    f"({r['wall_s']:.0f} s)",
+                    flush=True,
+                )
         if "fwdbwd" in a.runners:
             results["fwdbwd"] = spawn("fwdbwd", "grpo", assets, a)
     print()

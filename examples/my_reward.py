@@ -6,6 +6,7 @@ Use it from a recipe, running `python -m grpo ...` from the repository root:
       - {name: accuracy, weight: 1.0}
       - {name: examples.my_reward:closeness, weight: 0.5, scale: 10}
 """
+
 import re
 
 

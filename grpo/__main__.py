@@ -1,4 +1,5 @@
 """`python -m grpo ...` and `accelerate launch -m grpo ...`."""
+
 import sys
 
 from grpo.cli import main

@@ -184,9 +184,7 @@ def _combine_sum(R: Tensor, w: Tensor, group_size: int, scale: str, eps: float) 
 def _combine_normalize_then_sum(R: Tensor, w: Tensor, group_size: int, scale: str, eps: float) -> Tensor:
     """GDPO: group-normalise each column over its non-NaN entries, weighted sum, batch-normalise."""
     valid = ~torch.isnan(R)
-    cols = [
-        _grouped_advantages(R[:, k], valid[:, k], group_size, scale, eps) for k in range(R.shape[1])
-    ]
+    cols = [_grouped_advantages(R[:, k], valid[:, k], group_size, scale, eps) for k in range(R.shape[1])]
     total = (torch.stack(cols, dim=-1) * w).sum(dim=-1)
     everything = torch.ones_like(total, dtype=torch.bool)
     return _divide(total - total.mean(), _masked_std(total, everything) + eps)
@@ -264,8 +262,10 @@ def constrained_advantages(a_useful: Tensor, a_cost: Tensor, lam) -> Tensor:
     one = a_cost.dim() == 1
     costs = a_cost[:, None] if one else a_cost
     if costs.dim() != 2 or costs.shape[0] != a_useful.shape[0] or a_useful.dim() != 1:
-        raise ValueError(f"a_useful {tuple(a_useful.shape)} and a_cost {tuple(a_cost.shape)} must have the same shape "
-                         "([N] and [N] or [N, K])")
+        raise ValueError(
+            f"a_useful {tuple(a_useful.shape)} and a_cost {tuple(a_cost.shape)} must have the same shape "
+            "([N] and [N] or [N, K])"
+        )
     lam = torch.as_tensor(lam, dtype=a_useful.dtype, device=a_useful.device).reshape(-1)
     if lam.shape[0] != costs.shape[1]:
         raise ValueError(f"got {lam.shape[0]} multipliers for {costs.shape[1]} costs")
@@ -285,19 +285,45 @@ def cost_signal(cost: Tensor, signal: str) -> Tensor:
 
 
 @CONSTRAINT_SCHEMES.register("separate")
-def _scheme_separate(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: Tensor, floors: Tensor, group_size: int, mode: str,
-                     scale: str, eps: float) -> Tensor:
+def _scheme_separate(
+    R: Tensor,
+    w: Tensor,
+    C: Tensor,
+    mu: Tensor,
+    denom: Tensor,
+    floors: Tensor,
+    group_size: int,
+    mode: str,
+    scale: str,
+    eps: float,
+) -> Tensor:
     """Normalise each part, then combine: ``(A_r - sum_k mu_k A_k) / denom`` with ``A_r`` from `combine_rewards` and
     ``A_k = (c_k - group mean) / (group std + floor_k)`` (Safe RLHF on group advantages; what Constrained GRPO,
     arXiv:2602.05863, calls scalarised *advantages*: each multiplier weighs a unit-scale term)."""
-    a_r = combine_rewards(R, w, group_size, mode=mode, scale=scale, eps=eps) if R.shape[1] else torch.zeros(C.shape[0], dtype=C.dtype)
-    a_c = torch.stack([group_advantages(C[:, k], group_size, scale="group", eps=float(floors[k])) for k in range(C.shape[1])], dim=-1)
+    a_r = (
+        combine_rewards(R, w, group_size, mode=mode, scale=scale, eps=eps)
+        if R.shape[1]
+        else torch.zeros(C.shape[0], dtype=C.dtype)
+    )
+    a_c = torch.stack(
+        [group_advantages(C[:, k], group_size, scale="group", eps=float(floors[k])) for k in range(C.shape[1])], dim=-1
+    )
     return (a_r - a_c @ mu) / denom
 
 
 @CONSTRAINT_SCHEMES.register("scalarized")
-def _scheme_scalarized(R: Tensor, w: Tensor, C: Tensor, mu: Tensor, denom: Tensor, floors: Tensor, group_size: int, mode: str,
-                       scale: str, eps: float) -> Tensor:
+def _scheme_scalarized(
+    R: Tensor,
+    w: Tensor,
+    C: Tensor,
+    mu: Tensor,
+    denom: Tensor,
+    floors: Tensor,
+    group_size: int,
+    mode: str,
+    scale: str,
+    eps: float,
+) -> Tensor:
     """Combine first, normalise once: ``group_advantages((r - sum_k mu_k c_k) / denom)`` with ``r`` the weighted reward
     sum (NaN = 0). The multipliers trade raw units (reward per unit of cost), and a group's std is that of the
     combination (Constrained GRPO, arXiv:2602.05863, calls this scalarised *rewards* and shows the group std then
@@ -357,15 +383,20 @@ def reward_and_cost_advantages(
     signals = list(signals) if signals is not None else ["cost"] * n_cost
     floors = [cost_std_floor] * n_cost if isinstance(cost_std_floor, (int, float)) else list(cost_std_floor)
     if not len(lams) == len(signals) == len(floors) == n_cost:
-        raise ValueError(f"{n_cost} cost columns but {len(lams)} multipliers, {len(signals)} signals, {len(floors)} std floors")
+        raise ValueError(
+            f"{n_cost} cost columns but {len(lams)} multipliers, {len(signals)} signals, {len(floors)} std floors"
+        )
     scheme_fn = CONSTRAINT_SCHEMES.get(scheme)
     metrics: dict[str, float] = {}
     useful, w = R[:, use_k], torch.tensor([float(weights[k]) for k in use_k], dtype=R.dtype)
     if use_k:
         metrics["zero_std_frac"] = zero_std_fraction(torch.nan_to_num(useful, nan=0.0) @ w, group_size)
     if not cost_k:
-        return (combine_rewards(useful, w, group_size, mode=mode, scale=scale, eps=eps) if use_k
-                else torch.zeros(R.shape[0], dtype=R.dtype)), metrics
+        return (
+            combine_rewards(useful, w, group_size, mode=mode, scale=scale, eps=eps)
+            if use_k
+            else torch.zeros(R.shape[0], dtype=R.dtype)
+        ), metrics
     for k in cost_k:
         c = torch.nan_to_num(R[:, k], nan=0.0)
         metrics[f"cost/{k}"], metrics[f"rate/{k}"] = float(c.mean()), float((c > 0).to(c.dtype).mean())
@@ -375,9 +406,12 @@ def reward_and_cost_advantages(
     mu = torch.tensor([float(weights[k]) if x is None else float(x) for k, x in zip(cost_k, lams)], dtype=R.dtype)
     if any(x is not None and float(x) < 0 for x in lams):
         raise ValueError(f"lam must be >= 0, got {[float(x) for x in lams if x is not None]}")
-    # 1 + sum(lam) in the rewards' dtype (as Safe RLHF's (1 + lam) on a tensor): the same rounding as one constraint always had
+    # 1 + sum(lam) in the rewards' dtype (as Safe RLHF's (1 + lam) on a tensor): the same rounding as one constraint
+    # always had
     denom = 1.0 + torch.tensor([float(x) for x in lams if x is not None], dtype=R.dtype).sum()
-    return scheme_fn(useful, w, C, mu, denom, torch.tensor(floors, dtype=R.dtype), group_size, mode, scale, eps), metrics
+    return scheme_fn(
+        useful, w, C, mu, denom, torch.tensor(floors, dtype=R.dtype), group_size, mode, scale, eps
+    ), metrics
 
 
 @dataclass
@@ -468,11 +502,15 @@ def load_multipliers(multipliers: dict[str, LagrangeMultiplier], state: dict) ->
     Raises ValueError when the names differ (a constraint added, removed or renamed since the checkpoint)."""
     if "log_lam" in state:
         if len(multipliers) != 1:
-            raise ValueError(f"the checkpoint holds one multiplier (the safety constraint); this run has {len(multipliers)}: "
-                             f"{', '.join(multipliers) or 'none'}")
+            raise ValueError(
+                f"the checkpoint holds one multiplier (the safety constraint); this run has {len(multipliers)}: "
+                f"{', '.join(multipliers) or 'none'}"
+            )
         next(iter(multipliers.values())).load_state_dict(state)
         return
     if set(state) != set(multipliers):
-        raise ValueError(f"the checkpoint holds multipliers for constraints {sorted(state)}; this run has {sorted(multipliers)}")
+        raise ValueError(
+            f"the checkpoint holds multipliers for constraints {sorted(state)}; this run has {sorted(multipliers)}"
+        )
     for name, m in multipliers.items():
         m.load_state_dict(state[name])

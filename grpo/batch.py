@@ -62,8 +62,15 @@ class Rollouts:
             Rs.append(part.rewards[span])
             oks.append(part.ok[span])
             eps += part.episodes[span] if part.episodes is not None else []
-        return Rollouts(rows, comps, texts, torch.cat(Rs), torch.cat(oks), sum(p.score_seconds for p in parts),
-                        eps if any(p.episodes is not None for p in parts) else None)
+        return Rollouts(
+            rows,
+            comps,
+            texts,
+            torch.cat(Rs),
+            torch.cat(oks),
+            sum(p.score_seconds for p in parts),
+            eps if any(p.episodes is not None for p in parts) else None,
+        )
 
 
 # ------------------------------------------------------------------------------------- plain layout
@@ -81,8 +88,14 @@ class PaddedBatch:
     completion_ids: Tensor
 
 
-def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], prompt_index: Sequence[int],
-                pad_id: int, width: int | None = None, device=None) -> PaddedBatch:
+def build_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    prompt_index: Sequence[int],
+    pad_id: int,
+    width: int | None = None,
+    device=None,
+) -> PaddedBatch:
     """The padded layout of completion j continuing ``prompt_ids[prompt_index[j]]``, completions cut to `width`
     columns (default: the longest), prompts left-padded to the longest one used."""
     n = len(completions)
@@ -92,11 +105,11 @@ def build_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
     attn = torch.zeros((n, P + C), dtype=torch.long)
     for j, (c, i) in enumerate(zip(completions, prompt_index)):
         p, c = prompt_ids[i], list(c)[:C]
-        ids[j, P - len(p):P] = torch.tensor(p)
-        attn[j, P - len(p):P] = 1
+        ids[j, P - len(p) : P] = torch.tensor(p)
+        attn[j, P - len(p) : P] = 1
         if c:
-            ids[j, P:P + len(c)] = torch.tensor(c)
-            attn[j, P:P + len(c)] = 1
+            ids[j, P : P + len(c)] = torch.tensor(c)
+            attn[j, P : P + len(c)] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     return PaddedBatch(*(t.to(device) for t in (ids, attn, pos, ids[:, P:])))
 
@@ -140,7 +153,9 @@ def loss_mask(completions: Sequence[Completion], ok: Tensor, mask_truncated: boo
     mask = torch.zeros(len(completions), C)
     for i, c in enumerate(completions):
         if c.token_ids and bool(ok[i]) and not (mask_truncated and c.finish_reason == "length"):
-            mask[i, :len(c.token_ids)] = 1 if c.sampled_mask is None else torch.tensor(c.sampled_mask, dtype=mask.dtype)
+            mask[i, : len(c.token_ids)] = (
+                1 if c.sampled_mask is None else torch.tensor(c.sampled_mask, dtype=mask.dtype)
+            )
     return mask
 
 
@@ -191,25 +206,35 @@ def split_to_count(splits: list[list[int]], count: int) -> list[list[int]]:
         rows = splits.pop(k)
         if len(rows) < 2:
             raise ValueError(f"cannot cut {sum(map(len, splits)) + len(rows)} rows into {count} micro-batches")
-        splits[k:k] = [rows[:len(rows) // 2], rows[len(rows) // 2:]]
+        splits[k:k] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
     return splits
 
 
 def rollout_logprobs(completions: Sequence[Completion], width: int) -> Tensor | None:
-    """``[n, width]`` the sampling log-probs the rollout returned (0 past each completion), or None if it returned none."""
+    """``[n, width]`` the sampling log-probs the rollout returned (0 past each completion), or None if it returned
+    none."""
     if any(c.logprobs is None for c in completions):
         return None
     out = torch.zeros(len(completions), width)
     for j, c in enumerate(completions):
         lp = c.logprobs[:width]
         if lp:
-            out[j, :len(lp)] = torch.tensor(lp)
+            out[j, : len(lp)] = torch.tensor(lp)
     return out
 
 
-def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, splits: list[list[int]], *, shared_prefix: bool,
-                  pad_id: int, device) -> list[MicroBatch]:
-    """One micro-batch per row list of `splits` (`split_rows`), each with its own layout on `device`, trimmed to its widths.
+def micro_batches(
+    rollouts: Rollouts,
+    mask: Tensor,
+    advantages: Tensor,
+    splits: list[list[int]],
+    *,
+    shared_prefix: bool,
+    pad_id: int,
+    device,
+) -> list[MicroBatch]:
+    """One micro-batch per row list of `splits` (`split_rows`), each with its own layout on `device`, trimmed to its
+    widths.
 
     Rows whose prompts have the same tokens share one group in the packed layout (also when the same
     prompt was drawn twice in a step), so each distinct prompt is computed once per micro-batch.
@@ -230,8 +255,14 @@ def micro_batches(rollouts: Rollouts, mask: Tensor, advantages: Tensor, splits: 
         else:
             layout = build_batch(prompts, tokens, index, pad_id, width=width, device=device)
         sampled = rollout_logprobs(comps, width)
-        out.append(MicroBatch(layout, m[:, :width].to(device), advantages[rows].to(device),
-                              rollout_logp=None if sampled is None else sampled.to(device)))
+        out.append(
+            MicroBatch(
+                layout,
+                m[:, :width].to(device),
+                advantages[rows].to(device),
+                rollout_logp=None if sampled is None else sampled.to(device),
+            )
+        )
     return out
 
 
@@ -252,11 +283,24 @@ def dump_rollouts(folder, step: int, rank: int, r: Rollouts, advantages: Tensor)
 
     path = dump_path(folder, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"step": step, "rank": rank, "rows": r.rows,
-           "completions": [{"prompt_index": c.prompt_index, "token_ids": c.token_ids, "logprobs": c.logprobs,
-                            "finish_reason": c.finish_reason, "sampled_mask": c.sampled_mask} for c in r.completions],
-           "rewards": [[None if math.isnan(v) else v for v in row] for row in r.rewards.tolist()],
-           "ok": r.ok.tolist(), "advantages": advantages.tolist()}
+    doc = {
+        "step": step,
+        "rank": rank,
+        "rows": r.rows,
+        "completions": [
+            {
+                "prompt_index": c.prompt_index,
+                "token_ids": c.token_ids,
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
+                "sampled_mask": c.sampled_mask,
+            }
+            for c in r.completions
+        ],
+        "rewards": [[None if math.isnan(v) else v for v in row] for row in r.rewards.tolist()],
+        "ok": r.ok.tolist(),
+        "advantages": advantages.tolist(),
+    }
     tmp = path.with_name(path.name + ".tmp")
     with gzip.open(tmp, "wt") as f:
         json.dump(doc, f)
@@ -272,9 +316,13 @@ def load_rollouts(folder, step: int, rank: int) -> tuple[list[dict], list[Comple
 
     path = dump_path(folder, step, rank)
     if not path.is_file():
-        raise UserError(f"replay: {path} does not exist (a rollout.dump_dir folder holds step_NNNNNN.rankR.json.gz for every step "
-                        "it ran; replay as many steps, with the same process count)")
+        raise UserError(
+            f"replay: {path} does not exist (a rollout.dump_dir folder holds step_NNNNNN.rankR.json.gz for every step "
+            "it ran; replay as many steps, with the same process count)"
+        )
     with gzip.open(path, "rt") as f:
         doc = json.load(f)
-    return doc["rows"], [Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c.get("sampled_mask"))
-                         for c in doc["completions"]]
+    return doc["rows"], [
+        Completion(c["prompt_index"], c["token_ids"], c["logprobs"], c["finish_reason"], c.get("sampled_mask"))
+        for c in doc["completions"]
+    ]

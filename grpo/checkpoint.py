@@ -36,8 +36,11 @@ _NAME = re.compile(r"ckpt-(\d+)$")
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -64,8 +67,16 @@ def start_checkpoint(out_dir: Path, step: int) -> Path:
     return _fresh_tmp(Path(out_dir) / f"ckpt-{step}")
 
 
-def save_checkpoint(out_dir: Path, step: int, model, tokenizer, state: dict, keep_last: int = 2, weights: dict | None = None,
-                    started: bool = False) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    state: dict,
+    keep_last: int = 2,
+    weights: dict | None = None,
+    started: bool = False,
+) -> Path:
     """Write ckpt-<step> atomically (tmp folder + rename) and prune old ones. Main process only.
 
     `weights` overrides the model's own state dict (weights gathered from DeepSpeed ZeRO shards);
@@ -92,7 +103,11 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints in step order (unfinished `.tmp` folders are ignored)."""
     if not Path(out_dir).is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in Path(out_dir).iterdir() if (m := _NAME.match(p.name)) and (p / "state.pt").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(out_dir).iterdir()
+        if (m := _NAME.match(p.name)) and (p / "state.pt").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -102,13 +117,17 @@ def earlier_run_problem(out_dir: Path, *, overwrite: bool, resume: bool) -> str 
     found = list_checkpoints(out_dir)
     if not found or resume or overwrite:
         return None
-    return (f"{out_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}); continue it with "
-            "grpo.resume=true, or set run.overwrite=true to start over (its checkpoints are then deleted)")
+    return (
+        f"{out_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}); continue it with "
+        "grpo.resume=true, or set run.overwrite=true to start over (its checkpoints are then deleted)"
+    )
 
 
 def remove_checkpoints(out_dir: Path) -> int:
     """Delete every checkpoint folder (finished or not) in out_dir: the start of an overwriting run."""
-    old = [p for p in Path(out_dir).iterdir() if re.match(r"ckpt-\d+(\.tmp)?$", p.name)] if Path(out_dir).is_dir() else []
+    old = (
+        [p for p in Path(out_dir).iterdir() if re.match(r"ckpt-\d+(\.tmp)?$", p.name)] if Path(out_dir).is_dir() else []
+    )
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return len(old)
@@ -128,9 +147,11 @@ def atomic_folder(final: Path, *, started: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if _disk_full(e, final.parent):
             kept = [p.name for p in list_checkpoints(final.parent)] + ([final.name] if final.exists() else [])
-            raise UserError(f"no space left on the device while writing {final} ({type(e).__name__}: {first_line(e, 160)}); the "
-                            f"unfinished copy was removed{', ' + ', '.join(kept) + ' intact' if kept else ''}; free some space "
-                            "(or lower grpo.keep_last) and continue with grpo.resume=true") from None
+            raise UserError(
+                f"no space left on the device while writing {final} ({type(e).__name__}: {first_line(e, 160)}); the "
+                f"unfinished copy was removed{', ' + ', '.join(kept) + ' intact' if kept else ''}; free some space "
+                "(or lower grpo.keep_last) and continue with grpo.resume=true"
+            ) from None
         raise
     if final.exists():
         shutil.rmtree(final)
@@ -177,20 +198,47 @@ def load_state(path: Path) -> dict:
     try:
         return torch.load(Path(path) / "state.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError/EOFError for damaged files
-        raise UserError(f"checkpoint {path}: state.pt cannot be loaded safely ({type(e).__name__}: it holds objects other than "
-                        "tensors and plain containers, or is damaged); resume from another checkpoint (grpo.resume=PATH) "
-                        "or start fresh") from None
+        raise UserError(
+            f"checkpoint {path}: state.pt cannot be loaded safely ({type(e).__name__}: it holds objects other than "
+            "tensors and plain containers, or is damaged); resume from another checkpoint (grpo.resume=PATH) "
+            "or start fresh"
+        ) from None
 
 
-# ---------------------------------------------------------------------------------------- resuming with a changed recipe
+# ---------------------------------------------------------------------------------------- resuming with a changed
+# recipe
 # What a resumed run must keep to continue the same optimisation exactly: the batch geometry, the loss, the
 # model (the reference policy is loaded from it) and its adapter. Anything else may change, with a warning.
-RESUME_FIXED = ("grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations", "grpo.loss_type", "grpo.importance_level",
-                "grpo.scale", "grpo.reward_mode", "grpo.beta", "grpo.epsilon_low", "grpo.epsilon_high", "model.name_or_path",
-                "model.dtype", "model.lora")
+RESUME_FIXED = (
+    "grpo.prompts_per_step",
+    "grpo.num_generations",
+    "grpo.num_iterations",
+    "grpo.loss_type",
+    "grpo.importance_level",
+    "grpo.scale",
+    "grpo.reward_mode",
+    "grpo.beta",
+    "grpo.epsilon_low",
+    "grpo.epsilon_high",
+    "model.name_or_path",
+    "model.dtype",
+    "model.lora",
+)
 # settings that do not touch the GRPO run (or are expected to change when resuming)
-RESUME_IGNORED = ("grpo.resume", "run.overwrite", "run.stages", "run.threads", "run.output_dir", "tracking", "eval", "sft", "rm",
-                  "data.sft_train", "data.sft_eval", "data.eval")
+RESUME_IGNORED = (
+    "grpo.resume",
+    "run.overwrite",
+    "run.stages",
+    "run.threads",
+    "run.output_dir",
+    "tracking",
+    "eval",
+    "sft",
+    "rm",
+    "data.sft_train",
+    "data.sft_eval",
+    "data.eval",
+)
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -212,7 +260,11 @@ def resume_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     a, b = _flat(old), _flat(new)
     refused, warned = [], []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUME_IGNORED) or a.get(key) == b.get(key) or "<redacted>" in (str(a.get(key)), str(b.get(key))):
+        if (
+            key.startswith(RESUME_IGNORED)
+            or a.get(key) == b.get(key)
+            or "<redacted>" in (str(a.get(key)), str(b.get(key)))
+        ):
             continue
         line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
         (refused if key.startswith(RESUME_FIXED) else warned).append(line)
@@ -235,9 +287,12 @@ def resume_recipe_problem(new: dict, ckpt: Path) -> tuple[str | None, list[str]]
         return None, []
     refused, warned = resume_changes(old, redact(new))
     if refused:
-        return (f"grpo.resume: {ckpt} was written by a run with other settings ({'; '.join(refused)}); a resumed run must keep the "
-                "batch geometry, the loss and the model to continue exactly: restore them, or start a new run (another "
-                "run.output_dir, or run.overwrite=true)"), warned
+        return (
+            f"grpo.resume: {ckpt} was written by a run with other settings ({'; '.join(refused)}); a resumed run must "
+            "keep the "
+            "batch geometry, the loss and the model to continue exactly: restore them, or start a new run (another "
+            "run.output_dir, or run.overwrite=true)"
+        ), warned
     return None, warned
 
 
@@ -252,4 +307,9 @@ def check_resumed_recipe(new: dict, ckpt: Path, out: Path, *, main: bool = True)
     kept = Path(out) / f"config.before-resume-{Path(ckpt).name.removeprefix('ckpt-')}.yaml"
     if (Path(out) / "config.yaml").is_file():
         shutil.copyfile(Path(out) / "config.yaml", kept)
-    log.warning("resuming from %s with a changed recipe (%s); the earlier config is kept as %s", ckpt, "; ".join(warned), kept.name)
+    log.warning(
+        "resuming from %s with a changed recipe (%s); the earlier config is kept as %s",
+        ckpt,
+        "; ".join(warned),
+        kept.name,
+    )

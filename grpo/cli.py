@@ -37,17 +37,29 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
         s.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. grpo.lr=1e-5")
         s.add_argument("--debug", action="store_true", help="show full tracebacks")
-        s.add_argument("--dry-run", action="store_true", help="validate the recipe and batch geometry offline, load nothing, exit")
-        s.add_argument("--num-processes", type=int, default=None, help="with --dry-run: the process count to check against")
+        s.add_argument(
+            "--dry-run", action="store_true", help="validate the recipe and batch geometry offline, load nothing, exit"
+        )
+        s.add_argument(
+            "--num-processes", type=int, default=None, help="with --dry-run: the process count to check against"
+        )
         if name == "train":
-            s.add_argument("--replay", default=None, metavar="DIR",
-                           help="train on the rollouts dumped in DIR (rollout.dump_dir / grpo rollout) instead of generating")
+            s.add_argument(
+                "--replay",
+                default=None,
+                metavar="DIR",
+                help="train on the rollouts dumped in DIR (rollout.dump_dir / grpo rollout) instead of generating",
+            )
         if name == "eval":
             s.add_argument("--model", action="append", default=[], help="model folder(s) to evaluate (repeatable)")
-    d = sub.add_parser("doctor", help="check this machine (and a recipe): versions, devices, batch arithmetic, memory, problems")
+    d = sub.add_parser(
+        "doctor", help="check this machine (and a recipe): versions, devices, batch arithmetic, memory, problems"
+    )
     d.add_argument("recipe", nargs="?", help="a recipe to check too (its run.stages)")
     d.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    d.add_argument("--num-processes", type=int, default=None, help="process count to check the recipe against (default WORLD_SIZE)")
+    d.add_argument(
+        "--num-processes", type=int, default=None, help="process count to check the recipe against (default WORLD_SIZE)"
+    )
     d.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -56,7 +68,17 @@ def setup_logging(debug: bool = False) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     level = logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3", "filelock", "torch.distributed", "matplotlib", "DeepSpeed"):
+    for noisy in (
+        "transformers",
+        "accelerate",
+        "datasets",
+        "httpx",
+        "urllib3",
+        "filelock",
+        "torch.distributed",
+        "matplotlib",
+        "DeepSpeed",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import torch
     import transformers
@@ -105,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if old_term is not None:
             import signal
+
             signal.signal(signal.SIGTERM, old_term)
     return 0
 
@@ -124,6 +147,7 @@ def _stop_on_sigterm():
 
     def stop(signum, frame):
         raise ForcedStop("received SIGTERM", code=128 + signum)
+
     return signal.signal(signal.SIGTERM, stop)
 
 
@@ -147,6 +171,7 @@ def _fail(message: str) -> int:
     if error_file:
         import json
         import time
+
         try:
             with open(error_file, "w") as f:
                 json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
@@ -174,8 +199,11 @@ def start_line(recipe, command: str) -> str | None:
     line = f"{command}: starting from model.name_or_path={base}"
     sft_final = Path(recipe.run.output_dir) / "sft" / "final"
     if command != "sft" and sft_final.is_dir() and Path(base).resolve() != sft_final.resolve():
-        line += (f" (a stand-alone stage starts from model.name_or_path, not from {sft_final}: to continue from the SFT model "
-                 f"add model.name_or_path={sft_final}, or run the stages together with `grpo pipeline`)")
+        line += (
+            f" (a stand-alone stage starts from model.name_or_path, not from {sft_final}: to continue from the SFT "
+            "model "
+            f"add model.name_or_path={sft_final}, or run the stages together with `grpo pipeline`)"
+        )
     return line
 
 
@@ -193,14 +221,19 @@ def run(args) -> None:
         log.info(line)
     if args.dry_run:
         from grpo.preflight import dry_run
+
         print(dry_run(recipe, stages, args.num_processes or env_world_size()))
         return
-    check(recipe, stages, env_world_size(), models=getattr(args, "model", None) or None)  # before any weights or folders
+    check(
+        recipe, stages, env_world_size(), models=getattr(args, "model", None) or None
+    )  # before any weights or folders
     if args.command == "pipeline":
         from grpo.pipeline import run_pipeline
+
         run_pipeline(recipe)
     else:
         from grpo.pipeline import run_stage
+
         run_stage(recipe, args.command, models=getattr(args, "model", None) or None)
 
 
@@ -212,7 +245,9 @@ def doctor(args) -> None:
 
     lines, problems = environment()
     if args.recipe:
-        more, recipe_problems = recipe_report(load_recipe(args.recipe, args.overrides), args.num_processes or env_world_size())
+        more, recipe_problems = recipe_report(
+            load_recipe(args.recipe, args.overrides), args.num_processes or env_world_size()
+        )
         lines, problems = lines + more, problems + recipe_problems
     print("\n".join(lines))
     for p in problems:

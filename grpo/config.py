@@ -30,16 +30,19 @@ from grpo.errors import UserError, first_line
 @dataclass
 class RunConfig:
     """Where a run goes and what it runs."""
+
     output_dir: str = "runs/quickstart"  # each stage writes into output_dir/<stage>
     stages: list[str] = field(default_factory=lambda: ["sft", "train", "eval"])  # for `pipeline`
     seed: int = 0  # seeds python, numpy, torch, data order and sampling
     threads: int | None = None  # torch CPU threads per process; None = torch's default
-    overwrite: bool = False  # allow writing into a stage folder that already holds a run (its final model and GRPO checkpoints are replaced)
+    # allow writing into a stage folder that already holds a run (its final model and GRPO checkpoints are replaced)
+    overwrite: bool = False
 
 
 @dataclass
 class LoraConfig:
     """LoRA through peft. `target_modules` is a list of module names or "all-linear"."""
+
     enabled: bool = False  # train a LoRA adapter instead of all weights
     r: int = 16  # adapter rank
     alpha: int = 32  # scaling: the update is (alpha / r) * B @ A
@@ -51,6 +54,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     """The policy: a local folder or a Hugging Face hub id."""
+
     name_or_path: str = "data/tiny_base"  # local folder (full model or LoRA adapter) or hub id
     tokenizer: str | None = None  # defaults to name_or_path
     revision: str | None = None  # hub branch, tag or commit
@@ -67,6 +71,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Datasets: a .jsonl/.json/.parquet file, a folder of them, or a hub dataset name[:split]."""
+
     sft_train: str | None = "data/toyworld/sft_train.jsonl"
     sft_eval: str | None = "data/toyworld/sft_eval.jsonl"
     train: str | None = "data/toyworld/grpo_train.jsonl"  # GRPO prompts (+ columns for rewards)
@@ -83,6 +88,7 @@ class DataConfig:
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning: loss on completion tokens only."""
+
     steps: int = 100  # optimizer steps
     batch_size: int = 32  # sequences per optimizer step per process (before accumulation)
     grad_accum: int = 1  # micro-batches accumulated per optimizer step
@@ -99,6 +105,7 @@ class SFTConfig:
 @dataclass
 class RolloutConfig:
     """Generation during GRPO (and sampling in eval)."""
+
     backend: str = "engine"  # engine | hf
     max_new_tokens: int = 32  # completion length limit (finish_reason "length" beyond it)
     temperature: float = 1.0  # sampling temperature; logprobs in the loss use the same one
@@ -123,6 +130,7 @@ class RolloutConfig:
 @dataclass
 class GRPOConfig:
     """The GRPO loop. Defaults follow DeepSeekMath's GRPO; variants (DAPO, Dr. GRPO, GSPO) are opt-in."""
+
     steps: int = 200  # optimizer steps = generation rounds (x num_iterations)
     prompts_per_step: int = 4  # across all processes; each prompt's group stays on one process
     num_generations: int = 8  # G, completions per prompt
@@ -178,6 +186,7 @@ class GRPOConfig:
 @dataclass
 class SafetyConfig:
     """Safe-RLHF's Lagrangian constraint on GRPO advantages (critic-free): E[cost] <= cost_threshold."""
+
     enabled: bool = False  # constrain the mean cost of the role: safety reward
     cost_threshold: float = 0.0  # the budget d in E[cost] <= d (0 = the cost model's safety boundary)
     lambda_init: float = 1.0  # initial Lagrange multiplier
@@ -197,7 +206,10 @@ class SafetyConfig:
 class ConstraintSpec:
     """One constraint: E[c] <= threshold (kind mean) or P(c > 0) <= threshold (kind rate), c the value of the reward it
     names (a cost: higher is worse; it leaves the reward sum). Each has its own Lagrange multiplier."""
-    reward: str = ""  # the constrained reward: its name in `rewards`, as written or as logged (e.g. safety, completion_tokens)
+
+    reward: str = (
+        ""  # the constrained reward: its name in `rewards`, as written or as logged (e.g. safety, completion_tokens)
+    )
     threshold: float = 0.0  # the budget d
     kind: Literal["mean", "rate"] = "mean"  # mean: E[c] <= d; rate: P(c > 0) <= d (a chance constraint)
     # what enters the advantage: auto = the indicator c > 0 for kind rate (how far below 0 a safe sample's cost lies
@@ -215,6 +227,7 @@ class ConstraintSpec:
 @dataclass
 class RewardSpec:
     """One reward: a registered name or `package.module:function`; other keys are its kwargs."""
+
     name: str  # registered name, package.module:function, or a reward-model folder / hf:<hub id>
     weight: float = 1.0  # weight in the reward sum
     role: Literal["reward", "usefulness", "safety"] = "reward"  # safety = a cost (higher is less safe)
@@ -226,7 +239,9 @@ class RewardSpec:
 
 @dataclass
 class ToolSpec:
-    """One tool: a registered name or `package.module:function`; other keys are settings bound to it (not in its schema)."""
+    """One tool: a registered name or `package.module:function`; other keys are settings bound to it (not in its
+    schema)."""
+
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other key of the entry is passed to the tool
 
@@ -236,7 +251,10 @@ class EnvironmentConfig:
     """Multi-turn rollouts (grpo.environments, grpo.rollout.multiturn); off while `name` is null.
 
     The whole trajectory (sampled + observation tokens) is limited by rollout.max_new_tokens."""
-    name: Optional[str] = None  # tools (the built-in tool-calling environment), a registered name or package.module:Class
+
+    name: Optional[str] = (
+        None  # tools (the built-in tool-calling environment), a registered name or package.module:Class
+    )
     tools: list[ToolSpec] = field(default_factory=list)  # for name: tools
     max_turns: int = 4  # model turns per episode; an episode still asking for more is truncated
     max_tokens_per_turn: Optional[int] = None  # sampled tokens per turn (null = what is left of the budget)
@@ -249,6 +267,7 @@ class EnvironmentConfig:
 @dataclass
 class RMConfig:
     """Reward/cost-model training (`grpo rm`, grpo/rm.py). A model whose *_train is null is skipped."""
+
     usefulness_train: str | None = "data/toyworld/rm_usefulness_train.jsonl"  # prompt, chosen, rejected
     usefulness_eval: str | None = "data/toyworld/rm_usefulness_eval.jsonl"
     safety_train: str | None = "data/toyworld/rm_safety_train.jsonl"  # + chosen_is_safe, rejected_is_safe
@@ -270,6 +289,7 @@ class RMConfig:
 @dataclass
 class EvalConfig:
     """Held-out evaluation (`grpo eval`)."""
+
     checkpoints: list[str] = field(default_factory=list)  # extra models to compare side by side
     max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
     num_samples: int = 1  # k for pass@k (sampled at rollout.temperature when k > 1)
@@ -280,6 +300,7 @@ class EvalConfig:
 @dataclass
 class TrackingConfig:
     """Where metrics go. JSONL and the console are always on."""
+
     report_to: list[str] = field(default_factory=list)  # wandb, tensorboard
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb_project: str = "grpo"  # wandb project name
@@ -317,15 +338,27 @@ def reward_label(name: str) -> str:
 
 def constraint_list(recipe: Recipe) -> list[ConstraintSpec]:
     """The run's constraints: `constraints`, or the old `safety` section (when enabled) as one constraint named
-    safety on the role: safety reward (constrain: violation_rate = kind rate, mean_cost = kind mean; the cost itself enters
+    safety on the role: safety reward (constrain: violation_rate = kind rate, mean_cost = kind mean; the cost itself
+    enters
     the advantage in both, as it always did there)."""
     sc = recipe.safety
     if not sc.enabled or recipe.constraints:
         return list(recipe.constraints)
     cost = next((r.name for r in recipe.rewards if r.role == "safety"), "")
-    return [ConstraintSpec(reward=cost, threshold=sc.cost_threshold, kind="rate" if sc.constrain == "violation_rate" else "mean", signal="cost",
-                           lambda_init=sc.lambda_init, lambda_lr=sc.lambda_lr, lambda_max=sc.lambda_max, delay=sc.lambda_delay,
-                           std_floor=sc.cost_std_floor, name="safety")]
+    return [
+        ConstraintSpec(
+            reward=cost,
+            threshold=sc.cost_threshold,
+            kind="rate" if sc.constrain == "violation_rate" else "mean",
+            signal="cost",
+            lambda_init=sc.lambda_init,
+            lambda_lr=sc.lambda_lr,
+            lambda_max=sc.lambda_max,
+            delay=sc.lambda_delay,
+            std_floor=sc.cost_std_floor,
+            name="safety",
+        )
+    ]
 
 
 def constraint_rewards(rewards: list[RewardSpec], ref: str) -> list[int]:
@@ -346,7 +379,9 @@ def resolved_constraints(recipe: Recipe) -> list[tuple[str, ConstraintSpec, int]
     for c in constraint_list(recipe):
         hits = constraint_rewards(recipe.rewards, c.reward)
         if len(hits) != 1:
-            raise UserError(f"constraint on reward {c.reward!r}: it names {len(hits)} rewards, it must name exactly one")
+            raise UserError(
+                f"constraint on reward {c.reward!r}: it names {len(hits)} rewards, it must name exactly one"
+            )
         out.append((c.name or reward_label(recipe.rewards[hits[0]].name), c, hits[0]))
     return out
 
@@ -355,9 +390,15 @@ def unconstrained(recipe: Recipe) -> Recipe:
     """The same recipe without constraints (the pipeline's train_unconstrained baseline): every cost (role: safety or
     a constrained reward) is still scored and logged, with weight 0."""
     costs = {i for c in constraint_list(recipe) for i in constraint_rewards(recipe.rewards, c.reward)}
-    return dataclasses.replace(recipe, safety=dataclasses.replace(recipe.safety, enabled=False), constraints=[],
-                               rewards=[dataclasses.replace(r, weight=0.0) if r.role == "safety" or i in costs else r
-                                        for i, r in enumerate(recipe.rewards)])
+    return dataclasses.replace(
+        recipe,
+        safety=dataclasses.replace(recipe.safety, enabled=False),
+        constraints=[],
+        rewards=[
+            dataclasses.replace(r, weight=0.0) if r.role == "safety" or i in costs else r
+            for i, r in enumerate(recipe.rewards)
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -368,20 +409,29 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"recipe file not found: {where} (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
+            raise UserError(
+                f"recipe file not found: {where} (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)"
+            )
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or first_line(e)
-            raise UserError(f"{where}:{loc}: invalid YAML: {problem} (fix the syntax; tags like !!python are not allowed)") from None
+            raise UserError(
+                f"{where}:{loc}: invalid YAML: {problem} (fix the syntax; tags like !!python are not allowed)"
+            ) from None
         except RecursionError:
-            raise UserError(f"{where}: invalid YAML: nested too deeply (a recipe value may nest at most {MAX_DEPTH} levels)") from None
+            raise UserError(
+                f"{where}: invalid YAML: nested too deeply (a recipe value may nest at most {MAX_DEPTH} levels)"
+            ) from None
         except UnicodeDecodeError as e:
             raise UserError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
         if not isinstance(raw, dict):
-            raise UserError(f"{where}: a recipe must be a mapping of sections ({', '.join(_field_names(Recipe))}), got {type(raw).__name__}")
+            raise UserError(
+                f"{where}: a recipe must be a mapping of sections ({', '.join(_field_names(Recipe))}), got "
+                f"{type(raw).__name__}"
+            )
     for ov in overrides:
         _apply_override(raw, ov)
     check_size(raw, where)
@@ -404,9 +454,11 @@ def check_size(raw: Any, where: str) -> None:
         node, path, depth = stack.pop()
         count += 1
         if count > MAX_VALUES:
-            raise UserError(f"{where}: the recipe holds more than {MAX_VALUES:,} values once its YAML aliases (*name) are expanded "
-                            f"(at '{path or '<top>'}'); an alias nested in aliases multiplies: write the values out, or read big "
-                            "data from a file in your reward instead")
+            raise UserError(
+                f"{where}: the recipe holds more than {MAX_VALUES:,} values once its YAML aliases (*name) are expanded "
+                f"(at '{path or '<top>'}'); an alias nested in aliases multiplies: write the values out, or read big "
+                "data from a file in your reward instead"
+            )
         if depth > MAX_DEPTH:
             raise UserError(f"{where}: '{path}' nests more than {MAX_DEPTH} levels deep; flatten it")
         if isinstance(node, dict):
@@ -434,7 +486,7 @@ def _apply_override(raw: dict, override: str) -> None:
             node = _list_item(node, part, override)
             continue
         if not isinstance(node.get(part, {}), (dict, list)):
-            raise UserError(f"override '{override}': '{'.'.join(parts[:i + 1])}' is not a section")
+            raise UserError(f"override '{override}': '{'.'.join(parts[: i + 1])}' is not a section")
         node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
     last = parts[-1]
     if isinstance(node, list):
@@ -470,7 +522,9 @@ def _build(cls, raw: Any, where: str, path: str):
     if cls is ToolSpec and isinstance(raw, str):  # `tools: [calculator]`
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: '{path or '<top>'}' must be a mapping with keys {', '.join(_field_names(cls))}; got {_show(raw)}")
+        raise UserError(
+            f"{where}: '{path or '<top>'}' must be a mapping with keys {', '.join(_field_names(cls))}; got {_show(raw)}"
+        )
     hints = typing.get_type_hints(cls)
     names = _field_names(cls)
     kwargs = {}
@@ -479,8 +533,11 @@ def _build(cls, raw: Any, where: str, path: str):
         key_path = f"{path}.{shown}" if path else shown
         if key not in names:
             if cls in KWARG_SPECS:
-                continue  # extra keys are the reward's (tool's, environment's) kwargs, checked against its signature later
-            raise UserError(f"{where}: unknown key '{key_path}'; valid keys{' in ' + path if path else ''}: {', '.join(names)}")
+                # extra keys are the reward's (tool's, environment's) kwargs, checked against its signature later
+                continue
+            raise UserError(
+                f"{where}: unknown key '{key_path}'; valid keys{' in ' + path if path else ''}: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], where, key_path)
     if cls in KWARG_SPECS:
         extra = {k: v for k, v in raw.items() if k not in names}
@@ -505,7 +562,11 @@ def _coerce(value: Any, hint: Any, where: str, path: str):
                 return _coerce(value, arg, where, path)
             except UserError as e:
                 errors.append(e)
-        raise errors[-1] if len(errors) == 1 else UserError(f"{where}: '{path}' must be {_type_name(hint)}; got {_show(value)}")
+        raise (
+            errors[-1]
+            if len(errors) == 1
+            else UserError(f"{where}: '{path}' must be {_type_name(hint)}; got {_show(value)}")
+        )
     if origin is Literal:
         if value not in args:
             raise UserError(f"{where}: '{path}' must be one of {', '.join(map(str, args))}; got {_show(value)}")

@@ -35,8 +35,11 @@ def field_comments(cls) -> dict[str, str]:
     """{field name: comment text} from the comments above each field and the one trailing it."""
     source = textwrap.dedent(inspect.getsource(cls))
     lines = source.splitlines()
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     body = ast.parse(source).body[0].body
     out = {}
     for node in body:
@@ -125,17 +128,25 @@ def _doc(cls) -> str:
 
 def recipe_reference() -> str:
     """Markdown: one table per recipe section (and nested section), in the order of `config.Recipe`."""
-    out = ["Generated from `grpo/config.py` by `python -m grpo.docs --write README.md` (a test checks it is current). "
-           "Every key has a default except a reward's `name`; unknown keys are an error. Override any key on the command line with "
-           "`section.key=value` (YAML value), list items by index: `rewards.0.weight=2`.", ""]
+    out = [
+        "Generated from `grpo/config.py` by `python -m grpo.docs --write README.md` (a test checks it is current). "
+        "Every key has a default except a reward's `name`; unknown keys are an error. Override any key on the command "
+        "line with "
+        "`section.key=value` (YAML value), list items by index: `rewards.0.weight=2`.",
+        "",
+    ]
     hints = typing.get_type_hints(config.Recipe)
     queue = [(f.name, hints[f.name]) for f in dataclasses.fields(config.Recipe)]
     while queue:
         name, hint = queue.pop(0)
         if typing.get_origin(hint) is list:  # `rewards`, `constraints`: lists of entries
             (cls,) = typing.get_args(hint)
-            intro = (f"A list; each entry is one reward. {_doc(cls)} Keys of an entry other than the ones below are passed "
-                     f"to the reward function as keyword arguments." if cls is config.RewardSpec else f"A list; each entry: {_doc(cls)}")
+            intro = (
+                f"A list; each entry is one reward. {_doc(cls)} Keys of an entry other than the ones below are passed "
+                f"to the reward function as keyword arguments."
+                if cls is config.RewardSpec
+                else f"A list; each entry: {_doc(cls)}"
+            )
         else:
             cls, intro = hint, _doc(hint)
         rows, nested = section_table(cls, name)
@@ -150,20 +161,24 @@ def replace_between_markers(text: str, content: str) -> str:
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
         raise ValueError(f"markers {START} ... {END} not found")
-    return text[:start + len(START)] + "\n" + content.strip() + "\n" + text[end:]
+    return text[: start + len(START)] + "\n" + content.strip() + "\n" + text[end:]
 
 
 def current_reference(text: str) -> str | None:
     start, end = text.find(START), text.find(END)
-    return None if start < 0 or end < start else text[start + len(START):end].strip() + "\n"
+    return None if start < 0 or end < start else text[start + len(START) : end].strip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m grpo.docs", description="Recipe reference generated from grpo/config.py.")
+    p = argparse.ArgumentParser(
+        prog="python -m grpo.docs", description="Recipe reference generated from grpo/config.py."
+    )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--check", metavar="FILE", help="exit 1 if FILE's reference (between the markers) is out of date")
+    group.add_argument(
+        "--check", metavar="FILE", help="exit 1 if FILE's reference (between the markers) is out of date"
+    )
     group.add_argument("--write", metavar="FILE", help="rewrite FILE's reference (between the markers)")
     args = p.parse_args(argv)
     ref = recipe_reference()
@@ -175,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     text = path.read_text() if path.is_file() else ""
     current = current_reference(text)
     if current is None:
-        print(f"error: {path} has no recipe reference section: add the lines {START} and {END} where it should go", file=sys.stderr)
+        print(
+            f"error: {path} has no recipe reference section: add the lines {START} and {END} where it should go",
+            file=sys.stderr,
+        )
         return 2
     if args.check:
         if current.strip() != ref.strip():
-            print(f"{path}: the recipe reference is out of date; run `python -m grpo.docs --write {path}`", file=sys.stderr)
+            print(
+                f"{path}: the recipe reference is out of date; run `python -m grpo.docs --write {path}`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if current.strip() != ref.strip():

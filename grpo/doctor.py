@@ -15,8 +15,19 @@ import platform
 import shutil
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "datasets", "safetensors", "wandb", "tensorboard", "trl",
-            "math-verify")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "deepspeed",
+    "datasets",
+    "safetensors",
+    "wandb",
+    "tensorboard",
+    "trl",
+    "math-verify",
+)
 OPTIONAL = {"deepspeed", "datasets", "wandb", "tensorboard", "trl", "math-verify"}
 
 
@@ -38,8 +49,14 @@ def environment() -> tuple[list[str], list[str]]:
             props = torch.cuda.get_device_properties(i)
             lines.append(f"cuda:{i} {props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}")
     else:
-        lines.append("no CUDA device: CPU only (multi-process runs: ACCELERATE_USE_CPU=true with cpu_ddp.yaml, or zero2/zero3.yaml)")
-    lines.append(f"CPU cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}")
+        lines.append(
+            "no CUDA device: CPU only (multi-process runs: ACCELERATE_USE_CPU=true with cpu_ddp.yaml, or "
+            "zero2/zero3.yaml)"
+        )
+    lines.append(
+        f"CPU cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}"
+    )
     lines.append(_deepspeed_ops())
     return lines, problems
 
@@ -51,8 +68,10 @@ def _deepspeed_ops() -> str:
         return f"deepspeed ops: unavailable ({type(e).__name__}); ZeRO needs deepspeed (pip install deepspeed)"
     ok = CPUAdamBuilder().is_compatible(verbose=False)
     cache = os.environ.get("TORCH_EXTENSIONS_DIR", "(unset: ~/.cache/torch_extensions)")
-    return (f"deepspeed ops: CPU Adam {'can' if ok else 'can NOT'} be built (first use JIT-compiles ~1-2 min; "
-            f"TORCH_EXTENSIONS_DIR={cache}); grpo passes a torch optimizer, so only ZeRO offload needs it")
+    return (
+        f"deepspeed ops: CPU Adam {'can' if ok else 'can NOT'} be built (first use JIT-compiles ~1-2 min; "
+        f"TORCH_EXTENSIONS_DIR={cache}); grpo passes a torch optimizer, so only ZeRO offload needs it"
+    )
 
 
 def recipe_report(recipe, world: int) -> tuple[list[str], list[str]]:
@@ -65,10 +84,12 @@ def recipe_report(recipe, world: int) -> tuple[list[str], list[str]]:
     lines.append(f"output {recipe.run.output_dir}: {free / 2**30:.1f} GiB free")
     per_process = g.prompts_per_step // max(world, 1) * g.num_generations
     micro = f"{g.micro_batch_tokens} packed tokens" if g.micro_batch_tokens else f"{g.micro_batch_size} completions"
-    lines.append(f"batch on {world} process(es): {g.prompts_per_step} prompts x G={g.num_generations} = "
-                 f"{g.prompts_per_step * g.num_generations} completions per generation round, {per_process} per process, "
-                 f"micro-batches of <= {micro}; {g.num_iterations} optimizer step(s) per round; {g.steps} steps; "
-                 f"<= {r.max_new_tokens} new tokens each")
+    lines.append(
+        f"batch on {world} process(es): {g.prompts_per_step} prompts x G={g.num_generations} = "
+        f"{g.prompts_per_step * g.num_generations} completions per generation round, {per_process} per process, "
+        f"micro-batches of <= {micro}; {g.num_iterations} optimizer step(s) per round; {g.steps} steps; "
+        f"<= {r.max_new_tokens} new tokens each"
+    )
     budget = _memory(recipe)
     if budget:
         lines.append(budget)
@@ -87,15 +108,20 @@ def _memory(recipe) -> str | None:
     from grpo.modeling import DTYPES
 
     try:
-        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=False
+        )
         dtype = DTYPES[recipe.model.dtype]
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype)
         if recipe.model.lora.enabled:
             from grpo.modeling import apply_lora
+
             model = apply_lora(model, recipe.model.lora)
         ref = model if recipe.grpo.beta > 0 and not recipe.model.lora.enabled else None
-        return format_budget(memory_budget(model, ref, recipe), torch.device("cpu")).replace("(before step 1)", "(estimate)")
+        return format_budget(memory_budget(model, ref, recipe), torch.device("cpu")).replace(
+            "(before step 1)", "(estimate)"
+        )
     except Exception as e:  # a hub id without network, a custom architecture: the budget is only a convenience
         return f"memory budget: not estimated ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
 

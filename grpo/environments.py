@@ -61,21 +61,29 @@ def resolve(spec: str, registry: Registry, kind: str) -> Callable:
     if ":" not in spec:
         if spec in registry:
             return registry.get(spec)
-        raise UserError(f"unknown {kind} {spec!r}; valid: {', '.join(registry.names()) or '(none)'}; "
-                        "or give a dotted path 'package.module:function'")
+        raise UserError(
+            f"unknown {kind} {spec!r}; valid: {', '.join(registry.names()) or '(none)'}; "
+            "or give a dotted path 'package.module:function'"
+        )
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"{kind} {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {first_line(e)}); "
-                        "install it or add its folder to PYTHONPATH") from e
+        raise UserError(
+            f"{kind} {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {first_line(e)}); "
+            "install it or add its folder to PYTHONPATH"
+        ) from e
     except Exception as e:
-        raise UserError(f"{kind} {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {first_line(e)}; "
-                        "fix the module") from e
+        raise UserError(
+            f"{kind} {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {first_line(e)}; "
+            "fix the module"
+        ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserError(f"{kind} {spec!r}: {getattr(obj, '__name__', module_name)!r} has no attribute {part!r}; "
-                            "check the name after ':'")
+            raise UserError(
+                f"{kind} {spec!r}: {getattr(obj, '__name__', module_name)!r} has no attribute {part!r}; "
+                "check the name after ':'"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise UserError(f"{kind} {spec!r}: {attr!r} is a {type(obj).__name__}, not callable")
@@ -95,12 +103,16 @@ class Tool:
             params = {}
         unknown = [k for k in settings if k not in params]
         if unknown:
-            raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}; it accepts {', '.join(params) or '(none)'}")
+            raise UserError(
+                f"{where}: unknown setting(s) {', '.join(unknown)}; it accepts {', '.join(params) or '(none)'}"
+            )
         try:
             schema = get_json_schema(fn)
         except Exception as e:
-            raise UserError(f"{where}: cannot build its JSON schema ({type(e).__name__}: {first_line(e)}); a tool needs type "
-                            "hints on every argument and a docstring with an Args: section") from e
+            raise UserError(
+                f"{where}: cannot build its JSON schema ({type(e).__name__}: {first_line(e)}); a tool needs type "
+                "hints on every argument and a docstring with an Args: section"
+            ) from e
         fn_schema = schema["function"]
         for k in settings:
             fn_schema.get("parameters", {}).get("properties", {}).pop(k, None)
@@ -139,12 +151,16 @@ def environment_factory(cfg) -> Callable[[dict], Any]:
     if factory is ToolEnv:
         return functools.partial(ToolEnv, tools=tools, timeout_s=cfg.tool_timeout_s, **cfg.kwargs)
     if tools:
-        raise UserError(f"{where}: environment.tools is read by the built-in 'tools' environment only; "
-                        "your environment makes its own tool calls")
+        raise UserError(
+            f"{where}: environment.tools is read by the built-in 'tools' environment only; "
+            "your environment makes its own tool calls"
+        )
     try:
         inspect.signature(factory).bind({}, **cfg.kwargs)
     except TypeError as e:
-        raise UserError(f"{where}: its settings {sorted(cfg.kwargs)} do not fit {factory.__name__}(row, **settings): {e}") from None
+        raise UserError(
+            f"{where}: its settings {sorted(cfg.kwargs)} do not fit {factory.__name__}(row, **settings): {e}"
+        ) from None
     return functools.partial(factory, **cfg.kwargs)
 
 
@@ -171,19 +187,37 @@ EPISODE_COLUMNS = ("turns", "observations", "num_turns", "tool_calls", "env_rewa
 
 def rollout_episodes(cfg, rollout, tokenizer, rows: list[dict], n: int, params, seeds: list[int] | None = None):
     """`grpo.rollout.multiturn.run_episodes` for the recipe's `environment` section: (completions, episodes)."""
-    limits = TurnLimits(max_turns=cfg.max_turns, max_tokens_per_turn=cfg.max_tokens_per_turn,
-                        max_observation_tokens=cfg.max_observation_tokens, stop_strings=tuple(cfg.stop_strings))
-    return run_episodes(rollout, tokenizer, rows, [row["prompt_ids"] for row in rows], n, params, environment_factory(cfg),
-                        limits, seeds=seeds, vocab_size=len(tokenizer))
+    limits = TurnLimits(
+        max_turns=cfg.max_turns,
+        max_tokens_per_turn=cfg.max_tokens_per_turn,
+        max_observation_tokens=cfg.max_observation_tokens,
+        stop_strings=tuple(cfg.stop_strings),
+    )
+    return run_episodes(
+        rollout,
+        tokenizer,
+        rows,
+        [row["prompt_ids"] for row in rows],
+        n,
+        params,
+        environment_factory(cfg),
+        limits,
+        seeds=seeds,
+        vocab_size=len(tokenizer),
+    )
 
 
 def episode_columns(episodes) -> dict[str, list]:
     """The reward columns of `EPISODE_COLUMNS`, one value per sample ({} without episodes)."""
     if not episodes:
         return {}
-    return {"turns": [e.turn_texts for e in episodes], "observations": [e.observations for e in episodes],
-            "num_turns": [e.turns for e in episodes], "tool_calls": [e.tool_calls for e in episodes],
-            "env_reward": [e.env_reward for e in episodes]}
+    return {
+        "turns": [e.turn_texts for e in episodes],
+        "observations": [e.observations for e in episodes],
+        "num_turns": [e.turns for e in episodes],
+        "tool_calls": [e.tool_calls for e in episodes],
+        "env_reward": [e.env_reward for e in episodes],
+    }
 
 
 # ------------------------------------------------------------------------------------- the tools environment
@@ -214,8 +248,13 @@ def parse_calls(text: str) -> list[tuple[str | None, dict | str | None, str | No
                     args = json.loads(args)
                 except json.JSONDecodeError:
                     pass
-            out.append((call["name"], args if isinstance(args, dict) else None,
-                        None if isinstance(args, dict) else "arguments must be a JSON object"))
+            out.append(
+                (
+                    call["name"],
+                    args if isinstance(args, dict) else None,
+                    None if isinstance(args, dict) else "arguments must be a JSON object",
+                )
+            )
             continue
         m = re.fullmatch(r"([A-Za-z_]\w*)\((.*)\)", body, re.S)
         if not m:
@@ -243,8 +282,15 @@ class ToolEnv:
     chat=true (answers as ``tool`` messages through the tokenizer's chat template, see `render_messages`).
     """
 
-    def __init__(self, row: dict, *, tools: list[Tool], timeout_s: float | None = 10.0,
-                 observation_template: str = "<tool_response>{result}</tool_response>", chat: bool = False):
+    def __init__(
+        self,
+        row: dict,
+        *,
+        tools: list[Tool],
+        timeout_s: float | None = 10.0,
+        observation_template: str = "<tool_response>{result}</tool_response>",
+        chat: bool = False,
+    ):
         self.tools = {t.name: t for t in tools}
         self.timeout_s, self.template, self.chat = timeout_s, observation_template, chat
         self.tool_calls = self.tool_failures = 0
@@ -304,17 +350,27 @@ def _as_text(value, where: str = "a tool") -> str:
     try:
         return json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
-        raise EnvironmentContractError(f"{where} returned a {type(value).__name__}: tools must return text, a number, or "
-                                       "JSON-serialisable lists/dicts") from None
+        raise EnvironmentContractError(
+            f"{where} returned a {type(value).__name__}: tools must return text, a number, or "
+            "JSON-serialisable lists/dicts"
+        ) from None
 
 
 ENVIRONMENTS.add("tools", ToolEnv)
 
 
 # ------------------------------------------------------------------------------------- built-in tools
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg,
-        ast.UAdd: operator.pos}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
 
 
 @TOOLS.register("calculator")
@@ -324,6 +380,7 @@ def calculator(expression: str) -> str:
     Args:
         expression: the expression, e.g. "123*456+7"
     """
+
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
             return node.value

@@ -37,9 +37,8 @@ from grpo import rules, runtime
 from grpo.config import Recipe, resolved_constraints
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.environments import episode_columns, rollout_episodes, tool_schemas
-from grpo.errors import UserError
-from grpo.modeling import fp32_output_layer, load_model, load_tokenizer, whole_weights
 from grpo.generation import decode_and_score, generate, make_backend, sampling_params
+from grpo.modeling import fp32_output_layer, load_model, load_tokenizer, whole_weights
 from grpo.rollout.multiturn import episode_metrics
 from grpo.scoring import build_rewards
 
@@ -75,12 +74,17 @@ def evaluate_policy(recipe: Recipe, rollout, tok, records: list[dict], rewards) 
     (the documented metrics, [(prompt, first completion)])."""
     k = recipe.eval.num_samples
     # the training sampling distribution (grpo.generation.sampling_params), greedy unless pass@k is asked for
-    params = sampling_params(recipe.rollout, tok.eos_token_id, seed=recipe.run.seed, max_new_tokens=recipe.eval.max_new_tokens,
-                             temperature=0.0 if k == 1 else None)
+    params = sampling_params(
+        recipe.rollout,
+        tok.eos_token_id,
+        seed=recipe.run.seed,
+        max_new_tokens=recipe.eval.max_new_tokens,
+        temperature=0.0 if k == 1 else None,
+    )
     comps, episodes = [], []
     bs = max(1, recipe.eval.batch_size // k)
     for s in range(0, len(records), bs):
-        chunk = records[s:s + bs]
+        chunk = records[s : s + bs]
         if recipe.environment.name:  # multi-turn: the same environment as training (grpo.rollout.multiturn)
             part, eps = rollout_episodes(recipe.environment, rollout, tok, chunk, k, params)
             episodes += eps
@@ -89,7 +93,9 @@ def evaluate_policy(recipe: Recipe, rollout, tok, records: list[dict], rewards) 
         for c in part:
             c.prompt_index += s
             comps.append(c)
-    texts, R, _, _ = decode_and_score(tok, rewards, records, comps, params.stop_token_ids, extra_columns=episode_columns(episodes))
+    texts, R, _, _ = decode_and_score(
+        tok, rewards, records, comps, params.stop_token_ids, extra_columns=episode_columns(episodes)
+    )
     samples = [(records[comps[i].prompt_index]["prompt_text"], texts[i]) for i in range(0, len(comps), k)]
     m = metrics_from(records, comps, texts, R, rewards, k, accuracy_kwargs(recipe))
     m.update(episode_metrics(episodes, comps))  # turns, tool calls, tool failures, truncated episodes (multi-turn)
@@ -126,8 +132,11 @@ def metrics_from(records, comps, texts, R, rewards, k: int, accuracy: dict | Non
     from rewards.verifiable import accuracy_reward, is_refusal
 
     first = list(range(0, len(comps), k))
-    m = {"n": len(records), "completion_len": sum(len(comps[i].token_ids) for i in first) / len(first),
-         "truncated_frac": sum(comps[i].finish_reason == "length" for i in first) / len(first)}
+    m = {
+        "n": len(records),
+        "completion_len": sum(len(comps[i].token_ids) for i in first) / len(first),
+        "truncated_frac": sum(comps[i].finish_reason == "length" for i in first) / len(first),
+    }
     answers = [records[comps[i].prompt_index].get("answer") for i in range(len(comps))]
     acc = None
     if accuracy is not None and any(a not in (None, "") for a in answers):
@@ -166,8 +175,12 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
     Under `accelerate launch` every process evaluates (no collectives; decoding is greedy or seeded, so
     all of them get the same results) and only rank 0 writes the files."""
     runtime.setup(recipe.run.seed, recipe.run.threads)
-    rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data) + rules.stage_data(recipe.data, "eval")
-                      + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False))
+    rules.raise_first(
+        rules.finite_numbers(recipe)
+        + rules.prompt_length(recipe.data)
+        + rules.stage_data(recipe.data, "eval")
+        + rules.reward_roles(recipe.rewards, stage="eval", safety_enabled=False)
+    )
     pairs = unique_labels([(model_label(p), p) for p in models]) if models else unique_labels(default_models(recipe))
     out = Path(recipe.run.output_dir) / "eval"
     runtime.lock_stage(out)  # one eval at a time writes results.*
@@ -184,8 +197,11 @@ def run_eval(recipe: Recipe, models: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     earlier = [f.name for f in (out / "results.json", out / "results.md", out / "samples.jsonl") if f.exists()]
     if earlier:  # the one stage folder a new run replaces without run.overwrite (README: eval results are recomputed)
-        log.warning("eval: replacing the results of an earlier eval in %s (%s); copy them elsewhere first to keep them",
-                    out, ", ".join(earlier))
+        log.warning(
+            "eval: replacing the results of an earlier eval in %s (%s); copy them elsewhere first to keep them",
+            out,
+            ", ".join(earlier),
+        )
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     with open(out / "samples.jsonl", "w") as f:  # every model's first completion for each prompt
@@ -201,7 +217,11 @@ def model_label(path: str) -> str:
     """The column of a model named by `--model` or `eval.checkpoints`: its folder's name, with the stage folder in
     front for a `final` / `merged` folder (`sft/final`, `train/final`); a hub id as it is."""
     p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.exists() and p.name in ("final", "merged") else (p.name if p.exists() else path)
+    return (
+        f"{p.parent.name}/{p.name}"
+        if p.exists() and p.name in ("final", "merged")
+        else (p.name if p.exists() else path)
+    )
 
 
 def unique_labels(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:

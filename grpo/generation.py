@@ -14,18 +14,29 @@ import time
 import torch
 
 from grpo.config import RolloutConfig
-from grpo.rules import raise_first, sampling
 from grpo.rollout import Completion, SamplingParams, make_rollout
+from grpo.rules import raise_first, sampling
 from grpo.scoring import score
 
 
-def sampling_params(cfg: RolloutConfig, eos_token_id: int | None, *, seed: int | None, max_new_tokens: int | None = None,
-                    temperature: float | None = None) -> SamplingParams:
+def sampling_params(
+    cfg: RolloutConfig,
+    eos_token_id: int | None,
+    *,
+    seed: int | None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+) -> SamplingParams:
     """`SamplingParams` from the `rollout` section; eos is always a stop token."""
-    return SamplingParams(max_new_tokens=max_new_tokens or cfg.max_new_tokens,
-                          temperature=cfg.temperature if temperature is None else temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k, min_new_tokens=cfg.min_new_tokens,
-                          stop_token_ids=tuple(dict.fromkeys([eos_token_id, *cfg.stop_token_ids])), seed=seed)
+    return SamplingParams(
+        max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        min_new_tokens=cfg.min_new_tokens,
+        stop_token_ids=tuple(dict.fromkeys([eos_token_id, *cfg.stop_token_ids])),
+        seed=seed,
+    )
 
 
 def make_backend(cfg: RolloutConfig, model, tokenizer):
@@ -40,7 +51,9 @@ def make_backend(cfg: RolloutConfig, model, tokenizer):
     return make_rollout(cfg.backend, model, tokenizer, **opts)
 
 
-def generate(rollout, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: list[int] | None = None) -> list[Completion]:
+def generate(
+    rollout, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: list[int] | None = None
+) -> list[Completion]:
     """n completions per prompt, grouped by prompt; with per-prompt `seeds` each group is drawn by its own call."""
     if seeds is None:
         return rollout.generate(prompt_ids, n, params)
@@ -52,9 +65,16 @@ def generate(rollout, prompt_ids: list[list[int]], n: int, params: SamplingParam
     return out
 
 
-def decode_and_score(tokenizer, rewards, records: list[dict], completions: list[Completion], stop_ids, *,
-                     on_error: str = "raise", extra_columns: dict[str, list] | None = None
-                     ) -> tuple[list[str], torch.Tensor, torch.Tensor, float]:
+def decode_and_score(
+    tokenizer,
+    rewards,
+    records: list[dict],
+    completions: list[Completion],
+    stop_ids,
+    *,
+    on_error: str = "raise",
+    extra_columns: dict[str, list] | None = None,
+) -> tuple[list[str], torch.Tensor, torch.Tensor, float]:
     """Texts (stop tokens dropped), rewards R[N, K], ok[N] and the seconds spent scoring.
 
     Every reward gets the prompt texts, the completion texts, every dataset column of each sample's
@@ -62,7 +82,9 @@ def decode_and_score(tokenizer, rewards, records: list[dict], completions: list[
     a multi-turn episode's turns, grpo.environments.episode_columns).
     """
     stop = set(stop_ids)
-    texts = [tokenizer.decode([t for t in c.token_ids if t not in stop], skip_special_tokens=False) for c in completions]
+    texts = [
+        tokenizer.decode([t for t in c.token_ids if t not in stop], skip_special_tokens=False) for c in completions
+    ]
     rows = [records[c.prompt_index] for c in completions]
     if not rewards:
         return texts, torch.zeros(len(completions), 0), torch.ones(len(completions), dtype=torch.bool), 0.0

@@ -47,9 +47,7 @@ def selective_log_softmax(logits: Tensor, ids: Tensor, temperature: float = 1.0)
       ``[B, T]`` log-probs; float32 for half-precision logits, else the logits' dtype.
     """
     if logits.dim() != 3 or ids.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits [B, T, V] and ids [B, T], got {tuple(logits.shape)} and {tuple(ids.shape)}"
-        )
+        raise ValueError(f"expected logits [B, T, V] and ids [B, T], got {tuple(logits.shape)} and {tuple(ids.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if temperature != 1.0:
@@ -134,13 +132,16 @@ class _LogSoftmaxGather(torch.autograd.Function):
         return x.to(logits.dtype), None, None
 
 
-def _chunk_logprobs(head: nn.Module, hidden: Tensor, target: Tensor, temperature: float,
-                    entropy_slot: list | None) -> Tensor:
+def _chunk_logprobs(
+    head: nn.Module, hidden: Tensor, target: Tensor, temperature: float, entropy_slot: list | None
+) -> Tensor:
     """One chunk: logits through `head` (the module: its hooks and LoRA run), then log-softmax + gather."""
     logits = head(hidden)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != hidden.shape[0]:
-        raise RuntimeError(f"the output layer {type(head).__name__} did not map [tokens, hidden] to [tokens, vocab] "
-                           f"(got {getattr(logits, 'shape', type(logits))}); chunked log-probs need a per-token head")
+        raise RuntimeError(
+            f"the output layer {type(head).__name__} did not map [tokens, hidden] to [tokens, vocab] "
+            f"(got {getattr(logits, 'shape', type(logits))}); chunked log-probs need a per-token head"
+        )
     if entropy_slot is not None and not entropy_slot:  # the first call only, not the backward's recompute
         with torch.no_grad():
             scaled = logits.float() / temperature if temperature != 1.0 else logits
@@ -148,8 +149,14 @@ def _chunk_logprobs(head: nn.Module, hidden: Tensor, target: Tensor, temperature
     return _LogSoftmaxGather.apply(logits, target, temperature)
 
 
-def chunked_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperature: float = 1.0,
-                     chunk_size: int | None = None, with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def chunked_logprobs(
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``log softmax(head(hidden) / temperature)[targets]`` without ever holding ``[tokens, vocab]`` logits.
 
     The tokens (all leading dims of `hidden`, flattened) go through `head` `chunk_size` at a time;
@@ -172,8 +179,9 @@ def chunked_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperatu
       ``[...]`` log-probs in float32 (float64 for a float64 head), or ``(logp, entropy)``.
     """
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"expected hidden [..., H] and targets [...], got {tuple(hidden.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"expected hidden [..., H] and targets [...], got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is None:
@@ -185,7 +193,7 @@ def chunked_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperatu
     logps, entropies = [], []
     for s in range(0, flat_h.shape[0], chunk_size):
         slot = [] if with_entropy else None
-        args = (head, flat_h[s:s + chunk_size], flat_t[s:s + chunk_size], float(temperature), slot)
+        args = (head, flat_h[s : s + chunk_size], flat_t[s : s + chunk_size], float(temperature), slot)
         logps.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if need_grad else _chunk_logprobs(*args))
         if with_entropy:
             entropies.append(slot[0])
@@ -200,9 +208,15 @@ def chunked_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temperatu
     return (logp, entropy.view(targets.shape)) if with_entropy else logp
 
 
-def forward_logprobs(model: nn.Module, inputs: dict, targets: Tensor, positions: Tensor | None = None,
-                     temperature: float = 1.0, chunk_size: int | None = None,
-                     with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def forward_logprobs(
+    model: nn.Module,
+    inputs: dict,
+    targets: Tensor,
+    positions: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(targets) from ONE call of `model` (as given: DDP, DeepSpeed, FSDP2, peft wrappers run), chunked.
 
     For the duration of the call, the HF model's output layer (``get_output_embeddings()``, found
@@ -253,8 +267,9 @@ def forward_logprobs(model: nn.Module, inputs: dict, targets: Tensor, positions:
     if head is None or type(hf) in _FULL_LOGITS:
         if hf is not None and type(hf) not in _FULL_LOGITS:
             _FULL_LOGITS.add(type(hf))
-            log.warning("%s has no output embeddings module: log-probs use full [tokens x vocab] logits",
-                        type(hf).__name__)
+            log.warning(
+                "%s has no output embeddings module: log-probs use full [tokens x vocab] logits", type(hf).__name__
+            )
         return _full_logits(model, inputs, targets, positions, temperature, with_entropy)
     vocab = getattr(hf.config.get_text_config(), "vocab_size", None) or getattr(head, "out_features", 32768)
     probe = _LogprobHead(head, targets, positions, temperature, chunk_size or default_chunk_size(vocab), with_entropy)
@@ -265,8 +280,11 @@ def forward_logprobs(model: nn.Module, inputs: dict, targets: Tensor, positions:
         raise RuntimeError(f"{type(hf).__name__}'s forward never called its output layer {type(head).__name__}")
     if logp.shape != probe.logp.shape or not torch.equal(logp.detach(), probe.logp.detach()):
         _FULL_LOGITS.add(type(hf))
-        log.warning("%s transforms its logits after the output layer (e.g. final softcapping or scaling): log-probs "
-                    "use full [tokens x vocab] logits for this model class (more memory)", type(hf).__name__)
+        log.warning(
+            "%s transforms its logits after the output layer (e.g. final softcapping or scaling): log-probs "
+            "use full [tokens x vocab] logits for this model class (more memory)",
+            type(hf).__name__,
+        )
         return _full_logits(model, inputs, targets, positions, temperature, with_entropy)
     return (logp, probe.entropy) if with_entropy else logp
 
@@ -274,12 +292,27 @@ def forward_logprobs(model: nn.Module, inputs: dict, targets: Tensor, positions:
 class _LogprobHead(nn.Module):
     """Stands in for the output layer during one forward: hidden states in, `chunked_logprobs` out."""
 
-    def __init__(self, head: nn.Module, targets: Tensor, positions: Tensor | None, temperature: float,
-                 chunk_size: int, with_entropy: bool):
+    def __init__(
+        self,
+        head: nn.Module,
+        targets: Tensor,
+        positions: Tensor | None,
+        temperature: float,
+        chunk_size: int,
+        with_entropy: bool,
+    ):
         super().__init__()
         # plain attributes, not submodules: the real head keeps its one place in the module tree
-        self.__dict__.update(head=head, targets=targets, positions=positions, temperature=temperature,
-                             chunk_size=chunk_size, with_entropy=with_entropy, logp=None, entropy=None)
+        self.__dict__.update(
+            head=head,
+            targets=targets,
+            positions=positions,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+            logp=None,
+            entropy=None,
+        )
 
     @property
     def weight(self) -> Tensor:  # for models that read lm_head.weight (its dtype / device)
@@ -298,12 +331,13 @@ def _select(x: Tensor, K: int, positions: Tensor | None) -> Tensor:
     if positions is None:
         if x.shape[1] < K + 1:
             raise RuntimeError(f"the model kept {x.shape[1]} positions, {K + 1} were asked for (logits_to_keep)")
-        return x[:, x.shape[1] - K - 1:-1]
+        return x[:, x.shape[1] - K - 1 : -1]
     return x if x.shape[1] == positions.numel() else x[:, positions]
 
 
-def _full_logits(model: nn.Module, inputs: dict, targets: Tensor, positions: Tensor | None, temperature: float,
-                 with_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
+def _full_logits(
+    model: nn.Module, inputs: dict, targets: Tensor, positions: Tensor | None, temperature: float, with_entropy: bool
+) -> Tensor | tuple[Tensor, Tensor]:
     """The reference path: the model's own [B, K(+1), V] logits, then `selective_log_softmax`."""
     keep = targets.shape[1] + 1 if positions is None else positions
     out = model(**{"use_cache": False, **inputs, "logits_to_keep": keep})

@@ -272,8 +272,15 @@ def policy_loss(
         if beta != 0.0:
             per_token = per_token + beta * kl
 
-    loss = aggregate(per_token, m, max_completion_length=max_completion_length, num_tokens=num_tokens,
-                     local_tokens=local_tokens, num_sequences=num_sequences, num_processes=num_processes)
+    loss = aggregate(
+        per_token,
+        m,
+        max_completion_length=max_completion_length,
+        num_tokens=num_tokens,
+        local_tokens=local_tokens,
+        num_sequences=num_sequences,
+        num_processes=num_processes,
+    )
     metrics = _metrics(ratio, adv, m, epsilon_low, epsilon_high, kl, None if entropy is None else entropy.detach())
     return loss, metrics
 
@@ -282,8 +289,9 @@ ROLLOUT_IS = ("none", "tis")
 
 
 @torch.no_grad()
-def rollout_correction(train_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, mode: str = "none",
-                       cap: float = 2.0) -> tuple[Tensor | None, dict[str, float]]:
+def rollout_correction(
+    train_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *, mode: str = "none", cap: float = 2.0
+) -> tuple[Tensor | None, dict[str, float]]:
     """Rollout/training mismatch: the KL between the sampler's and the trainer's distribution, and
     truncated importance sampling (TIS) weights that correct for it.
 
@@ -313,5 +321,7 @@ def rollout_correction(train_logp: Tensor, rollout_logp: Tensor, mask: Tensor, *
         raise ValueError(f"rollout_is_cap must be > 0, got {cap}")
     raw = torch.exp(d)
     weights = torch.where(valid, raw.clamp(max=cap), 0.0)
-    metrics.update({"is_weight_mean": float(weights.sum() / n), "is_capped_frac": float(((raw > cap) & valid).sum() / n)})
+    metrics.update(
+        {"is_weight_mean": float(weights.sum() / n), "is_capped_frac": float(((raw > cap) & valid).sum() / n)}
+    )
     return weights, metrics

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-ACTIVATION_FACTOR = 18  # values kept per hidden unit per token per layer without checkpointing (attention + MLP inputs/outputs)
+ACTIVATION_FACTOR = (
+    18  # values kept per hidden unit per token per layer without checkpointing (attention + MLP inputs/outputs)
+)
 CHECKPOINTED_FACTOR = 2
 
 
@@ -54,13 +56,19 @@ def memory_budget(policy, ref, recipe) -> dict[str, int]:
     factor = CHECKPOINTED_FACTOR if recipe.model.gradient_checkpointing else ACTIVATION_FACTOR
     vocab = getattr(cfg, "vocab_size", 0) or 0
     logits = 3 * min(default_chunk_size(vocab), tokens) * vocab * 4
-    return {"policy": _bytes(params), "gradients": _bytes(trainable), "optimizer": 2 * _bytes(trainable),
-            "reference": _bytes(ref.parameters()) if ref is not None else 0, "rollout_kv": kv,
-            "activations": tokens * hidden * layers * dtype_bytes * factor + logits}
+    return {
+        "policy": _bytes(params),
+        "gradients": _bytes(trainable),
+        "optimizer": 2 * _bytes(trainable),
+        "reference": _bytes(ref.parameters()) if ref is not None else 0,
+        "rollout_kv": kv,
+        "activations": tokens * hidden * layers * dtype_bytes * factor + logits,
+    }
 
 
 def format_budget(budget: dict[str, int], device: torch.device) -> str:
     """One line: each part and the total, and the device's capacity where it is known."""
+
     def gib(n: int) -> str:
         return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 

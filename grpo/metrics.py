@@ -12,24 +12,50 @@ from grpo import runtime
 
 def curves(rewards) -> dict[str, list[str]]:
     """The PNG the tracker draws at the end of a run: its name and the metrics plotted in it."""
-    return {"reward_curves": ["reward", *[x.name for x in rewards], "kl", "lambda", "cost", "unsafe_rate", "completion_len", "clip_frac",
-                              "adv_abs_mean", "tokens_per_s"],
-            "eval_curves": ["eval/accuracy", "eval/unsafe_compliance", "eval/over_refusal", *[f"eval/reward/{x.name}" for x in rewards],
-                            "eval/completion_len"]}
+    return {
+        "reward_curves": [
+            "reward",
+            *[x.name for x in rewards],
+            "kl",
+            "lambda",
+            "cost",
+            "unsafe_rate",
+            "completion_len",
+            "clip_frac",
+            "adv_abs_mean",
+            "tokens_per_s",
+        ],
+        "eval_curves": [
+            "eval/accuracy",
+            "eval/unsafe_compliance",
+            "eval/over_refusal",
+            *[f"eval/reward/{x.name}" for x in rewards],
+            "eval/completion_len",
+        ],
+    }
 
 
 def run_info(model, accelerator, zero_stage: int) -> dict:
     """World size and a checksum of the parameters on every rank; ranks that disagree are a bug."""
     with runtime.gathered_parameters(model, zero_stage):
-        whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # FSDP: DTensor shards
+        whole = [
+            p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()
+        ]  # FSDP: DTensor shards
         # each tensor's sum weighted by its position (i + 2: with a weight of 1, sum + abs-sum would ignore every
         # negative entry of the first tensor, usually the embeddings), plus its abs-sum
-        total = sum(float(p.detach().double().sum()) * (i + 2) + float(p.detach().double().abs().sum()) for i, p in enumerate(whole))
+        total = sum(
+            float(p.detach().double().sum()) * (i + 2) + float(p.detach().double().abs().sum())
+            for i, p in enumerate(whole)
+        )
     sums = accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"parameters differ across ranks after training: checksums {sums}")
-    return {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value, "zero_stage": zero_stage,
-            "param_checksums": sums}
+    return {
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "zero_stage": zero_stage,
+        "param_checksums": sums,
+    }
 
 
 def reward_metrics(R: torch.Tensor, rewards) -> dict[str, float]:
@@ -46,16 +72,29 @@ def reward_metrics(R: torch.Tensor, rewards) -> dict[str, float]:
     return out
 
 
-TOKEN_MEANS = ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "kl", "entropy", "mismatch_kl", "is_weight_mean",
-               "is_capped_frac")
+TOKEN_MEANS = (
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac",
+    "ratio_mean",
+    "kl",
+    "entropy",
+    "mismatch_kl",
+    "is_weight_mean",
+    "is_capped_frac",
+)
 
 
 def token_means(ds: list[dict], accelerator) -> dict[str, float]:
     """Per-token metrics as means over every completion token of the step, on all ranks together
     (weighting each micro-batch by its tokens), so they do not depend on how the batch was split."""
     # a fixed layout on every rank (a rank may have no micro-batch): weighted sums, then token counts
-    sums = torch.tensor([sum(d[k] * d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS] +
-                        [sum(d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS], dtype=torch.float64, device=accelerator.device)
+    sums = torch.tensor(
+        [sum(d[k] * d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS]
+        + [sum(d["tokens"] for d in ds if k in d) for k in TOKEN_MEANS],
+        dtype=torch.float64,
+        device=accelerator.device,
+    )
     if accelerator.num_processes > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     n = len(TOKEN_MEANS)
@@ -81,12 +120,20 @@ def console_line(step: int, steps: int, m: dict[str, float], rewards) -> str:
     parts = [f"step {step}/{steps}", f"reward {m['reward']:.3f}"]
     parts += [f"{x.name} {m[x.name]:.3f}" for x in rewards if not math.isnan(m[x.name])]
     parts += [f"lam[{k[7:]}] {m[k]:.3f}" for k in m if k.startswith("lambda/")]  # each constraint's multiplier
-    for key, fmt in (("kl", "kl {:.4f}"), ("unsafe_rate", "unsafe {:.3f}"), ("clip_frac", "clip {:.3f}"),
-                     ("zero_std_frac", "zero-std {:.2f}"), ("adv_abs_mean", "|A| {:.3f}"), ("completion_len", "len {:.1f}"),
-                     ("eval/accuracy", "eval acc {:.3f}")):
+    for key, fmt in (
+        ("kl", "kl {:.4f}"),
+        ("unsafe_rate", "unsafe {:.3f}"),
+        ("clip_frac", "clip {:.3f}"),
+        ("zero_std_frac", "zero-std {:.2f}"),
+        ("adv_abs_mean", "|A| {:.3f}"),
+        ("completion_len", "len {:.1f}"),
+        ("eval/accuracy", "eval acc {:.3f}"),
+    ):
         if key in m and not math.isnan(m[key]):
             parts.append(fmt.format(m[key]))
     parts.append(f"{m['tokens_per_s']:.0f} tok/s")
-    parts.append(f"t {m['time_step']:.2f}s (gen {m['time_rollout']:.2f} score {m['time_score']:.2f} "
-                 f"logp {m['time_logprobs']:.2f} train {m['time_train']:.2f})")
+    parts.append(
+        f"t {m['time_step']:.2f}s (gen {m['time_rollout']:.2f} score {m['time_score']:.2f} "
+        f"logp {m['time_logprobs']:.2f} train {m['time_train']:.2f})"
+    )
     return " | ".join(parts)

@@ -31,10 +31,19 @@ def _check_source(path: str, what: str) -> None:
     if Path(path).expanduser().exists():
         return
     # our own folders (data/tiny_base run from outside the repo) and folders whose parent exists are local
-    local = "/" in path and (Path(path).parent.is_dir() or Path(path).parts[0] in ("data", "runs", "examples", "outputs"))
-    if local or path.startswith((".", "/", "~")) or path.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
-        raise UserError(f"{what} '{path}' does not exist (relative paths start at the current directory: {Path.cwd()}; "
-                        f"give a local model folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct)")
+    local = "/" in path and (
+        Path(path).parent.is_dir() or Path(path).parts[0] in ("data", "runs", "examples", "outputs")
+    )
+    if (
+        local
+        or path.startswith((".", "/", "~"))
+        or path.count("/") > 1
+        or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)
+    ):
+        raise UserError(
+            f"{what} '{path}' does not exist (relative paths start at the current directory: {Path.cwd()}; "
+            f"give a local model folder or a hub id like Qwen/Qwen2.5-0.5B-Instruct)"
+        )
 
 
 _HUB_CHECKED: dict[str, str | None] = {}
@@ -65,21 +74,33 @@ def hub_problem(source: str, revision: str | None = None) -> str | None:
         if cached:
             log.info("'%s' is not a local folder: using its copy in the Hugging Face cache (offline mode)", source)
         else:
-            problem = (f"'{source}' is not a local folder and is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and "
-                       "offline mode (HF_HUB_OFFLINE=1) forbids downloading it; give a local model folder, or unset HF_HUB_OFFLINE "
-                       "where there is network")
+            problem = (
+                f"'{source}' is not a local folder and is not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                "and "
+                "offline mode (HF_HUB_OFFLINE=1) forbids downloading it; give a local model folder, or unset "
+                "HF_HUB_OFFLINE "
+                "where there is network"
+            )
     else:
         log.info("'%s' is not a local folder: fetching it from the Hugging Face hub (%s)", source, constants.ENDPOINT)
         reason = _hub_unreachable(constants.ENDPOINT)
         if reason and cached:
-            log.warning("the Hugging Face hub (%s) cannot be reached (%s): using the cached copy of '%s' (offline mode from here on)",
-                        constants.ENDPOINT, reason, source)
+            log.warning(
+                "the Hugging Face hub (%s) cannot be reached (%s): using the cached copy of '%s' (offline mode from "
+                "here on)",
+                constants.ENDPOINT,
+                reason,
+                source,
+            )
             constants.HF_HUB_OFFLINE = True
             os.environ["HF_HUB_OFFLINE"] = "1"
         elif reason:
-            problem = (f"'{source}' is not a local folder, and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
-                       f"({reason}); check the network (a proxy: HTTPS_PROXY, a mirror: HF_ENDPOINT), download the model where "
-                       "there is network, or give a local model folder")
+            problem = (
+                f"'{source}' is not a local folder, and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+                f"({reason}); check the network (a proxy: HTTPS_PROXY, a mirror: HF_ENDPOINT), download the model "
+                "where "
+                "there is network, or give a local model folder"
+            )
     _HUB_CHECKED[key] = problem
     return problem
 
@@ -116,11 +137,19 @@ def safetensors_problem(folder: str | Path) -> str | None:
             with open(f, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8)) if size >= 8 else (None,)
                 if n is None or n > size - 8:
-                    why = f"its header claims {n} bytes but the file has {size}" if n is not None else f"only {size} bytes"
+                    why = (
+                        f"its header claims {n} bytes but the file has {size}"
+                        if n is not None
+                        else f"only {size} bytes"
+                    )
                 else:
                     header = json.loads(fh.read(n))
                     end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-                    why = None if 8 + n + end == size else f"it has {size:,} bytes, its header describes {8 + n + end:,} (truncated?)"
+                    why = (
+                        None
+                        if 8 + n + end == size
+                        else f"it has {size:,} bytes, its header describes {8 + n + end:,} (truncated?)"
+                    )
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             why = f"its header is not valid ({type(e).__name__})"
         except OSError as e:
@@ -131,7 +160,8 @@ def safetensors_problem(folder: str | Path) -> str | None:
 
 
 def check_finite(model, source: str) -> None:
-    """Refuse weights holding NaN/inf (checked once, at load): such a model samples garbage token ids and scores zero."""
+    """Refuse weights holding NaN/inf (checked once, at load): such a model samples garbage token ids and scores
+    zero."""
     bad, total = [], 0
     for name, p in model.named_parameters():
         if p.is_floating_point() and p.numel() and p.device.type != "meta":
@@ -139,9 +169,12 @@ def check_finite(model, source: str) -> None:
             if not bool(torch.isfinite(p).all()):
                 bad.append(name)
     if bad:
-        raise UserError(f"model '{source}' holds non-finite weights (NaN or inf) in {len(bad)} of {total} tensors, e.g. {bad[0]}; it "
-                        "cannot generate or train: use an earlier checkpoint, or retrain it (a NaN loss usually comes from a too "
-                        "high learning rate)")
+        raise UserError(
+            f"model '{source}' holds non-finite weights (NaN or inf) in {len(bad)} of {total} tensors, e.g. {bad[0]}; "
+            "it "
+            "cannot generate or train: use an earlier checkpoint, or retrain it (a NaN loss usually comes from a too "
+            "high learning rate)"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -157,7 +190,9 @@ def load_tokenizer(cfg: ModelConfig):
         raise UserError(f"cannot load tokenizer '{source}': {first_line(e)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise UserError(f"tokenizer '{source}' has neither a pad nor an eos token; set one in its tokenizer_config.json")
+            raise UserError(
+                f"tokenizer '{source}' has neither a pad nor an eos token; set one in its tokenizer_config.json"
+            )
         tok.pad_token = tok.eos_token
     return tok
 
@@ -171,9 +206,8 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool 
     not the original base; the new adapter records the folder it applies to. `continue_adapter`
     keeps training the folder's own adapter instead (resuming a LoRA run from a checkpoint).
     """
-    from transformers import AutoModelForCausalLM
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     source = path or cfg.name_or_path
     _check_source(source, "model")
@@ -182,7 +216,9 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool 
     if damaged:
         raise UserError(f"cannot load model '{source}': {damaged}")
     adapter = Path(source, "adapter_config.json").is_file()
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype], use_safetensors=None)
+    kwargs = dict(
+        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype], use_safetensors=None
+    )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     keep_adapter = adapter and continue_adapter and for_training and cfg.lora.enabled
@@ -193,8 +229,10 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool 
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
         if "custom code" in str(e) or "trust_remote_code" in str(e):
-            raise UserError(f"model '{source}' contains custom code (its own architecture); set model.trust_remote_code=true "
-                            "only if you trust that code: it runs with your rights") from None
+            raise UserError(
+                f"model '{source}' contains custom code (its own architecture); set model.trust_remote_code=true "
+                "only if you trust that code: it runs with your rights"
+            ) from None
         where = "a local folder" if Path(source).exists() else "not a local folder, and not loadable from the hub"
         raise UserError(f"cannot load model '{source}' ({where}): {first_line(e)}") from None
     check_finite(model, source)
@@ -224,14 +262,19 @@ def _load_adapter_model(source: str, kwargs: dict, trainable: bool):
 
 def apply_lora(model, cfg: LoraConfig, gradient_checkpointing: bool = False):
     """Wrap `model` with a peft LoRA adapter; only adapter weights stay trainable."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     targets = cfg.target_modules
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM")
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     try:
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:
-        hint = " (MoE expert weights are wrapped as parameters: set model.lora.dropout=0)" if "dropout" in str(e) else ""
+        hint = (
+            " (MoE expert weights are wrapped as parameters: set model.lora.dropout=0)" if "dropout" in str(e) else ""
+        )
         raise UserError(f"model.lora.target_modules={targets!r}: {first_line(e)}{hint}") from None
     if gradient_checkpointing:
         model.enable_input_require_grads()
@@ -294,11 +337,14 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def local_parameter_count(model) -> int:
-    """Parameter elements this process stores: its shards under ZeRO-3 (plus parameters kept whole) and FSDP, else all."""
+    """Parameter elements this process stores: its shards under ZeRO-3 (plus parameters kept whole) and FSDP,
+    else all."""
+
     def local(p):
         if hasattr(p, "to_local"):  # FSDP2 DTensor
             return p.to_local().numel()
         return p.numel() + (p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0)
+
     return sum(local(p) for p in model.parameters())
 
 
@@ -314,7 +360,11 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge: bool = False, st
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         if is_peft(model) and merge:
-            merged = copy.deepcopy(model).merge_and_unload() if state_dict is None else _load_adapter_model(str(tmp), {}, trainable=False)
+            merged = (
+                copy.deepcopy(model).merge_and_unload()
+                if state_dict is None
+                else _load_adapter_model(str(tmp), {}, trainable=False)
+            )
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
     return Path(out_dir)
@@ -333,8 +383,10 @@ def fp32_output_layer(model) -> None:
     hf = model.get_base_model() if is_peft(model) else model
     head = hf.get_output_embeddings()
     if type(head) is not nn.Linear:
-        raise UserError(f"model.fp32_lm_head: the output layer of {type(hf).__name__} is a {type(head).__name__}, not a plain "
-                        "Linear layer (a LoRA'd lm_head?); set model.fp32_lm_head=false")
+        raise UserError(
+            f"model.fp32_lm_head: the output layer of {type(hf).__name__} is a {type(head).__name__}, not a plain "
+            "Linear layer (a LoRA'd lm_head?); set model.fp32_lm_head=false"
+        )
 
     def forward(self, x):
         return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())

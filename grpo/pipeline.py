@@ -27,23 +27,31 @@ def run_stage(recipe: Recipe, stage: str, model_path: str | None = None, *, mode
     """
     if stage == "sft":
         from grpo.sft import run_sft
+
         return str(run_sft(recipe, model_path))
     if stage == "rm":
         from grpo.rm import run_rm
+
         run_rm(recipe)
         return model_path
-    if stage == "train_unconstrained":  # a baseline: same recipe without the constraints (costs scored and logged, weight 0)
+    if (
+        stage == "train_unconstrained"
+    ):  # a baseline: same recipe without the constraints (costs scored and logged, weight 0)
         from grpo.trainer import run_grpo
+
         run_grpo(unconstrained(recipe), model_path, stage="train_unconstrained")
         return model_path
     if stage == "train":
         from grpo.trainer import run_grpo
+
         return str(run_grpo(recipe, model_path))
     if stage == "eval":
         from grpo.evaluate import run_eval
+
         return run_eval(recipe, models=models)
     if stage == "rollout":
         from grpo.trainer import run_rollout
+
         run_rollout(recipe, model_path)
         return model_path
     raise UserError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
@@ -68,5 +76,6 @@ def run_pipeline(recipe: Recipe) -> dict:
     log.info("pipeline done: %s", ", ".join(f"{s} {t:.0f}s" for s, t in timings.items()))
     if int(os.environ.get("RANK", "0")) == 0:
         from grpo.report import write_report
+
         log.info("report: %s", write_report(Path(recipe.run.output_dir)))
     return {"timings": timings, "eval": results}

@@ -23,7 +23,8 @@ backward (each position feeds exactly one real buffer entry), never a CPU scatte
 exists only inside that attention buffer, never in the linear layers. Logits are computed only at
 the positions that predict completion tokens (``logits_to_keep`` = an index tensor), through
 `grpo.logprobs.forward_logprobs` (the output layer chunk by chunk: no ``[tokens, vocab]`` logits).
-Tokens through the model per group: P + sum_j C_j instead of G (P_max + C_max). (The completion attention reads its prompt's K/V as G broadcast copies, as much
+Tokens through the model per group: P + sum_j C_j instead of G (P_max + C_max). (The completion attention reads its
+prompt's K/V as G broadcast copies, as much
 K/V memory as the plain forward; a cascade/LSE-merge attention would remove that copy.)
 
 API: `shared_prefix_logprobs` takes token lists; `pack_groups` + `packed_logprobs` separate building
@@ -118,8 +119,13 @@ class PackedGroups:
         return m
 
 
-def pack_groups(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], prompt_index: Sequence[int],
-                device: torch.device | str = "cpu", width: int | None = None) -> PackedGroups:
+def pack_groups(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    prompt_index: Sequence[int],
+    device: torch.device | str = "cpu",
+    width: int | None = None,
+) -> PackedGroups:
     """Builds the packed layout: completion j continues prompt ``prompt_ids[prompt_index[j]]``.
 
     Only prompts some completion continues are packed, each once, in order of first use. Completions
@@ -152,13 +158,13 @@ def pack_groups(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
         start = len(ids)
         ids += [int(t) for t in prompt_ids[p]]
         pos += range(plens[i])
-        src[i * P:i * P + plens[i]] = range(start, start + plens[i])
+        src[i * P : i * P + plens[i]] = range(start, start + plens[i])
         for j in members[i]:
             c0, b0 = len(ids), g * P + j * C
             ids += comps[j]
             pos += range(plens[i], plens[i] + clens[j])
-            src[b0:b0 + clens[j]] = range(c0, c0 + clens[j])
-            keep += [start + plens[i] - 1, *range(c0, c0 + clens[j] - 1)][:clens[j]]
+            src[b0 : b0 + clens[j]] = range(c0, c0 + clens[j])
+            keep += [start + plens[i] - 1, *range(c0, c0 + clens[j] - 1)][: clens[j]]
             target += comps[j]
             rows += [j] * clens[j]
             cols += range(clens[j])
@@ -176,21 +182,42 @@ def pack_groups(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Seque
     row_group_t = torch.tensor(row_group, **longs)
     prompt_ok = torch.arange(P, device=dev)[None, :] < torch.tensor(plens, **longs)[row_group_t][:, None]  # [N, P]
     causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
-    kv_idx = torch.cat([row_group_t[:, None] * P + torch.arange(P, device=dev),
-                        g * P + torch.arange(n * C, device=dev).view(n, C)], dim=1).reshape(-1)
+    kv_idx = torch.cat(
+        [row_group_t[:, None] * P + torch.arange(P, device=dev), g * P + torch.arange(n * C, device=dev).view(n, C)],
+        dim=1,
+    ).reshape(-1)
     comp_mask = torch.cat([prompt_ok[:, None, :].expand(n, C, P), causal.expand(n, C, C)], dim=-1)[:, None]
     return PackedGroups(
-        input_ids=torch.tensor(ids, **longs)[None], position_ids=torch.tensor(pos, **longs)[None],
-        src=src_t.clamp(min=0), src_zero=torch.where(src_t < 0, T, src_t), inv=torch.tensor(inv, **longs),
-        kv_idx=kv_idx, row_group=row_group_t, comp_mask=comp_mask.contiguous(), keep_idx=torch.tensor(keep, **longs),
-        target=torch.tensor(target, **longs), rows=torch.tensor(rows, **longs), cols=torch.tensor(cols, **longs),
-        groups=g, prompt_width=P, n_rows=n, comp_width=C, group_size=G if uniform else 0, width=width,
-        max_len=max(plens[i] + clens[j] for j, i in enumerate(row_group)))
+        input_ids=torch.tensor(ids, **longs)[None],
+        position_ids=torch.tensor(pos, **longs)[None],
+        src=src_t.clamp(min=0),
+        src_zero=torch.where(src_t < 0, T, src_t),
+        inv=torch.tensor(inv, **longs),
+        kv_idx=kv_idx,
+        row_group=row_group_t,
+        comp_mask=comp_mask.contiguous(),
+        keep_idx=torch.tensor(keep, **longs),
+        target=torch.tensor(target, **longs),
+        rows=torch.tensor(rows, **longs),
+        cols=torch.tensor(cols, **longs),
+        groups=g,
+        prompt_width=P,
+        n_rows=n,
+        comp_width=C,
+        group_size=G if uniform else 0,
+        width=width,
+        max_len=max(plens[i] + clens[j] for j, i in enumerate(row_group)),
+    )
 
 
 # ------------------------------------------------------------------------------------- forward
-def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float, chunk_size: int | None = None,
-                    with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def packed_logprobs(
+    model: nn.Module,
+    packed: PackedGroups,
+    temperature: float,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """log pi(completion token) at `temperature` for every row of `packed`: [N, width], 0 where not scored.
 
     `model` is called as given (DDP / peft wrappers included); grad follows the caller's grad mode, gradient
@@ -201,15 +228,26 @@ def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float, 
     if torch.is_grad_enabled() and not supports_training(model):
         raise NotImplementedError(
             f"shared-prefix logprobs under gradient checkpointing need an attention implementation from transformers' "
-            f"AttentionInterface, not {hf.config._attn_implementation!r}: load the model with attn_implementation='sdpa' "
-            "or use the plain forward")
+            f"AttentionInterface, not {hf.config._attn_implementation!r}: load the model with "
+            "attn_implementation='sdpa' "
+            "or use the plain forward"
+        )
     packed.calls = 0
     with _attention(hf, ATTN_NAME):
-        out = forward_logprobs(model, dict(input_ids=packed.input_ids, position_ids=packed.position_ids, prefix_layout=packed),
-                               packed.target[None], packed.keep_idx, temperature, chunk_size, with_entropy)
+        out = forward_logprobs(
+            model,
+            dict(input_ids=packed.input_ids, position_ids=packed.position_ids, prefix_layout=packed),
+            packed.target[None],
+            packed.keep_idx,
+            temperature,
+            chunk_size,
+            with_entropy,
+        )
     if packed.calls == 0:
-        raise RuntimeError(f"{type(hf).__name__} never called the '{ATTN_NAME}' attention: its attention does not go "
-                           "through transformers' AttentionInterface, so shared-prefix logprobs cannot be used with it")
+        raise RuntimeError(
+            f"{type(hf).__name__} never called the '{ATTN_NAME}' attention: its attention does not go "
+            "through transformers' AttentionInterface, so shared-prefix logprobs cannot be used with it"
+        )
     logp, entropy = out if with_entropy else (out, None)
     full = logp.new_zeros(packed.n_rows, packed.width).index_put((packed.rows, packed.cols), logp[0])
     if not with_entropy:
@@ -217,8 +255,13 @@ def packed_logprobs(model: nn.Module, packed: PackedGroups, temperature: float, 
     return full, entropy.new_zeros(packed.n_rows, packed.width).index_put((packed.rows, packed.cols), entropy[0])
 
 
-def shared_prefix_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                           group_size: int, temperature: float) -> tuple[Tensor, Tensor]:
+def shared_prefix_logprobs(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    group_size: int,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
     """Completion log-probs with each group's prompt computed once.
 
     Rows are grouped as everywhere in GRPO: completions ``i*G .. i*G+G-1`` continue ``prompt_ids[i]``.
@@ -226,8 +269,10 @@ def shared_prefix_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]]
     Equals `grpo.batch.token_logprobs` on `grpo.batch.build_batch` of the same data (to fp32 rounding).
     """
     if group_size < 1 or len(completions) != len(prompt_ids) * group_size:
-        raise ValueError(f"need len(completions) == len(prompt_ids) * group_size, got {len(completions)}, "
-                         f"{len(prompt_ids)}, {group_size}")
+        raise ValueError(
+            f"need len(completions) == len(prompt_ids) * group_size, got {len(completions)}, "
+            f"{len(prompt_ids)}, {group_size}"
+        )
     device = next(unwrap_model(model).parameters()).device
     packed = pack_groups(prompt_ids, completions, [j // group_size for j in range(len(completions))], device)
     return packed_logprobs(model, packed, temperature), packed.mask
@@ -270,7 +315,9 @@ def _route_prefix(name: str | None) -> None:
     @functools.wraps(original)
     def routed(module, query, key, value, attention_mask, *args, prefix_layout: PackedGroups | None = None, **kwargs):
         if prefix_layout is not None:
-            return prefix_attention(module, query, key, value, attention_mask, *args, prefix_layout=prefix_layout, **kwargs)
+            return prefix_attention(
+                module, query, key, value, attention_mask, *args, prefix_layout=prefix_layout, **kwargs
+            )
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     routed.grpo_prefix_routed = True
@@ -339,8 +386,20 @@ class _WithPrompt(torch.autograd.Function):
         return out.view(-1, *ctx.feat), None
 
 
-def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                     softcap=None, s_aux=None, prefix_layout: PackedGroups | None = None, **kwargs):
+def prefix_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    s_aux=None,
+    prefix_layout: PackedGroups | None = None,
+    **kwargs,
+):
     """transformers attention-interface entry point for the packed row (signature of `sdpa_attention_forward`).
 
     query [1, H, T, Dk], key [1, Hkv, T, Dk], value [1, Hkv, T, Dv] (post-RoPE) -> ([1, T, H, Dv], None).
@@ -348,35 +407,52 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     """
     L = prefix_layout
     if L is None:
-        raise RuntimeError(f"attention {ATTN_NAME!r} runs only inside grpo.prefix.packed_logprobs (no prefix_layout given)")
+        raise RuntimeError(
+            f"attention {ATTN_NAME!r} runs only inside grpo.prefix.packed_logprobs (no prefix_layout given)"
+        )
     if softcap is not None or s_aux is not None:
         raise NotImplementedError("shared-prefix logprobs: attention logit softcapping / sinks are not supported")
     if sliding_window is not None and L.max_len > sliding_window:
-        raise NotImplementedError(f"shared-prefix logprobs: sequences longer than the sliding window ({sliding_window})")
+        raise NotImplementedError(
+            f"shared-prefix logprobs: sequences longer than the sliding window ({sliding_window})"
+        )
     L.calls += 1
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     drop = dropout if module.training else 0.0
     gqa = query.shape[1] != key.shape[1]
-    g, P, N, C, G = L.groups, L.prompt_width, L.n_rows, L.comp_width, L.group_size
+    g, P, N, C = L.groups, L.prompt_width, L.n_rows, L.comp_width
     # token-major [T, H, D] views, then the buffer: prompts [g, P, H, D] | completions [N, C, H, D]
     q, k, v = (_Unpack.apply(x[0].transpose(0, 1), L.src, L.inv) for x in (query, key, value))
 
     def prompts(x: Tensor) -> Tensor:
-        return x[:g * P].view(g, P, *x.shape[1:])
+        return x[: g * P].view(g, P, *x.shape[1:])
 
     def completions(x: Tensor) -> Tensor:
-        return x[g * P:].view(N, C, *x.shape[1:])
+        return x[g * P :].view(N, C, *x.shape[1:])
 
     def with_prompt(x: Tensor) -> Tensor:  # [N, P + C, H, D]: own group's prompt, then own tokens
         return _WithPrompt.apply(x, L).view(N, P + C, *x.shape[1:])
 
     # prompts: causal within each (right padding reaches only padded queries)
-    op = F.scaled_dot_product_attention(prompts(q).transpose(1, 2), prompts(k).transpose(1, 2), prompts(v).transpose(1, 2),
-                                        is_causal=True, dropout_p=drop, scale=scale, enable_gqa=gqa)  # [g, H, P, Dv]
+    op = F.scaled_dot_product_attention(
+        prompts(q).transpose(1, 2),
+        prompts(k).transpose(1, 2),
+        prompts(v).transpose(1, 2),
+        is_causal=True,
+        dropout_p=drop,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # [g, H, P, Dv]
     # completions: [own group's prompt | own tokens], masked
-    oc = F.scaled_dot_product_attention(completions(q).transpose(1, 2), with_prompt(k).transpose(1, 2),
-                                        with_prompt(v).transpose(1, 2), attn_mask=L.comp_mask, dropout_p=drop,
-                                        scale=scale, enable_gqa=gqa)  # [N, H, C, Dv]
+    oc = F.scaled_dot_product_attention(
+        completions(q).transpose(1, 2),
+        with_prompt(k).transpose(1, 2),
+        with_prompt(v).transpose(1, 2),
+        attn_mask=L.comp_mask,
+        dropout_p=drop,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # [N, H, C, Dv]
     H, dv = op.shape[1], op.shape[-1]
     buf = torch.cat([op.transpose(1, 2).reshape(g * P, H, dv), oc.transpose(1, 2).reshape(N * C, H, dv)])
     return _Pack.apply(buf, L.inv, L.src_zero)[None], None  # [1, T, H, Dv]

@@ -31,6 +31,7 @@ def model_problems(recipe, earlier, cache) -> list[str]:
         p += source_problems(recipe.model.name_or_path, "model.name_or_path", recipe.model.revision)
     if recipe.model.tokenizer:
         from grpo.modeling import _check_source, hub_problem
+
         try:
             _check_source(recipe.model.tokenizer, "tokenizer")
             problem = hub_problem(recipe.model.tokenizer, recipe.model.revision)
@@ -41,7 +42,8 @@ def model_problems(recipe, earlier, cache) -> list[str]:
 
 
 def source_problems(source: str, key: str, revision: str | None = None) -> list[str]:
-    """A model folder that exists, holds config.json and undamaged weights; or a hub id the hub (or its cache) can give."""
+    """A model folder that exists, holds config.json and undamaged weights; or a hub id the hub (or its cache) can
+    give."""
     from grpo.modeling import _check_source, hub_problem, safetensors_problem
 
     try:
@@ -52,8 +54,10 @@ def source_problems(source: str, key: str, revision: str | None = None) -> list[
     if path.is_file():
         return [f"{key}: '{source}' is a file; give the model folder (the one holding config.json)"]
     if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
-        return [f"{key}: '{source}' has no config.json, so it is not a Hugging Face model folder; point it at the folder "
-                "save_pretrained wrote (e.g. runs/x/sft/final)"]
+        return [
+            f"{key}: '{source}' has no config.json, so it is not a Hugging Face model folder; point it at the folder "
+            "save_pretrained wrote (e.g. runs/x/sft/final)"
+        ]
     problem = safetensors_problem(path) if path.is_dir() else hub_problem(source, revision)
     return [f"{key}: {problem}"] if problem else []
 
@@ -76,9 +80,11 @@ def _read_config(source: str, revision: str | None, depth: int) -> dict | None:
                 return _read_config(base, None, depth + 1) if base else None
             return None
         from grpo.modeling import hub_problem
+
         if hub_problem(source, revision):  # offline or unreachable: reported by model_problems, never waited on
             return None
         from huggingface_hub import hf_hub_download
+
         return json.loads(Path(hf_hub_download(source, "config.json", revision=revision)).read_text())
     except Exception as e:  # offline, private repo, malformed file: the stage itself reports it when it loads
         log.debug("preflight: cannot read config.json of %s: %s", source, e)
@@ -120,16 +126,27 @@ def output_problems(recipe, stage: str) -> list[str]:
         return [problem]
     stage_dir = Path(recipe.run.output_dir).expanduser() / stage
     if stage_dir.exists() and not stage_dir.is_dir():
-        return [f"run.output_dir={recipe.run.output_dir}: '{stage_dir}' is a file, not a folder; remove it or choose another run.output_dir"]
+        return [
+            f"run.output_dir={recipe.run.output_dir}: '{stage_dir}' is a file, not a folder; remove it or choose "
+            "another run.output_dir"
+        ]
     from grpo.runtime import lock_holder
+
     holder = lock_holder(stage_dir)
     if holder:  # the stage takes the lock itself (grpo.runtime.lock_stage); this only says so before anything loads
-        return [f"{stage_dir} is in use by another run ({holder}); wait for it to finish (or stop it), or choose another "
-                "run.output_dir: two runs writing one stage folder would mix their checkpoints and metrics"]
+        return [
+            f"{stage_dir} is in use by another run ({holder}); wait for it to finish (or stop it), or choose another "
+            "run.output_dir: two runs writing one stage folder would mix their checkpoints and metrics"
+        ]
     resume = stage in TRAIN_STAGES and bool(recipe.grpo.resume)
     if stage != "eval" and (stage_dir / "DONE").exists() and not recipe.run.overwrite and not resume:
-        return [f"{stage_dir} already holds a finished '{stage}' run; set run.overwrite=true or choose another run.output_dir"]
-    problem = earlier_run_problem(stage_dir, overwrite=recipe.run.overwrite, resume=resume) if stage in TRAIN_STAGES else None
+        return [
+            f"{stage_dir} already holds a finished '{stage}' run; set run.overwrite=true or choose another "
+            "run.output_dir"
+        ]
+    problem = (
+        earlier_run_problem(stage_dir, overwrite=recipe.run.overwrite, resume=resume) if stage in TRAIN_STAGES else None
+    )
     return [problem] if problem else []
 
 
@@ -147,10 +164,14 @@ def disk_problems(recipe, stages, cache) -> list[str]:
         return []
     if free >= need:
         return []
-    return [f"run.output_dir={recipe.run.output_dir}: its disk has {_gb(free)} free but {', '.join(stages)} need about {_gb(need)} "
-            "(checkpoint = weights + 2 fp32 Adam moments per trainable parameter, up to grpo.keep_last + 1 of them at once, "
-            "plus the final model); "
-            "free some space or choose another run.output_dir"]
+    return [
+        f"run.output_dir={recipe.run.output_dir}: its disk has {_gb(free)} free but {', '.join(stages)} need about "
+        f"{_gb(need)} "
+        "(checkpoint = weights + 2 fp32 Adam moments per trainable parameter, up to grpo.keep_last + 1 of them at "
+        "once, "
+        "plus the final model); "
+        "free some space or choose another run.output_dir"
+    ]
 
 
 def _stage_bytes(recipe, stage: str, cache) -> int:
@@ -158,7 +179,11 @@ def _stage_bytes(recipe, stage: str, cache) -> int:
     if not n or stage == "eval":
         return 0
     cfg = _model_config(recipe, cache) or {}
-    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    dtype = (
+        recipe.model.dtype
+        if recipe.model.dtype != "auto"
+        else str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    )
     weights = n * DTYPE_BYTES.get(dtype, 4)
     lora = recipe.model.lora.enabled
     if stage == "rm":
@@ -167,7 +192,9 @@ def _stage_bytes(recipe, stage: str, cache) -> int:
         return weights if recipe.model.lora.merge_on_save else 0
     if stage == "sft":
         return weights  # the final model
-    return _checkpoints_at_once(recipe.grpo) * (weights + 8 * n) + weights  # ckpt-N (weights + Adam moments), the final model
+    return (
+        _checkpoints_at_once(recipe.grpo) * (weights + 8 * n) + weights
+    )  # ckpt-N (weights + Adam moments), the final model
 
 
 def _checkpoints_at_once(g) -> int:
@@ -234,9 +261,12 @@ def length_problems(recipe, spec: str, what: str, new_tokens: int, new_key: str,
     prompt = min(longest, limit) if longest is not None else limit
     if prompt + new_tokens <= ctx:
         return []
-    return [f"{what}: prompts of up to {prompt} tokens (data.max_prompt_length={limit}) + {new_key}={new_tokens} exceed the "
-            f"model's context of {ctx} tokens ({context_where(recipe)}); lower {new_key} or data.max_prompt_length "
-            f"so that they sum to <= {ctx}"]
+    return [
+        f"{what}: prompts of up to {prompt} tokens (data.max_prompt_length={limit}) + {new_key}={new_tokens} exceed "
+        "the "
+        f"model's context of {ctx} tokens ({context_where(recipe)}); lower {new_key} or data.max_prompt_length "
+        f"so that they sum to <= {ctx}"
+    ]
 
 
 def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):

@@ -20,7 +20,11 @@ def reward_problems(recipe, stage: str, earlier, columns: set | None, data_key: 
     p = []
     for i, spec in enumerate(recipe.rewards):
         p += _one_reward(recipe, i, spec, earlier, columns, data_key)
-    return p + rules.reward_roles(recipe.rewards, stage=stage, safety_enabled=recipe.safety.enabled) + rules.constraints(recipe)
+    return (
+        p
+        + rules.reward_roles(recipe.rewards, stage=stage, safety_enabled=recipe.safety.enabled)
+        + rules.constraints(recipe)
+    )
 
 
 def _one_reward(recipe, i, spec, earlier, columns, data_key) -> list[str]:
@@ -32,14 +36,22 @@ def _one_reward(recipe, i, spec, earlier, columns, data_key) -> list[str]:
     if name not in REWARDS and ":" not in name and ("/" in name or name.startswith((".", "~"))):
         if "rm" in earlier and _inside(name, Path(recipe.run.output_dir) / "rm"):
             return _reward_model_problems(i, spec)  # the pipeline's rm stage writes it
-        return [f"rewards.{i}: reward model folder '{name}' does not exist or holds no config.json; train it first "
-                "(`python -m grpo rm RECIPE`, or put rm before train in run.stages) or fix the path"]
+        return [
+            f"rewards.{i}: reward model folder '{name}' does not exist or holds no config.json; train it first "
+            "(`python -m grpo rm RECIPE`, or put rm before train in run.stages) or fix the path"
+        ]
     try:
         fn = resolve_reward(name)
     except RewardError as e:
         return [f"rewards.{i}: {e}"]
-    return signature_problems(fn, spec.kwargs, where=f"rewards.{i} ({spec.name})", registered=name in REWARDS, columns=columns,
-                              data_key=data_key)
+    return signature_problems(
+        fn,
+        spec.kwargs,
+        where=f"rewards.{i} ({spec.name})",
+        registered=name in REWARDS,
+        columns=columns,
+        data_key=data_key,
+    )
 
 
 def _inside(path: str, folder: Path) -> bool:
@@ -54,11 +66,16 @@ def _reward_model_problems(i: int, spec) -> list[str]:
     from rewards.models import SPEC_KWARGS, check_template
 
     if "trust_remote_code" in spec.kwargs:
-        return [f"rewards.{i} ({spec.name}): trust_remote_code is not supported for reward models "
-                "(only architectures that ship with transformers load); remove it"]
+        return [
+            f"rewards.{i} ({spec.name}): trust_remote_code is not supported for reward models "
+            "(only architectures that ship with transformers load); remove it"
+        ]
     unknown = [k for k in spec.kwargs if k not in SPEC_KWARGS]
     if unknown:
-        return [f"rewards.{i} ({spec.name}): unknown reward-model setting(s) {', '.join(unknown)}; valid: {', '.join(SPEC_KWARGS)}"]
+        return [
+            f"rewards.{i} ({spec.name}): unknown reward-model setting(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(SPEC_KWARGS)}"
+        ]
     if "template" in spec.kwargs:
         try:
             check_template(str(spec.kwargs["template"]))

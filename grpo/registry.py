@@ -62,8 +62,7 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
         if name in self._items:
             raise DuplicateNameError(
-                f"{self.kind} {name!r} is already registered "
-                f"(by {_describe(self._items[name])}); pick another name"
+                f"{self.kind} {name!r} is already registered (by {_describe(self._items[name])}); pick another name"
             )
         self._items[name] = obj
 

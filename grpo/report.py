@@ -7,7 +7,8 @@
 - `rm/results.json` and `rm/logs/<model>/metrics.jsonl` (reward / cost models, before and after),
 - `train/metrics.jsonl` (reward, one key per reward name with `<name>_none_frac` beside it, kl, cost,
   unsafe_rate, per constraint `lambda/<name>` and `constraint/<name>` (drawn against the thresholds of
-  `train/config.yaml`), completion_len, clip_frac, tokens_per_s, time_* ...), `train/samples.jsonl` (rows `{step, prompt,
+  `train/config.yaml`), completion_len, clip_frac, tokens_per_s, time_* ...), `train/samples.jsonl` (rows `{step,
+  prompt,
   completion, <reward names>..., advantage}`), `train/config.yaml`,
 - `eval/results.json` (`grpo.evaluate`: `models` [{label, path}] and `results` {label: metrics}), and
   `eval/samples.jsonl` if present (rows `{model, prompt, completion, ...}`: the same held-out prompts
@@ -44,8 +45,12 @@ EVAL_NOTES = {
 }
 TRAIN_PANELS = ["kl", "cost", "unsafe_rate", "completion_len", ("clip_frac", "clip_frac_low", "clip_frac_high")]
 SPEED_PANELS = ["tokens_per_s", ("time_rollout", "time_score", "time_logprobs", "time_train")]
-PANEL_TITLES = {"clip_frac": "fraction of tokens with a clipped ratio", "time_rollout": "seconds per step, by phase",
-                "lambda": "Lagrange multiplier λ (safety)", "unsafe_rate": "fraction of completions with cost > 0"}
+PANEL_TITLES = {
+    "clip_frac": "fraction of tokens with a clipped ratio",
+    "time_rollout": "seconds per step, by phase",
+    "lambda": "Lagrange multiplier λ (safety)",
+    "unsafe_rate": "fraction of completions with cost > 0",
+}
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -101,7 +106,10 @@ def write_report(run_dir: Path) -> Path:
     evals = read_json(run_dir / "eval" / "results.json")
     rm = read_json(run_dir / "rm" / "results.json")
 
-    parts = [f"# Run report: `{run_dir.name}`\n", f"Built by `python -m grpo.report {run_dir}` from the files under `{run_dir}`.\n"]
+    parts = [
+        f"# Run report: `{run_dir.name}`\n",
+        f"Built by `python -m grpo.report {run_dir}` from the files under `{run_dir}`.\n",
+    ]
     train_cfg = read_yaml(run_dir / "train" / "config.yaml")
     parts += summary(sft, train, evals, rm, train_cfg)
     if evals:
@@ -115,7 +123,9 @@ def write_report(run_dir: Path) -> Path:
     if samples:
         parts += samples_section(samples)
     if not (sft or train or evals or rm):
-        parts.append("Nothing to report yet: no stage has written its outputs (sft/, rm/, train/, eval/) in this folder.\n")
+        parts.append(
+            "Nothing to report yet: no stage has written its outputs (sft/, rm/, train/, eval/) in this folder.\n"
+        )
     path = run_dir / "report.md"
     path.write_text("\n".join(parts))
     return path
@@ -124,8 +134,10 @@ def write_report(run_dir: Path) -> Path:
 def summary(sft: list[dict], train: list[dict], evals: dict | None, rm: dict | None, train_cfg: dict) -> list[str]:
     lines = []
     if sft:
-        lines.append(f"- **SFT**: {len(sft)} steps; training loss {_span(sft, 'loss')}"
-                     + (f"; held-out loss {_first_last(sft, 'eval_loss')}" if _values(sft, "eval_loss") else ""))
+        lines.append(
+            f"- **SFT**: {len(sft)} steps; training loss {_span(sft, 'loss')}"
+            + (f"; held-out loss {_first_last(sft, 'eval_loss')}" if _values(sft, "eval_loss") else "")
+        )
     if rm:
         for kind, res in rm.items():
             acc = (res.get("before") or {}).get("pair_accuracy"), (res.get("after") or {}).get("pair_accuracy")
@@ -133,10 +145,16 @@ def summary(sft: list[dict], train: list[dict], evals: dict | None, rm: dict | N
                 lines.append(f"- **{kind} model**: held-out pair accuracy {_fmt(acc[0])} → {_fmt(acc[1])}")
     if train:
         g = train_cfg.get("grpo") or {}
-        setup = ", ".join(f"{k} {g[k]}" for k in ("prompts_per_step", "num_generations", "lr", "beta", "loss_type") if k in g)
+        setup = ", ".join(
+            f"{k} {g[k]}" for k in ("prompts_per_step", "num_generations", "lr", "beta", "loss_type") if k in g
+        )
         spans = [f"{k} {_span(train, k)}" for k in ["reward", *reward_names(train)] if _values(train, k)]
         cons = constraint_lines(train, train_cfg)  # each multiplier there; an older run's lambda here
-        others = [f"{k} {_span(train, k)}" for k in ("kl", "lambda", "cost", "completion_len") if _values(train, k) and not (cons and k == "lambda")]
+        others = [
+            f"{k} {_span(train, k)}"
+            for k in ("kl", "lambda", "cost", "completion_len")
+            if _values(train, k) and not (cons and k == "lambda")
+        ]
         lines.append(f"- **GRPO**: {len(train)} steps{' (' + setup + ')' if setup else ''}")
         lines += [f"  - {'; '.join(x)}" for x in (spans, others) if x]
         lines += cons
@@ -147,8 +165,11 @@ def summary(sft: list[dict], train: list[dict], evals: dict | None, rm: dict | N
                 lines.append(f"- **eval {key}**: " + ", ".join(f"{name} {_fmt(m.get(key))}" for name, m in res.items()))
     if not lines:
         return []
-    return ["## Summary\n", "First → last values; for per-step training metrics, means over the first and the last tenth of the steps.\n",
-            "\n".join(lines) + "\n"]
+    return [
+        "## Summary\n",
+        "First → last values; for per-step training metrics, means over the first and the last tenth of the steps.\n",
+        "\n".join(lines) + "\n",
+    ]
 
 
 def eval_section(evals: dict, samples: list[dict]) -> list[str]:
@@ -204,8 +225,11 @@ def rm_section(run_dir: Path, rm: dict | None) -> list[str]:
         keys = [k for k in dict.fromkeys([*before, *after]) if _is_num(before.get(k)) or _is_num(after.get(k))]
         if keys:
             out.append(f"**{kind}** ({res.get('steps', '?')} steps, {res.get('train_pairs', '?')} training pairs)\n")
-            out.append("| metric | before | after |\n|---|---|---|\n"
-                       + "\n".join(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys) + "\n")
+            out.append(
+                "| metric | before | after |\n|---|---|---|\n"
+                + "\n".join(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys)
+                + "\n"
+            )
     merged: dict[int, dict] = defaultdict(dict)
     panels, titles = [], {}
     for logs in sorted((run_dir / "rm" / "logs").glob("*/metrics.jsonl")):
@@ -214,7 +238,9 @@ def rm_section(run_dir: Path, rm: dict | None) -> list[str]:
             if "step" in row:
                 merged[row["step"]].update({f"{kind}/{k}": v for k, v in row.items() if k != "step"})
         panels += [f"{kind}/loss", (f"{kind}/accuracy", f"{kind}/eval_pair_accuracy")]
-        titles.update({f"{kind}/loss": f"{kind}: training loss", f"{kind}/accuracy": f"{kind}: pair accuracy (train / held-out)"})
+        titles.update(
+            {f"{kind}/loss": f"{kind}: training loss", f"{kind}/accuracy": f"{kind}: pair accuracy (train / held-out)"}
+        )
     history = [{"step": s, **v} for s, v in sorted(merged.items())]
     out += figures(run_dir, "rm", history, panels, "reward / cost models", titles)
     return out if len(out) > 1 else []
@@ -226,17 +252,30 @@ def constraints_of(cfg: dict) -> list[dict]:
     out = []
     for c in cfg.get("constraints") or []:
         if isinstance(c, dict) and c.get("reward"):
-            out.append({"name": c.get("name") or reward_label(str(c["reward"])), "kind": c.get("kind", "mean"),
-                        "threshold": c.get("threshold", 0.0), "lambda_max": c.get("lambda_max", 20.0)})
+            out.append(
+                {
+                    "name": c.get("name") or reward_label(str(c["reward"])),
+                    "kind": c.get("kind", "mean"),
+                    "threshold": c.get("threshold", 0.0),
+                    "lambda_max": c.get("lambda_max", 20.0),
+                }
+            )
     safety = cfg.get("safety") or {}
     if not out and safety.get("enabled"):
-        out.append({"name": "safety", "kind": "rate" if safety.get("constrain") == "violation_rate" else "mean",
-                    "threshold": safety.get("cost_threshold", 0.0), "lambda_max": safety.get("lambda_max", 20.0)})
+        out.append(
+            {
+                "name": "safety",
+                "kind": "rate" if safety.get("constrain") == "violation_rate" else "mean",
+                "threshold": safety.get("cost_threshold", 0.0),
+                "lambda_max": safety.get("lambda_max", 20.0),
+            }
+        )
     return out
 
 
 def constraint_lines(train: list[dict], cfg: dict) -> list[str]:
-    """Per constraint: measured first → last against the threshold, lambda first → last, steps with lambda at its cap."""
+    """Per constraint: measured first → last against the threshold, lambda first → last, steps with lambda at its
+    cap."""
     lines = []
     for c in constraints_of(cfg):
         lam = _values(train, f"lambda/{c['name']}") or _values(train, "lambda")
@@ -244,9 +283,12 @@ def constraint_lines(train: list[dict], cfg: dict) -> list[str]:
             continue
         capped = sum(v >= c["lambda_max"] * (1 - 1e-9) for v in lam) if _is_num(c["lambda_max"]) else 0
         measured = f"constraint/{c['name']}"
-        lines.append(f"  - constraint **{c['name']}** ({'P(cost > 0)' if c['kind'] == 'rate' else 'mean cost'} <= {_fmt(c['threshold'])}): "
-                     + (f"measured {_span(train, measured)}; " if _values(train, measured) else "")
-                     + f"λ {_fmt(lam[0])} → {_fmt(lam[-1])}, at its cap {_fmt(c['lambda_max'])} in {capped} of {len(lam)} steps")
+        lines.append(
+            f"  - constraint **{c['name']}** ({'P(cost > 0)' if c['kind'] == 'rate' else 'mean cost'} <= "
+            f"{_fmt(c['threshold'])}): "
+            + (f"measured {_span(train, measured)}; " if _values(train, measured) else "")
+            + f"λ {_fmt(lam[0])} → {_fmt(lam[-1])}, at its cap {_fmt(c['lambda_max'])} in {capped} of {len(lam)} steps"
+        )
     return lines
 
 
@@ -256,8 +298,10 @@ def constraint_figures(run_dir: Path, train: list[dict], cfg: dict) -> list[str]
     if not cons:
         return []
     panels = [f"constraint/{c['name']}" for c in cons] + [tuple(f"lambda/{c['name']}" for c in cons)]
-    titles = {f"constraint/{c['name']}": f"{c['name']}: {'fraction with cost > 0' if c['kind'] == 'rate' else 'mean cost'}"
-              for c in cons}
+    titles = {
+        f"constraint/{c['name']}": f"{c['name']}: {'fraction with cost > 0' if c['kind'] == 'rate' else 'mean cost'}"
+        for c in cons
+    }
     titles[f"lambda/{cons[0]['name']}"] = "Lagrange multipliers λ"
     hlines = {f"constraint/{c['name']}": (float(c["threshold"]), "threshold") for c in cons if _is_num(c["threshold"])}
     return figures(run_dir, "constraints", train, panels, "GRPO constraints", titles, hlines)
@@ -267,37 +311,67 @@ def train_section(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
     names = reward_names(train)
     safety = cfg.get("safety") or {}
     threshold = safety.get("cost_threshold")
-    bounded = "unsafe_rate" if safety.get("constrain") == "violation_rate" else "cost"  # what the old safety section bounds
-    hlines = {bounded: (float(threshold), "constraint threshold")} if _is_num(threshold) and safety.get("enabled") else None
-    panels = TRAIN_PANELS if any("lambda/" in k for row in train[:1] for k in row) else ["lambda", *TRAIN_PANELS]  # older runs
+    bounded = (
+        "unsafe_rate" if safety.get("constrain") == "violation_rate" else "cost"
+    )  # what the old safety section bounds
+    hlines = (
+        {bounded: (float(threshold), "constraint threshold")} if _is_num(threshold) and safety.get("enabled") else None
+    )
+    panels = (
+        TRAIN_PANELS if any("lambda/" in k for row in train[:1] for k in row) else ["lambda", *TRAIN_PANELS]
+    )  # older runs
     titles = {n: f"reward: {n}" for n in names}
-    out = ["## GRPO training\n",
-           "Faint lines are per-step values, bold lines their moving average over ~1/10 of the steps. "
-           "Rewards are means over the step's completions (where the reward applies).\n"]
+    out = [
+        "## GRPO training\n",
+        "Faint lines are per-step values, bold lines their moving average over ~1/10 of the steps. "
+        "Rewards are means over the step's completions (where the reward applies).\n",
+    ]
     out += figures(run_dir, "rewards", train, ["reward", *names], "GRPO rewards", titles)
-    held_out = [k for k in dict.fromkeys(k for r in train for k in r) if k.startswith("eval/") and k.count("/") <= 2
-                and k not in ("eval/truncated_frac", "eval/completion_len")]  # grpo.eval_every: held-out eval on the live policy
+    held_out = [
+        k
+        for k in dict.fromkeys(k for r in train for k in r)
+        if k.startswith("eval/") and k.count("/") <= 2 and k not in ("eval/truncated_frac", "eval/completion_len")
+    ]  # grpo.eval_every: held-out eval on the live policy
     out += figures(run_dir, "eval_during_training", train, held_out, "held-out eval during training (grpo.eval_every)")
     out += figures(run_dir, "training", train, panels, "GRPO policy and costs", PANEL_TITLES, hlines)
     out += constraint_figures(run_dir, train, cfg)
     out += figures(run_dir, "speed", train, SPEED_PANELS, "GRPO speed", PANEL_TITLES)
-    times = {k: _mean(_values(train, k)) for k in ("time_rollout", "time_score", "time_logprobs", "time_train", "time_step")}
+    times = {
+        k: _mean(_values(train, k)) for k in ("time_rollout", "time_score", "time_logprobs", "time_train", "time_step")
+    }
     if times["time_step"]:
-        share = ", ".join(f"{k[5:]} {100 * v / times['time_step']:.0f}%" for k, v in times.items() if k != "time_step" and v is not None)
+        share = ", ".join(
+            f"{k[5:]} {100 * v / times['time_step']:.0f}%"
+            for k, v in times.items()
+            if k != "time_step" and v is not None
+        )
         out.append(f"Mean step time {times['time_step']:.2f} s ({share}).\n")
     return out
 
 
-def figures(run_dir: Path, stem: str, history: list[dict], panels: list, title: str, titles: dict | None = None,
-            hlines: dict | None = None) -> list[str]:
+def figures(
+    run_dir: Path,
+    stem: str,
+    history: list[dict],
+    panels: list,
+    title: str,
+    titles: dict | None = None,
+    hlines: dict | None = None,
+) -> list[str]:
     """Draw the present panels, at most MAX_PANELS per PNG; returns the markdown image lines."""
     present = [p for p in panels if any(_values(history, k) for k in ((p,) if isinstance(p, str) else p))]
     n_figs = math.ceil(len(present) / MAX_PANELS)
     out = []
     for i in range(n_figs):  # balanced: 5 panels -> 3 + 2, not 4 + 1
-        chunk = present[i * len(present) // n_figs:(i + 1) * len(present) // n_figs]
-        png = plot_curves(history, chunk, run_dir / f"report_{stem}{'' if i == 0 else f'_{i + 1}'}.png",
-                          title=title if n_figs == 1 else f"{title} ({i + 1}/{n_figs})", titles=titles, hlines=hlines)
+        chunk = present[i * len(present) // n_figs : (i + 1) * len(present) // n_figs]
+        png = plot_curves(
+            history,
+            chunk,
+            run_dir / f"report_{stem}{'' if i == 0 else f'_{i + 1}'}.png",
+            title=title if n_figs == 1 else f"{title} ({i + 1}/{n_figs})",
+            titles=titles,
+            hlines=hlines,
+        )
         if png:
             out.append(f"![{title}]({png.name})\n")
     return out
@@ -312,7 +386,9 @@ def samples_section(samples: list[dict], max_prompts: int = 3, per_side: int = 3
     steps: dict[str, set] = defaultdict(set)
     for r in rows:
         steps[str(r.get("prompt"))].add(r["step"])
-    repeated = sorted((p for p, s in steps.items() if len(s) > 1), key=lambda p: min(steps[p]) - max(steps[p]))[:max_prompts]
+    repeated = sorted((p for p, s in steps.items() if len(s) > 1), key=lambda p: min(steps[p]) - max(steps[p]))[
+        :max_prompts
+    ]
     out = ["## Sample completions\n"]
     if repeated:
         out.append("The same prompts at the first and the last step they were sampled (from `train/samples.jsonl`).\n")
@@ -324,8 +400,12 @@ def samples_section(samples: list[dict], max_prompts: int = 3, per_side: int = 3
             out += _completions(f"step {late}", [r for r in pick if r["step"] == late], per_side)
         return out
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
-    out.append(f"No prompt was sampled twice, so these are the first ({first}) and the last ({last}) logged steps "
-               "(from `train/samples.jsonl`).\n" if first != last else f"Only step {first} was logged.\n")
+    out.append(
+        f"No prompt was sampled twice, so these are the first ({first}) and the last ({last}) logged steps "
+        "(from `train/samples.jsonl`).\n"
+        if first != last
+        else f"Only step {first} was logged.\n"
+    )
     for step in dict.fromkeys([first, last]):
         by_prompt: dict[str, list] = defaultdict(list)
         for r in rows:
@@ -347,7 +427,11 @@ def _completions(title: str, rows: list[dict], per_side: int) -> list[str]:
     out = []
     for text, n in counts.most_common(per_side):
         r = first_row[text]
-        scores = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("step", "prompt", "completion") and (v is None or _is_num(v)))
+        scores = ", ".join(
+            f"{k} {_fmt(v)}"
+            for k, v in r.items()
+            if k not in ("step", "prompt", "completion") and (v is None or _is_num(v))
+        )
         out.append(f"{title}{f' (×{n} of {len(rows)})' if len(rows) > 1 else ''}: {scores}\n\n{_block(text)}")
     if len(counts) > per_side:
         out.append(f"... and {len(counts) - per_side} other distinct completions.\n")
@@ -397,7 +481,7 @@ def _block(text: str) -> str:
     """A fenced code block that no backticks inside `text` can close; long text keeps its start and end."""
     text = str(text)
     if len(text) > MAX_TEXT:
-        text = text[:MAX_TEXT // 2] + f"\n[... {len(text) - MAX_TEXT} characters ...]\n" + text[-MAX_TEXT // 2:]
+        text = text[: MAX_TEXT // 2] + f"\n[... {len(text) - MAX_TEXT} characters ...]\n" + text[-MAX_TEXT // 2 :]
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
     return f"{fence}text\n{text}\n{fence}\n"
 
@@ -405,7 +489,9 @@ def _block(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m grpo.report", description="Write <run_dir>/report.md from a run's stage outputs.")
+    p = argparse.ArgumentParser(
+        prog="python -m grpo.report", description="Write <run_dir>/report.md from a run's stage outputs."
+    )
     p.add_argument("run_dir", help="the run's output_dir, e.g. runs/quickstart")
     args = p.parse_args(argv)
     if not Path(args.run_dir).is_dir():

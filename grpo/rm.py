@@ -43,17 +43,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from grpo import rules, runtime
 from grpo.config import Recipe, save_recipe
-from grpo.data import load_rows
+from grpo.data import Sampler, load_rows
 from grpo.errors import UserError, first_line
-from grpo.data import Sampler
 from grpo.tracking import Tracker
+from rewards.models import RewardModelScorer, collate, encode, write_meta
 from rewards.pairwise import bradley_terry_loss, safety_cost_loss
-from rewards.models import RewardModelScorer, check_template, collate, encode, write_meta
 from rewards.verifiable import is_refusal
 
 log = logging.getLogger(__name__)
@@ -68,32 +66,46 @@ def load_pairs(spec: str, what: str, kind: str) -> list[dict]:
     need = ["prompt", "chosen", "rejected"] + (["chosen_is_safe", "rejected_is_safe"] if kind == "safety" else [])
     missing = [k for k in need if k not in rows[0]]
     if missing:
-        raise UserError(f"{what} '{spec}' has no {', '.join(missing)} field(s) (columns: {', '.join(rows[0])}); "
-                        f"a {kind} pair needs {', '.join(need)}")
+        raise UserError(
+            f"{what} '{spec}' has no {', '.join(missing)} field(s) (columns: {', '.join(rows[0])}); "
+            f"a {kind} pair needs {', '.join(need)}"
+        )
     for i, r in enumerate(rows):
-        bad = [k for k in need[:3] if not isinstance(r.get(k), str)] + [k for k in need[3:] if not isinstance(r.get(k), bool)]
+        bad = [k for k in need[:3] if not isinstance(r.get(k), str)] + [
+            k for k in need[3:] if not isinstance(r.get(k), bool)
+        ]
         if bad:
-            raise UserError(f"{what} '{spec}' row {i}: {', '.join(bad)} must be {'text' if bad[0] in need[:3] else 'true/false'}")
+            raise UserError(
+                f"{what} '{spec}' row {i}: {', '.join(bad)} must be {'text' if bad[0] in need[:3] else 'true/false'}"
+            )
         if kind == "safety" and r["rejected_is_safe"] and not r["chosen_is_safe"]:
-            raise UserError(f"{what} '{spec}' row {i}: chosen (the safer response) is unsafe but rejected is safe; swap them")
+            raise UserError(
+                f"{what} '{spec}' row {i}: chosen (the safer response) is unsafe but rejected is safe; swap them"
+            )
     return rows
 
 
 def encode_pairs(tok, rows: list[dict], template: str, max_length: int) -> tuple[list[dict], list[dict]]:
     prompts = [r["prompt"] for r in rows]
-    return (encode(tok, prompts, [r["chosen"] for r in rows], template=template, max_length=max_length),
-            encode(tok, prompts, [r["rejected"] for r in rows], template=template, max_length=max_length))
+    return (
+        encode(tok, prompts, [r["chosen"] for r in rows], template=template, max_length=max_length),
+        encode(tok, prompts, [r["rejected"] for r in rows], template=template, max_length=max_length),
+    )
 
 
-def pair_scores(model, chosen: list[dict], rejected: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(
+    model, chosen: list[dict], rejected: list[dict], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over the chosen and rejected responses of a batch: ([B], [B]) scores."""
     batch = {k: v.to(device) for k, v in collate(chosen + rejected, pad_id).items()}
     scores = model(**batch).logits[:, 0].float()
-    return scores[:len(chosen)], scores[len(chosen):]
+    return scores[: len(chosen)], scores[len(chosen) :]
 
 
 # ---------------------------------------------------------------------------------------- eval
-def evaluate(scorer: RewardModelScorer, kind: str, rows: list[dict], chosen: list[dict], rejected: list[dict]) -> dict[str, float]:
+def evaluate(
+    scorer: RewardModelScorer, kind: str, rows: list[dict], chosen: list[dict], rejected: list[dict]
+) -> dict[str, float]:
     """Held-out metrics of one model (see the module docstring)."""
     was_training = scorer.model.training
     scorer.model.eval()
@@ -104,7 +116,11 @@ def evaluate(scorer: RewardModelScorer, kind: str, rows: list[dict], chosen: lis
         win = sc > sr
         out = {"pair_accuracy": win.float().mean().item(), "reward_gap": (sc - sr).mean().item()}
         out.update(_by_category(win, cats, "pair_accuracy"))
-        conflict = [i for i, r in enumerate(rows) if r.get("category") == "harmful" and is_refusal(r["chosen"]) != is_refusal(r["rejected"])]
+        conflict = [
+            i
+            for i, r in enumerate(rows)
+            if r.get("category") == "harmful" and is_refusal(r["chosen"]) != is_refusal(r["rejected"])
+        ]
         if conflict:
             prefers = [(sc[i] > sr[i]).item() != is_refusal(rows[i]["chosen"]) for i in conflict]
             out["harmful_prefers_compliance"] = sum(prefers) / len(prefers)
@@ -114,9 +130,13 @@ def evaluate(scorer: RewardModelScorer, kind: str, rows: list[dict], chosen: lis
     _, m = safety_cost_loss(sc, sr, safe_c, safe_r)
     win = sc < sr
     informative = safe_c & ~safe_r
-    out = {"pair_accuracy": win[informative].float().mean().item() if informative.any() else float("nan"),
-           "pair_accuracy_all": win.float().mean().item(), "sign_accuracy": m["sign_accuracy"],
-           "cost_safe": m["cost_safe"], "cost_unsafe": m["cost_unsafe"]}
+    out = {
+        "pair_accuracy": win[informative].float().mean().item() if informative.any() else float("nan"),
+        "pair_accuracy_all": win.float().mean().item(),
+        "sign_accuracy": m["sign_accuracy"],
+        "cost_safe": m["cost_safe"],
+        "cost_unsafe": m["cost_unsafe"],
+    }
     sign_ok = torch.stack([(sc > 0) == ~safe_c, (sr > 0) == ~safe_r], dim=1).all(dim=1)
     out.update(_by_category(sign_ok, cats, "sign_accuracy_both"))
     refusal_cost, comply_cost = [], []
@@ -158,25 +178,48 @@ def load_classifier(recipe: Recipe, source: str, seed: int):
     hf_logging.set_verbosity_error()  # the expected "score.weight MISSING" load report is not news
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, pad_token_id=tok.pad_token_id, revision=mcfg.revision, dtype=DTYPES[mcfg.dtype],
-            trust_remote_code=mcfg.trust_remote_code, output_loading_info=True)
+            source,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+            revision=mcfg.revision,
+            dtype=DTYPES[mcfg.dtype],
+            trust_remote_code=mcfg.trust_remote_code,
+            output_loading_info=True,
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load rm base '{source}' as a sequence classifier: {first_line(e)} (set rm.base to a local "
-                        "folder or hub id of a model that has a ForSequenceClassification class)") from None
+        raise UserError(
+            f"cannot load rm base '{source}' as a sequence classifier: {first_line(e)} (set rm.base to a local "
+            "folder or hub id of a model that has a ForSequenceClassification class)"
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
-    log.info("rm base %s -> %s; new weights: %s", source, type(model).__name__, ", ".join(sorted(info.get("missing_keys") or [])) or "none")
+    log.info(
+        "rm base %s -> %s; new weights: %s",
+        source,
+        type(model).__name__,
+        ", ".join(sorted(info.get("missing_keys") or [])) or "none",
+    )
     if mcfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
+
         lcfg = mcfg.lora
-        model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                                                 target_modules=lcfg.target_modules, task_type="SEQ_CLS"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lcfg.r,
+                lora_alpha=lcfg.alpha,
+                lora_dropout=lcfg.dropout,
+                target_modules=lcfg.target_modules,
+                task_type="SEQ_CLS",
+            ),
+        )
     return model, tok
 
 
-def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_length: int, source: str,
-                    state_dict: dict | None = None) -> Path:
+def save_classifier(
+    model, tok, out_dir: Path, kind: str, template: str, max_length: int, source: str, state_dict: dict | None = None
+) -> Path:
     """HF-loadable classifier (LoRA merged) + tokenizer + reward_model.json; `state_dict`: weights gathered
     from ZeRO-3 / FSDP shards (full-parameter models only)."""
     from grpo.modeling import is_peft
@@ -189,8 +232,15 @@ def save_classifier(model, tok, out_dir: Path, kind: str, template: str, max_len
     with atomic_folder(out_dir) as tmp:  # replaces out_dir whole: no stale files from an earlier run's save
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tok.save_pretrained(tmp)
-        write_meta(tmp, template=template, max_length=max_length, role=kind,
-                   score="cost (> 0 = unsafe)" if kind == "safety" else "reward", base=source, trained_by="grpo rm")
+        write_meta(
+            tmp,
+            template=template,
+            max_length=max_length,
+            role=kind,
+            score="cost (> 0 = unsafe)" if kind == "safety" else "reward",
+            base=source,
+            trained_by="grpo rm",
+        )
     return out_dir
 
 
@@ -202,14 +252,18 @@ def train_one(kind: str, recipe: Recipe, out: Path) -> dict:
     prepared model per Accelerator (its backward and gradient clipping pick the wrong one otherwise)."""
     accelerator = runtime.make_accelerator()
     cfg = recipe.rm
-    train_spec, eval_spec = (cfg.usefulness_train, cfg.usefulness_eval) if kind == "usefulness" else (cfg.safety_train, cfg.safety_eval)
+    train_spec, eval_spec = (
+        (cfg.usefulness_train, cfg.usefulness_eval) if kind == "usefulness" else (cfg.safety_train, cfg.safety_eval)
+    )
     rows = load_pairs(train_spec, f"rm.{kind}_train", kind)
     erows = load_pairs(eval_spec, f"rm.{kind}_eval", kind) if eval_spec else []
     source = cfg.base or recipe.model.name_or_path
     model, tok = load_classifier(recipe, source, recipe.run.seed)
     train_c, train_r = encode_pairs(tok, rows, cfg.template, cfg.max_length)
     eval_c, eval_r = encode_pairs(tok, erows, cfg.template, cfg.max_length) if erows else ([], [])
-    scorer = RewardModelScorer(model, tok, template=cfg.template, max_length=cfg.max_length, batch_size=64, device=accelerator.device)
+    scorer = RewardModelScorer(
+        model, tok, template=cfg.template, max_length=cfg.max_length, batch_size=64, device=accelerator.device
+    )
     evaluate_now = (lambda: evaluate(scorer, kind, erows, eval_c, eval_r)) if erows else dict
 
     optimizer = runtime.build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -218,23 +272,42 @@ def train_one(kind: str, recipe: Recipe, out: Path) -> dict:
     zero_stage = runtime.configure_deepspeed(accelerator, cfg.batch_size, 1, cfg.max_grad_norm)
     split = runtime.sharded(accelerator, zero_stage)  # ZeRO-3 / FSDP: every rank evaluates, the save gathers
     if split and recipe.model.lora.enabled:
-        raise UserError("the rm stage with model.lora under ZeRO-3 / FSDP is not supported (the LoRA merge needs whole weights); "
-                        "train reward models with zero2.yaml or cpu_ddp.yaml/DDP, or set model.lora.enabled=false for the rm stage")
+        raise UserError(
+            "the rm stage with model.lora under ZeRO-3 / FSDP is not supported (the LoRA merge needs whole weights); "
+            "train reward models with zero2.yaml or cpu_ddp.yaml/DDP, or set model.lora.enabled=false for the rm stage"
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     before = evaluate_now()  # after prepare: under ZeRO-3 the weights may already be partitioned at load
     is_main = accelerator.is_main_process
-    tracker = Tracker(out / "logs" / kind, recipe.tracking, is_main=is_main, run_config={"stage": "rm", "model": kind}, name=f"rm-{kind}")
+    tracker = Tracker(
+        out / "logs" / kind,
+        recipe.tracking,
+        is_main=is_main,
+        run_config={"stage": "rm", "model": kind},
+        name=f"rm-{kind}",
+    )
     tracker.log(0, {f"eval_{k}": v for k, v in before.items()})
     sampler = Sampler(len(rows), recipe.run.seed, accelerator.process_index, accelerator.num_processes)
     if is_main:
-        log.info("rm %s: %s | %d train / %d eval pairs | %d processes | %d steps x %d pairs | before: %s", kind, source, len(rows),
-                 len(erows), accelerator.num_processes, cfg.steps, cfg.batch_size * accelerator.num_processes, _short(before))
+        log.info(
+            "rm %s: %s | %d train / %d eval pairs | %d processes | %d steps x %d pairs | before: %s",
+            kind,
+            source,
+            len(rows),
+            len(erows),
+            accelerator.num_processes,
+            cfg.steps,
+            cfg.batch_size * accelerator.num_processes,
+            _short(before),
+        )
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(range(cfg.steps), desc=f"rm {kind}", disable=not is_main, dynamic_ncols=True)
     for step in bar:
         idx = sampler.take(cfg.batch_size)
-        sc, sr = pair_scores(model, [train_c[i] for i in idx], [train_r[i] for i in idx], tok.pad_token_id, accelerator.device)
+        sc, sr = pair_scores(
+            model, [train_c[i] for i in idx], [train_r[i] for i in idx], tok.pad_token_id, accelerator.device
+        )
         if kind == "usefulness":
             loss, metrics = bradley_terry_loss(sc, sr, cfg.margin)
         else:
@@ -251,8 +324,11 @@ def train_one(kind: str, recipe: Recipe, out: Path) -> dict:
         if erows and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics.update({f"eval_{k}": v for k, v in evaluate_now().items()})
         tracker.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                        **({"eval": f"{metrics['eval_pair_accuracy']:.3f}"} if "eval_pair_accuracy" in metrics else {}))
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            acc=f"{metrics['accuracy']:.2f}",
+            **({"eval": f"{metrics['eval_pair_accuracy']:.3f}"} if "eval_pair_accuracy" in metrics else {}),
+        )
     seconds = time.perf_counter() - t0
     after = evaluate_now()
     accelerator.wait_for_everyone()
@@ -260,15 +336,31 @@ def train_one(kind: str, recipe: Recipe, out: Path) -> dict:
     weights = accelerator.get_state_dict(model) if split else None  # all ranks take part in the gather
     if is_main:
         save_classifier(accelerator.unwrap_model(model), tok, path, kind, cfg.template, cfg.max_length, source, weights)
-        tracker.close({f"rm_{kind}": ["loss", "accuracy", "sign_accuracy", "eval_pair_accuracy", "eval_sign_accuracy", "lr"]})
+        tracker.close(
+            {f"rm_{kind}": ["loss", "accuracy", "sign_accuracy", "eval_pair_accuracy", "eval_sign_accuracy", "lr"]}
+        )
         log.info("rm %s: %.1fs; after: %s; saved %s", kind, seconds, _short(after), path)
     accelerator.wait_for_everyone()
-    return {"path": str(path), "base": source, "steps": cfg.steps, "train_pairs": len(rows), "eval_pairs": len(erows),
-            "train_seconds": round(seconds, 2), "before": before, "after": after}
+    return {
+        "path": str(path),
+        "base": source,
+        "steps": cfg.steps,
+        "train_pairs": len(rows),
+        "eval_pairs": len(erows),
+        "train_seconds": round(seconds, 2),
+        "before": before,
+        "after": after,
+    }
 
 
 def _short(m: dict) -> str:
-    keys = ("pair_accuracy", "sign_accuracy", "harmful_prefers_compliance", "harmful_refusal_negative_cost", "harmful_compliance_positive_cost")
+    keys = (
+        "pair_accuracy",
+        "sign_accuracy",
+        "harmful_prefers_compliance",
+        "harmful_refusal_negative_cost",
+        "harmful_compliance_positive_cost",
+    )
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m) or "no eval data"
 
 

@@ -38,11 +38,15 @@ def grpo_geometry(grpo, world: int) -> list[str]:
         p.append(f"grpo.prompts_per_step={grpo.prompts_per_step} must be >= 1")
     elif grpo.prompts_per_step % world:
         up = -(-grpo.prompts_per_step // world) * world
-        p.append(f"grpo.prompts_per_step={grpo.prompts_per_step} must be divisible by the {world} processes: each prompt's "
-                 f"group stays on one process; use e.g. grpo.prompts_per_step={up}")
+        p.append(
+            f"grpo.prompts_per_step={grpo.prompts_per_step} must be divisible by the {world} processes: each prompt's "
+            f"group stays on one process; use e.g. grpo.prompts_per_step={up}"
+        )
     if grpo.num_generations < 2:
-        p.append(f"grpo.num_generations={grpo.num_generations}: GRPO needs at least 2 completions per prompt "
-                 "(advantages compare a prompt's completions with each other); use e.g. 8")
+        p.append(
+            f"grpo.num_generations={grpo.num_generations}: GRPO needs at least 2 completions per prompt "
+            "(advantages compare a prompt's completions with each other); use e.g. 8"
+        )
     if grpo.micro_batch_size < 1:
         p.append(f"grpo.micro_batch_size={grpo.micro_batch_size} must be >= 1")
     if grpo.micro_batch_tokens is not None and grpo.micro_batch_tokens < 1:
@@ -60,8 +64,11 @@ def run_management(grpo, data) -> list[str]:
     if (grpo.eval_every or grpo.eval_before_train) and not data.eval:
         p.append("grpo.eval_every / eval_before_train need data.eval (a JSONL of held-out prompts)")
     if grpo.keep_best and not (grpo.keep_best.startswith("eval/") and grpo.eval_every):
-        p.append(f"grpo.keep_best={grpo.keep_best!r} ranks checkpoints by an in-training eval metric: name one as eval/<metric> "
-                 "(e.g. eval/accuracy) and set grpo.eval_every")
+        p.append(
+            f"grpo.keep_best={grpo.keep_best!r} ranks checkpoints by an in-training eval metric: name one as "
+            "eval/<metric> "
+            "(e.g. eval/accuracy) and set grpo.eval_every"
+        )
     if grpo.final_from == "best" and not grpo.keep_best:
         p.append("grpo.final_from=best needs grpo.keep_best (the eval metric that picks the best model)")
     return p
@@ -74,7 +81,11 @@ def sampling(rollout, *, train: bool) -> list[str]:
     r, p = rollout, sampling_problems(rollout, "rollout.")
     if train and r.temperature <= 0:  # instead of the generic temperature line
         p = [x for x in p if not x.startswith("rollout.temperature=")]
-        p.insert(0, f"rollout.temperature={r.temperature}: GRPO samples its G completions, it needs a temperature > 0 (e.g. 1.0)")
+        p.insert(
+            0,
+            f"rollout.temperature={r.temperature}: GRPO samples its G completions, it needs a temperature > 0 (e.g. "
+            "1.0)",
+        )
     if isinstance(r.static_decode, str) and r.static_decode != "auto":
         p.append(f"rollout.static_decode={r.static_decode!r}: use true, false or auto (on with CUDA)")
     if r.max_batch < 1:
@@ -94,7 +105,10 @@ def rm_inputs(rm, kinds: tuple[str, ...]) -> list[str]:
     except UserError as e:
         p.append(f"rm.template: {e}")
     if not any(getattr(rm, f"{k}_train") for k in kinds):
-        p.append("the rm stage needs rm.usefulness_train and/or rm.safety_train (JSONL of preference pairs, see data/README.md)")
+        p.append(
+            "the rm stage needs rm.usefulness_train and/or rm.safety_train (JSONL of preference pairs, see "
+            "data/README.md)"
+        )
     return p
 
 
@@ -107,8 +121,10 @@ def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
     if n_safety > 1:
         p.append(f"{n_safety} rewards have role: safety; at most one may (the cost the safety constraint bounds)")
     if stage == "train" and safety_enabled and n_safety == 0:
-        p.append("safety.enabled=true needs a reward with role: safety (a cost model, higher = less safe), e.g. "
-                 "{name: runs/x/rm/safety, role: safety}; add one or set safety.enabled=false")
+        p.append(
+            "safety.enabled=true needs a reward with role: safety (a cost model, higher = less safe), e.g. "
+            "{name: runs/x/rm/safety, role: safety}; add one or set safety.enabled=false"
+        )
     return p
 
 
@@ -117,8 +133,11 @@ def constraints(recipe) -> list[str]:
     section and `constraints` are not mixed; the scalarized scheme combines raw rewards (reward_mode sum)."""
     p = []
     if recipe.safety.enabled and recipe.constraints:
-        p.append("safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, e.g. "
-                 "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section")
+        p.append(
+            "safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, "
+            "e.g. "
+            "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section"
+        )
         return p
     names, rewards = [], recipe.rewards
     known = ", ".join(dict.fromkeys(reward_label(r.name) for r in rewards)) or "none"
@@ -130,14 +149,22 @@ def constraints(recipe) -> list[str]:
         elif not hits:
             p.append(f"{at}.reward={c.reward!r} names no reward of the recipe; rewards: {known}")
         elif len(hits) > 1:
-            p.append(f"{at}.reward={c.reward!r} names {len(hits)} rewards (rewards.{hits[0]}, rewards.{hits[1]}); use the name as "
-                     "written in rewards, or make the rewards' names distinct")
+            p.append(
+                f"{at}.reward={c.reward!r} names {len(hits)} rewards (rewards.{hits[0]}, rewards.{hits[1]}); use the "
+                "name as "
+                "written in rewards, or make the rewards' names distinct"
+            )
         names.append(c.name or (reward_label(rewards[hits[0]].name) if len(hits) == 1 else c.reward))
-        if c.kind == "rate" and not 0 <= c.threshold <= 1 and recipe.constraints:  # (the old safety section never checked it)
+        if (
+            c.kind == "rate" and not 0 <= c.threshold <= 1 and recipe.constraints
+        ):  # (the old safety section never checked it)
             p.append(f"{at}: threshold={c.threshold} bounds a rate P(cost > 0): give a fraction in [0, 1]")
         if c.kind == "mean" and c.signal == "indicator":
-            p.append(f"{at}: signal=indicator puts P(cost > 0) into the advantage while lambda follows the mean cost (kind mean); "
-                     "use kind: rate, or signal: auto")
+            p.append(
+                f"{at}: signal=indicator puts P(cost > 0) into the advantage while lambda follows the mean cost (kind "
+                "mean); "
+                "use kind: rate, or signal: auto"
+            )
         if not 0 < c.lambda_init <= c.lambda_max:
             p.append(f"{at}: lambda_init={c.lambda_init} must be > 0 and <= lambda_max={c.lambda_max}")
         for key in ("lambda_lr", "delay", "std_floor"):
@@ -145,21 +172,30 @@ def constraints(recipe) -> list[str]:
                 p.append(f"{at}: {key}={getattr(c, key)} must be >= 0")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        p.append(f"constraints: the name {dup[0]!r} is used twice; give each constraint a distinct name: (e.g. name: {dup[0]}_rate)")
+        p.append(
+            f"constraints: the name {dup[0]!r} is used twice; give each constraint a distinct name: (e.g. name: "
+            f"{dup[0]}_rate)"
+        )
     if names and recipe.grpo.constraint_scheme == "scalarized" and recipe.grpo.reward_mode != "sum":
-        p.append(f"grpo.constraint_scheme=scalarized combines raw rewards and costs before one normalisation: it needs "
-                 f"grpo.reward_mode=sum (got {recipe.grpo.reward_mode}); or use constraint_scheme=separate")
+        p.append(
+            f"grpo.constraint_scheme=scalarized combines raw rewards and costs before one normalisation: it needs "
+            f"grpo.reward_mode=sum (got {recipe.grpo.reward_mode}); or use constraint_scheme=separate"
+        )
     return p
 
 
 def environment(recipe) -> list[str]:
-    """Multi-turn settings in range; the environment and its tools resolve and fit their contracts (grpo.environments)."""
+    """Multi-turn settings in range; the environment and its tools resolve and fit their contracts
+    (grpo.environments)."""
     e, p = recipe.environment, []
     if e.name:
         if e.max_turns < 1:
             p.append(f"environment.max_turns={e.max_turns} must be >= 1 (model turns per episode)")
         if e.max_tokens_per_turn is not None and e.max_tokens_per_turn < 1:
-            p.append(f"environment.max_tokens_per_turn={e.max_tokens_per_turn} must be >= 1 (or null: the rest of rollout.max_new_tokens)")
+            p.append(
+                f"environment.max_tokens_per_turn={e.max_tokens_per_turn} must be >= 1 (or null: the rest of "
+                "rollout.max_new_tokens)"
+            )
         if e.max_observation_tokens < 1:
             p.append(f"environment.max_observation_tokens={e.max_observation_tokens} must be >= 1")
         if e.tool_timeout_s is not None and not e.tool_timeout_s > 0:
@@ -182,7 +218,10 @@ def finite_numbers(recipe) -> list[str]:
 
     def walk(value, path):
         if isinstance(value, float) and not math.isfinite(value):
-            p.append(f"{path}={value} is not a finite number; give a real value (YAML .inf / .nan are not allowed in a recipe)")
+            p.append(
+                f"{path}={value} is not a finite number; give a real value (YAML .inf / .nan are not allowed in a "
+                "recipe)"
+            )
         elif dataclasses.is_dataclass(value):
             for f in dataclasses.fields(value):
                 walk(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
@@ -200,6 +239,8 @@ def finite_numbers(recipe) -> list[str]:
 def prompt_length(data) -> list[str]:
     """data.max_prompt_length >= 1 (0 used to mean "no truncation at all": ids[-0:] is the whole prompt)."""
     if data.max_prompt_length < 1:
-        return [f"data.max_prompt_length={data.max_prompt_length} must be >= 1 (tokens kept of each prompt; "
-                "longer prompts are handled per data.prompt_overflow); e.g. data.max_prompt_length=256"]
+        return [
+            f"data.max_prompt_length={data.max_prompt_length} must be >= 1 (tokens kept of each prompt; "
+            "longer prompts are handled per data.prompt_overflow); e.g. data.max_prompt_length=256"
+        ]
     return []

@@ -52,16 +52,26 @@ def make_accelerator(grad_accum: int = 1):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UserError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; grpo runs FSDP2: "
-                        "set fsdp_version: 2 (as in recipes/accelerate_configs/fsdp.yaml)")
+        raise UserError(
+            f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; grpo runs FSDP2: "
+            "set fsdp_version: 2 (as in recipes/accelerate_configs/fsdp.yaml)"
+        )
     handlers = []
     if not torch.cuda.is_available() and world > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
-        log.info("FSDP: fsdp_cpu_ram_efficient_loading turned off (every rank loads the weights: the reference and the rollout copy need them)")
+        log.info(
+            "FSDP: fsdp_cpu_ram_efficient_loading turned off (every rank loads the weights: the reference and the "
+            "rollout copy need them)"
+        )
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, kwargs_handlers=handlers)
-    if _flag("ACCELERATE_USE_FSDP") and not torch.cuda.is_available() and world > 1 and accelerator.num_processes == world:
+    if (
+        _flag("ACCELERATE_USE_FSDP")
+        and not torch.cuda.is_available()
+        and world > 1
+        and accelerator.num_processes == world
+    ):
         PartialState().distributed_type = DistributedType.FSDP  # both: AcceleratorState re-reads PartialState's
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
@@ -81,21 +91,30 @@ def check_launch(accelerator) -> None:
     got = accelerator.distributed_type
     fix = "on CPU use recipes/accelerate_configs/cpu_ddp.yaml (with ACCELERATE_USE_CPU=true) or zero2.yaml/zero3.yaml"
     if _flag("ACCELERATE_USE_FSDP") and got != DistributedType.FSDP:
-        raise UserError(f"the accelerate config asks for FSDP but accelerate set up {got.value} "
-                        f"(accelerate runs FSDP on GPUs only{'' if torch.cuda.is_available() else ' and this machine has none'}); {fix}")
+        raise UserError(
+            f"the accelerate config asks for FSDP but accelerate set up {got.value} "
+            f"(accelerate runs FSDP on GPUs only{'' if torch.cuda.is_available() else ' and this machine has none'}); "
+            f"{fix}"
+        )
     if _flag("ACCELERATE_USE_DEEPSPEED") and got != DistributedType.DEEPSPEED:
-        raise UserError(f"the accelerate config asks for DeepSpeed but accelerate set up {got.value}"
-                        f"{' (ACCELERATE_USE_CPU=true overrides it: unset it)' if _flag('ACCELERATE_USE_CPU') else ''}")
+        raise UserError(
+            f"the accelerate config asks for DeepSpeed but accelerate set up {got.value}"
+            f"{' (ACCELERATE_USE_CPU=true overrides it: unset it)' if _flag('ACCELERATE_USE_CPU') else ''}"
+        )
     if accelerator.num_processes > 1 and got == DistributedType.NO:
-        raise UserError(f"{accelerator.num_processes} processes were launched but accelerate set up no distributed backend "
-                        f"(each would train alone); {fix}")
+        raise UserError(
+            f"{accelerator.num_processes} processes were launched but accelerate set up no distributed backend "
+            f"(each would train alone); {fix}"
+        )
 
 
 def stage_dir(output_dir: str, stage: str, *, overwrite: bool, resume: bool = False) -> Path:
     """The folder a stage writes into, locked for this run (`lock_stage`); refuses to clobber a finished stage."""
     out = Path(output_dir) / stage
     if (out / DONE).exists() and not overwrite and not resume:
-        raise UserError(f"{out} already holds a finished '{stage}' run; set run.overwrite=true or choose another run.output_dir")
+        raise UserError(
+            f"{out} already holds a finished '{stage}' run; set run.overwrite=true or choose another run.output_dir"
+        )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -144,11 +163,17 @@ def lock_stage(out: Path) -> None:
             holder = _holder(fd)
             os.close(fd)
             _remove_empty(made)
-            raise UserError(f"{out} is in use by another run ({holder}); wait for it to finish (or stop it), or choose another "
-                            "run.output_dir: two runs writing one stage folder would mix their checkpoints and metrics") from None
+            raise UserError(
+                f"{out} is in use by another run ({holder}); wait for it to finish (or stop it), or choose another "
+                "run.output_dir: two runs writing one stage folder would mix their checkpoints and metrics"
+            ) from None
         except OSError as e:
             os.close(fd)
-            log.warning("cannot lock %s (%s): another run writing into it at the same time would not be noticed", path, e.strerror)
+            log.warning(
+                "cannot lock %s (%s): another run writing into it at the same time would not be noticed",
+                path,
+                e.strerror,
+            )
             _HELD[key] = (None, made)
             return
         try:  # a run that just finished may have removed the file between our open and flock: lock the new one
@@ -164,17 +189,30 @@ def lock_stage(out: Path) -> None:
     import socket
     import sys
     import time
+
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "command": " ".join(sys.argv)[:300]}).encode(), 0)
+    os.pwrite(
+        fd,
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv)[:300],
+            }
+        ).encode(),
+        0,
+    )
     if not _HELD:
         import atexit
+
         atexit.register(release_all)
     _HELD[key] = (fd, made)
 
 
 def release_stage(out: Path) -> None:
-    """Release a stage folder's lock (if this process holds it): remove `.lock`, and the folders made for it if empty."""
+    """Release a stage folder's lock (if this process holds it): remove `.lock`, and the folders made for it if
+    empty."""
     key = Path(out).expanduser().resolve()
     fd, made = _HELD.pop(key, (None, []))
     if fd is not None:
@@ -216,6 +254,7 @@ def lock_holder(out: Path) -> str | None:
 
 def _holder(fd: int) -> str:
     import json
+
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
         return f"pid {info['pid']} on host {info['host']}, started {info['started']}: {info['command']}"
@@ -282,6 +321,7 @@ def gathered_parameters(model, zero_stage: int):
     if zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
+
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
@@ -306,7 +346,14 @@ def place_reference(ref, accelerator, zero_stage: int):
     hidden = getattr(getattr(ref, "config", None), "hidden_size", None)
     if hidden:  # shard all but vector-sized parameters (norms), whatever the policy's persistence threshold
         zero["stage3_param_persistence_threshold"] = 10 * hidden
-    keep = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "steps_per_print")
+    keep = (
+        "train_micro_batch_size_per_gpu",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "bf16",
+        "fp16",
+        "steps_per_print",
+    )
     cfg = {**{k: cfg[k] for k in keep if k in cfg}, "zero_optimization": zero}
     engine, *_ = deepspeed.initialize(model=ref, config=cfg)
     engine.eval()
@@ -340,16 +387,20 @@ def full_optimizer_state(model, optimizer) -> dict:
     """All ranks: the FSDP optimizer state gathered whole onto rank 0 (CPU), keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(
+        model,
+        getattr(optimizer, "optimizer", optimizer),
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+    )
 
 
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     """All ranks: load a whole, name-keyed optimizer state into the FSDP shards (any process count)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, getattr(optimizer, "optimizer", optimizer), state, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def max_over_ranks(value: int, accelerator) -> int:
@@ -387,6 +438,7 @@ class StopRequest:
 
     def __enter__(self):
         import signal
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -396,18 +448,25 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         import signal
+
         name = signal.Signals(signum).name
         if self.requested:
-            raise ForcedStop(f"second {name}: stopped at once, without waiting for the step or saving a checkpoint (earlier "
-                             "checkpoints are intact: continue with grpo.resume=true)", code=128 + signum)
+            raise ForcedStop(
+                f"second {name}: stopped at once, without waiting for the step or saving a checkpoint (earlier "
+                "checkpoints are intact: continue with grpo.resume=true)",
+                code=128 + signum,
+            )
         self.requested, self.signal = True, signum
-        log.warning("received %s: saving a checkpoint after this step, then stopping (send it again to stop at once)", name)
+        log.warning(
+            "received %s: saving a checkpoint after this step, then stopping (send it again to stop at once)", name
+        )
 
     def any_rank(self, accelerator) -> bool:
         return any_rank(self.requested, accelerator)
 
     def __exit__(self, *exc):
         import signal
+
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False

@@ -40,7 +40,9 @@ def _label(spec: RewardSpec, i: int) -> str:
     return reward_label(spec.name)
 
 
-def build_rewards(specs: list[RewardSpec], *, device=None, load_models: bool = True, output_dir: str | None = None) -> list[Reward]:
+def build_rewards(
+    specs: list[RewardSpec], *, device=None, load_models: bool = True, output_dir: str | None = None
+) -> list[Reward]:
     """Resolve every reward entry; a bad name, path or keyword argument is one clear error.
 
     `{output_dir}` in a name is replaced by run.output_dir (reward models trained by this run's `rm` stage).
@@ -60,6 +62,7 @@ def build_rewards(specs: list[RewardSpec], *, device=None, load_models: bool = T
                 out.append(Reward(label, None, spec.weight, spec.role, spec.timeout_s))
                 continue
             from rewards.models import RewardModelScorer
+
             fn = RewardModelScorer.from_spec(spec, device=device)
         else:
             try:
@@ -74,6 +77,7 @@ def build_rewards(specs: list[RewardSpec], *, device=None, load_models: bool = T
 
 def _is_model_spec(name: str) -> bool:
     from pathlib import Path
+
     return Path(name, "config.json").is_file() or name.startswith("hf:")
 
 
@@ -84,8 +88,14 @@ def _check_kwargs(fn, spec: RewardSpec, i: int, registered: bool) -> None:
     raise_first(signature_problems(fn, spec.kwargs, where=f"rewards.{i} ({spec.name})", registered=registered))
 
 
-def score(rewards: list[Reward], prompts: list[str], completions: list[str], columns: dict[str, list],
-          *, on_error: str = "raise") -> tuple[torch.Tensor, torch.Tensor]:
+def score(
+    rewards: list[Reward],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list],
+    *,
+    on_error: str = "raise",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Call every reward on the batch.
 
     Returns (R[N, K] with NaN where a reward returned None, ok[N] bool: False for samples whose
@@ -140,11 +150,15 @@ def call_with_timeout(r: Reward, prompts: list[str], completions: list[str], col
     t = r.timeout_s
     if not t or t <= 0:
         return call_reward(r.name, r.fn, prompts, completions, **columns)
-    expired = RewardTimedOut(f"reward {r.name!r} did not return within its timeout_s={t:g} s (a call on {len(completions)} completions); "
-                             f"make it faster or raise timeout_s in its recipe entry (null = no limit)")
+    expired = RewardTimedOut(
+        f"reward {r.name!r} did not return within its timeout_s={t:g} s (a call on {len(completions)} completions); "
+        f"make it faster or raise timeout_s in its recipe entry (null = no limit)"
+    )
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+
         def alarm(signum, frame):
             raise _Alarm()
+
         old = signal.signal(signal.SIGALRM, alarm)
         signal.setitimer(signal.ITIMER_REAL, t)
         try:
@@ -161,6 +175,7 @@ def call_with_timeout(r: Reward, prompts: list[str], completions: list[str], col
             box["values"] = call_reward(r.name, r.fn, prompts, completions, **columns)
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
+
     worker = threading.Thread(target=work, name=f"reward-{r.name}", daemon=True)
     worker.start()
     worker.join(t)
@@ -191,12 +206,13 @@ def _per_sample(r: Reward, prompts, completions, columns) -> list[float | None]:
 
 # ---------------------------------------------------------------------------------------- reward health
 SWAMP_RATIO = 1e3  # one reward's weighted spread this many times another's: the smaller one is lost in the sum
-FLOAT32_EPS = 2.0 ** -23
+FLOAT32_EPS = 2.0**-23
 
 
 @dataclass
 class RewardHealth:
     """What `check_reward_health` remembers across the steps of a run."""
+
     step: int | None = None  # the step seen last
     signal: bool = False  # some reward applied to some sample in that step
     counted: int | None = None  # the last step counted as without any reward
@@ -230,8 +246,12 @@ def check_reward_health(R: torch.Tensor, rewards: list[Reward], step: int, state
     for k, c in zip(cols, counts.tolist()):
         if c == 0 and ("none", k) not in health.warned:
             health.warned.add(("none", k))
-            say("reward %r returned None (not applicable) for every sample at step %d; check the columns it reads in data.train",
-                rewards[k].name, step + 1)
+            say(
+                "reward %r returned None (not applicable) for every sample at step %d; check the columns it reads in "
+                "data.train",
+                rewards[k].name,
+                step + 1,
+            )
     if step != health.step:
         health.step, health.signal = step, False
     if counts.sum() > 0:
@@ -244,12 +264,21 @@ def check_reward_health(R: torch.Tensor, rewards: list[Reward], step: int, state
     health.counted, health.without = step, health.without + 1
     names = ", ".join(repr(rewards[k].name) for k in cols)
     if health.without == 1:
-        say("no reward applied to any sample at step %d (%s all returned None): no learning signal; the run stops after %s such "
-            "steps in a row (grpo.max_steps_without_reward)", step + 1, names, cfg.max_steps_without_reward or "no")
+        say(
+            "no reward applied to any sample at step %d (%s all returned None): no learning signal; the run stops "
+            "after %s such "
+            "steps in a row (grpo.max_steps_without_reward)",
+            step + 1,
+            names,
+            cfg.max_steps_without_reward or "no",
+        )
     if cfg.max_steps_without_reward and health.without >= cfg.max_steps_without_reward:
-        raise UserError(f"no reward applied to any sample in {health.without} steps in a row (steps {step + 2 - health.without}-{step + 1}: "
-                        f"{names} all returned None), so nothing is learnt; check the columns the rewards read (e.g. answer) in "
-                        "data.train, or raise grpo.max_steps_without_reward (0 = never stop)")
+        raise UserError(
+            f"no reward applied to any sample in {health.without} steps in a row (steps "
+            f"{step + 2 - health.without}-{step + 1}: "
+            f"{names} all returned None), so nothing is learnt; check the columns the rewards read (e.g. answer) in "
+            "data.train, or raise grpo.max_steps_without_reward (0 = never stop)"
+        )
 
 
 def _check_scales(R, rewards, cols, health, say) -> None:
@@ -270,7 +299,16 @@ def _check_scales(R, rewards, cols, health, say) -> None:
             lost = resolution >= 0.01 * sj and size[k] > 1e3 * sj
             if spread[k] >= SWAMP_RATIO * sj or lost:
                 health.warned.add("scale")
-                say("reward %r swamps %r in the reward sum: weighted spread %.3g and size %.3g against %.3g (std), so %r barely "
+                say(
+                    "reward %r swamps %r in the reward sum: weighted spread %.3g and size %.3g against %.3g (std), so "
+                    "%r barely "
                     "moves the advantages; rescale %r (its weight) or use grpo.reward_mode=normalize_then_sum",
-                    rewards[k].name, rewards[j].name, spread[k], size[k], sj, rewards[j].name, rewards[k].name)
+                    rewards[k].name,
+                    rewards[j].name,
+                    spread[k],
+                    size[k],
+                    sj,
+                    rewards[j].name,
+                    rewards[k].name,
+                )
                 return

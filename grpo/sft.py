@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from grpo import rules, runtime
 from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import Example, Sampler, check_columns, load_rows, sft_examples
-from grpo.errors import UserError
 from grpo.modeling import count_parameters, load_model, load_tokenizer, save_model
 from grpo.tracking import Tracker
 
@@ -65,9 +64,9 @@ def pack(examples: list[Example], max_length: int) -> dict[str, torch.Tensor]:
         t = 0
         for e in row:
             n = len(e.input_ids)
-            ids[i, t:t + n] = torch.tensor(e.input_ids)
-            labels[i, t:t + n] = torch.tensor(e.labels)
-            pos[i, t:t + n] = torch.arange(n)
+            ids[i, t : t + n] = torch.tensor(e.input_ids)
+            labels[i, t : t + n] = torch.tensor(e.labels)
+            pos[i, t : t + n] = torch.arange(n)
             t += n
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
@@ -82,7 +81,9 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     n = int((targets != -100).sum())
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return loss / max(n, 1), n
 
 
@@ -91,7 +92,7 @@ def eval_loss(model, examples: list[Example], cfg, pad_id: int, batch_size: int 
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = make_batch(examples[i:i + batch_size], cfg.packing, cfg.max_length, pad_id)
+        batch = make_batch(examples[i : i + batch_size], cfg.packing, cfg.max_length, pad_id)
         loss, n = lm_loss(model, {k: v.to(model.device) for k, v in batch.items()})
         total, count = total + float(loss) * n, count + n
     model.train()
@@ -116,7 +117,9 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
     evals = []
     if dcfg.sft_eval:
         erows = load_rows(dcfg.sft_eval, "data.sft_eval")
-        evals = sft_examples(erows, check_columns(erows, dcfg, dcfg.sft_eval, "data.sft_eval", True), dcfg, tok, cfg.max_length)
+        evals = sft_examples(
+            erows, check_columns(erows, dcfg, dcfg.sft_eval, "data.sft_eval", True), dcfg, tok, cfg.max_length
+        )
 
     model = load_model(model_cfg, model_path)
     trainable, total = count_parameters(model)
@@ -128,17 +131,35 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "config.yaml")
-        log.info("sft: %s | %d examples (%s) | params %s trainable / %s total | %d processes | %d steps x %d x %d",
-                 model_path or model_cfg.name_or_path, len(train), fmt, f"{trainable:,}", f"{total:,}",
-                 accelerator.num_processes, cfg.steps, cfg.batch_size * accelerator.num_processes, cfg.grad_accum)
-    tracker = Tracker(out, recipe.tracking, is_main=is_main, run_config=recipe_to_dict(recipe), name="sft", group=Path(recipe.run.output_dir).name)
+        log.info(
+            "sft: %s | %d examples (%s) | params %s trainable / %s total | %d processes | %d steps x %d x %d",
+            model_path or model_cfg.name_or_path,
+            len(train),
+            fmt,
+            f"{trainable:,}",
+            f"{total:,}",
+            accelerator.num_processes,
+            cfg.steps,
+            cfg.batch_size * accelerator.num_processes,
+            cfg.grad_accum,
+        )
+    tracker = Tracker(
+        out,
+        recipe.tracking,
+        is_main=is_main,
+        run_config=recipe_to_dict(recipe),
+        name="sft",
+        group=Path(recipe.run.output_dir).name,
+    )
     sampler = Sampler(len(train), recipe.run.seed, accelerator.process_index, accelerator.num_processes)
     model.train()
     bar = tqdm(range(cfg.steps), desc="sft", disable=not is_main, dynamic_ncols=True)
     for step in bar:
         t0, tokens, losses = time.perf_counter(), 0, []
         for _ in range(cfg.grad_accum):
-            batch = make_batch([train[i] for i in sampler.take(cfg.batch_size)], cfg.packing, cfg.max_length, tok.pad_token_id)
+            batch = make_batch(
+                [train[i] for i in sampler.take(cfg.batch_size)], cfg.packing, cfg.max_length, tok.pad_token_id
+            )
             with accelerator.accumulate(model):
                 loss, n = lm_loss(model, {k: v.to(accelerator.device) for k, v in batch.items()})
                 accelerator.backward(loss)
@@ -150,12 +171,18 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
                 optimizer.zero_grad()
             losses.append(loss.item())
             tokens += n
-        metrics = {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0), "epoch": sampler.epoch}
+        metrics = {
+            "loss": sum(losses) / len(losses),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0),
+            "epoch": sampler.epoch,
+        }
         if evals and (is_main or split) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             metrics["eval_loss"] = eval_loss(accelerator.unwrap_model(model), evals, cfg, tok.pad_token_id)
         tracker.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", **({"eval": f"{metrics['eval_loss']:.3f}"} if "eval_loss" in metrics else {}))
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}", **({"eval": f"{metrics['eval_loss']:.3f}"} if "eval_loss" in metrics else {})
+        )
     final = out / "final"
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model) if split else None  # all ranks take part in the gather
@@ -164,12 +191,19 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
         pngs = tracker.close({"sft_curves": ["loss", "eval_loss", "lr"]})
         runtime.mark_done(out)
         first, last = tracker.history[0], tracker.history[-1]
-        log.info("sft: loss %.3f -> %.3f%s; saved %s (%s)", first["loss"], last["loss"],
-                 f", eval loss {last['eval_loss']:.3f}" if last.get("eval_loss") is not None else "", final, ", ".join(p.name for p in pngs))
+        log.info(
+            "sft: loss %.3f -> %.3f%s; saved %s (%s)",
+            first["loss"],
+            last["loss"],
+            f", eval loss {last['eval_loss']:.3f}" if last.get("eval_loss") is not None else "",
+            final,
+            ", ".join(p.name for p in pngs),
+        )
     accelerator.wait_for_everyone()
     return final
 
 
 def _with_path(model_cfg, path: str):
     import dataclasses
+
     return dataclasses.replace(model_cfg, name_or_path=path, tokenizer=model_cfg.tokenizer)

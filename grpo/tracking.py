@@ -35,8 +35,17 @@ TRACKERS = ("jsonl", "wandb", "tensorboard")
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, cfg: TrackingConfig, *, is_main: bool, run_config: dict | None = None,
-                 name: str = "run", resume: bool = False, group: str | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        cfg: TrackingConfig,
+        *,
+        is_main: bool,
+        run_config: dict | None = None,
+        name: str = "run",
+        resume: bool = False,
+        group: str | None = None,
+    ):
         self.out_dir, self.cfg, self.is_main = Path(out_dir), cfg, is_main
         self.history: list[dict] = []
         self._wandb = self._tb = None
@@ -46,11 +55,14 @@ class Tracker:
         self._jsonl = open(self.out_dir / "metrics.jsonl", "a" if resume else "w")
         unknown = set(cfg.report_to) - set(TRACKERS)
         if unknown:
-            log.warning("tracking.report_to: ignoring unknown tracker(s) %s (valid: %s)", sorted(unknown), ", ".join(TRACKERS))
+            log.warning(
+                "tracking.report_to: ignoring unknown tracker(s) %s (valid: %s)", sorted(unknown), ", ".join(TRACKERS)
+            )
         if "wandb" in cfg.report_to:
             self._wandb = start_wandb(self.out_dir, cfg, redact(run_config or {}), name, group)
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -69,7 +81,8 @@ class Tracker:
                 self._tb.add_scalar(k, v, step)
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list]) -> None:
-        """A table of samples: `<name>.jsonl` (one row per sample, with `step`) always, a wandb Table when wandb is on."""
+        """A table of samples: `<name>.jsonl` (one row per sample, with `step`) always, a wandb Table when wandb is
+        on."""
         if not self.is_main:
             return
         with open(self.out_dir / f"{name}.jsonl", "a") as f:
@@ -77,6 +90,7 @@ class Tracker:
                 f.write(json.dumps({"step": step, **dict(zip(columns, r))}) + "\n")
         if self._wandb is not None:
             import wandb
+
             cols, data = (columns, rows) if "step" in columns else (["step", *columns], [[step, *r] for r in rows])
             self._wandb.log({name: wandb.Table(columns=cols, data=data)}, step=step)
         if self._tb is not None:
@@ -88,8 +102,13 @@ class Tracker:
         if not self.is_main:
             return []
         self._jsonl.close()
-        pngs = [p for stem, keys in (plots or {}).items()
-                if (p := plot_curves(self.history, keys, self.out_dir / f"{stem}.png", title=f"{self.out_dir.name}: {stem}"))]
+        pngs = [
+            p
+            for stem, keys in (plots or {}).items()
+            if (
+                p := plot_curves(self.history, keys, self.out_dir / f"{stem}.png", title=f"{self.out_dir.name}: {stem}")
+            )
+        ]
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -121,8 +140,10 @@ def wandb_mode(cfg: TrackingConfig) -> str:
         log.warning("WANDB_MODE=%s is not one of online, offline, disabled: logging offline", mode)
         return "offline"
     if mode == "online" and not has_wandb_key():
-        log.warning("wandb: online mode asked for but no API key is configured (set WANDB_API_KEY or run `wandb login`); "
-                    "logging offline instead, upload later with `wandb sync`")
+        log.warning(
+            "wandb: online mode asked for but no API key is configured (set WANDB_API_KEY or run `wandb login`); "
+            "logging offline instead, upload later with `wandb sync`"
+        )
         return "offline"
     return mode
 
@@ -150,15 +171,23 @@ def start_wandb(out_dir: Path, cfg: TrackingConfig, run_config: dict, name: str,
     folder = os.environ.get("WANDB_DIR") or str(out_dir)
     Path(folder).mkdir(parents=True, exist_ok=True)
     settings = dict(silent=True, console="off", save_code=False, init_timeout=60.0, x_disable_meta=_argv_has_secret())
-    kwargs = dict(project=os.environ.get("WANDB_PROJECT") or cfg.wandb_project, name=name, group=group, config=run_config,
-                  dir=folder, reinit="finish_previous")
+    kwargs = dict(
+        project=os.environ.get("WANDB_PROJECT") or cfg.wandb_project,
+        name=name,
+        group=group,
+        config=run_config,
+        dir=folder,
+        reinit="finish_previous",
+    )
     try:
         run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
     except wandb.errors.Error as e:
         if mode != "online":
             raise
-        log.warning("wandb: could not start an online run (%s); logging offline instead, upload later with `wandb sync`",
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning(
+            "wandb: could not start an online run (%s); logging offline instead, upload later with `wandb sync`",
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
         mode = "offline"
         run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
     log.info("wandb: %s run in %s", mode, getattr(run.settings, "sync_dir", folder))
@@ -166,20 +195,36 @@ def start_wandb(out_dir: Path, cfg: TrackingConfig, run_config: dict, name: str,
 
 
 def _argv_has_secret() -> bool:
-    """An override sets a secret-looking key at any depth: `rewards.0.api_key=..` or `rewards=[{name: x, api_key: ..}]`."""
+    """An override sets a secret-looking key at any depth: `rewards.0.api_key=..` or
+    `rewards=[{name: x, api_key: ..}]`."""
     return any("=" in a and any(is_secret_name(k) for k in re.findall(r"\w+(?=\s*[:=])", a)) for a in sys.argv[1:])
 
 
 # ------------------------------------------------------------------------------------------ curves
 LABELS = {
-    "reward": "total reward (weighted sum)", "kl": "KL to reference (k3, per token)", "lambda": "Lagrange multiplier λ",
-    "cost": "mean safety cost", "completion_len": "completion length (tokens)", "clip_frac": "clipped fraction (ratio)",
-    "clip_frac_low": "clipped below 1-ε", "clip_frac_high": "clipped above 1+ε", "tokens_per_s": "rollout throughput (tokens/s)",
-    "loss": "training loss", "eval_loss": "held-out loss", "lr": "learning rate", "grad_norm": "gradient norm",
-    "zero_std_frac": "groups with zero reward std", "truncated_frac": "truncated completions (fraction)",
-    "constraint_violation": "samples over the cost threshold", "time_step": "step time (s)", "time_rollout": "rollout",
-    "time_score": "scoring", "time_logprobs": "old/ref logprobs", "time_train": "update",
-    "eval_pair_accuracy": "held-out pair accuracy", "eval_sign_accuracy": "held-out sign accuracy",
+    "reward": "total reward (weighted sum)",
+    "kl": "KL to reference (k3, per token)",
+    "lambda": "Lagrange multiplier λ",
+    "cost": "mean safety cost",
+    "completion_len": "completion length (tokens)",
+    "clip_frac": "clipped fraction (ratio)",
+    "clip_frac_low": "clipped below 1-ε",
+    "clip_frac_high": "clipped above 1+ε",
+    "tokens_per_s": "rollout throughput (tokens/s)",
+    "loss": "training loss",
+    "eval_loss": "held-out loss",
+    "lr": "learning rate",
+    "grad_norm": "gradient norm",
+    "zero_std_frac": "groups with zero reward std",
+    "truncated_frac": "truncated completions (fraction)",
+    "constraint_violation": "samples over the cost threshold",
+    "time_step": "step time (s)",
+    "time_rollout": "rollout",
+    "time_score": "scoring",
+    "time_logprobs": "old/ref logprobs",
+    "time_train": "update",
+    "eval_pair_accuracy": "held-out pair accuracy",
+    "eval_sign_accuracy": "held-out sign accuracy",
 }
 
 
@@ -206,13 +251,21 @@ def smoothing_window(n: int) -> int:
     return max(1, min(50, round(n / 10)))
 
 
-def plot_curves(history: list[dict], keys: list, path: Path, *, title: str | None = None,
-                titles: dict[str, str] | None = None, hlines: dict[str, tuple[float, str]] | None = None) -> Path | None:
+def plot_curves(
+    history: list[dict],
+    keys: list,
+    path: Path,
+    *,
+    title: str | None = None,
+    titles: dict[str, str] | None = None,
+    hlines: dict[str, tuple[float, str]] | None = None,
+) -> Path | None:
     """One panel per entry of `keys` present in `history`; None if nothing to plot.
 
     An entry is a metric key, or a tuple of keys drawn in one panel with a legend (e.g. `("loss", "eval_loss")`);
     `titles` maps an entry's first key to its panel title (default: readable names from `LABELS`); `hlines` maps
-    a key to a (value, legend) horizontal reference line in its panel (e.g. the cost threshold). Each series is drawn raw (faint) and as a
+    a key to a (value, legend) horizontal reference line in its panel (e.g. the cost threshold). Each series is drawn
+    raw (faint) and as a
     trailing moving average over ~1/10 of its points; sparse series (<= 30 points) get markers.
     """
     panels = []
@@ -224,6 +277,7 @@ def plot_curves(history: list[dict], keys: list, path: Path, *, title: str | Non
     if not panels:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -242,7 +296,7 @@ def plot_curves(history: list[dict], keys: list, path: Path, *, title: str | Non
         ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")

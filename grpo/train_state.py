@@ -23,11 +23,19 @@ from grpo.config import Recipe, recipe_to_dict, resolved_constraints, save_recip
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.environments import tool_schemas
 from grpo.errors import UserError
+from grpo.generation import make_backend
 from grpo.memory import format_budget, memory_budget
 from grpo.metrics import curves, run_info
-from grpo.modeling import (count_parameters, fp32_output_layer, load_model, load_tokenizer, local_parameter_count, make_reference, reference_config,
-                           save_model)
-from grpo.generation import make_backend
+from grpo.modeling import (
+    count_parameters,
+    fp32_output_layer,
+    load_model,
+    load_tokenizer,
+    local_parameter_count,
+    make_reference,
+    reference_config,
+    save_model,
+)
 from grpo.scoring import build_rewards
 from grpo.tracking import Tracker, truncate_history
 
@@ -65,7 +73,9 @@ class TrainState:
     n_micro: int
     params_total: int
     start: int = 0
-    eval_records: list = field(default_factory=list)  # data.eval as prompt records, when grpo.eval_every / eval_before_train
+    eval_records: list = field(
+        default_factory=list
+    )  # data.eval as prompt records, when grpo.eval_every / eval_before_train
     best: dict | None = None  # {"step", "metric", "value"} of the model in <stage>/best (grpo.keep_best)
 
     @property
@@ -83,12 +93,17 @@ class TrainState:
 
 def check_recipe(recipe: Recipe, world: int) -> None:
     """The GRPO rules a train stage checks itself (grpo/rules.py: the same functions preflight calls)."""
-    rules.raise_first(rules.finite_numbers(recipe) + rules.prompt_length(recipe.data)
-                      + rules.stage_data(recipe.data, "train") + rules.grpo_geometry(recipe.grpo, world)
-                      + rules.run_management(recipe.grpo, recipe.data)
-                      + rules.sampling(recipe.rollout, train=True) + rules.environment(recipe)
-                      + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled)
-                      + rules.constraints(recipe))
+    rules.raise_first(
+        rules.finite_numbers(recipe)
+        + rules.prompt_length(recipe.data)
+        + rules.stage_data(recipe.data, "train")
+        + rules.grpo_geometry(recipe.grpo, world)
+        + rules.run_management(recipe.grpo, recipe.data)
+        + rules.sampling(recipe.rollout, train=True)
+        + rules.environment(recipe)
+        + rules.reward_roles(recipe.rewards, stage="train", safety_enabled=recipe.safety.enabled)
+        + rules.constraints(recipe)
+    )
 
 
 def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
@@ -104,8 +119,10 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     accelerator.gradient_accumulation_steps = n_micro  # micro-batches per optimizer step
     zero_stage = runtime.configure_deepspeed(accelerator, g.micro_batch_size, n_micro, g.max_grad_norm)
     if zero_stage and g.micro_batch_tokens:
-        raise UserError("grpo.micro_batch_tokens does not work under DeepSpeed (its accumulation steps are fixed when the engine "
-                        "is built, a token budget changes them every step): use grpo.micro_batch_size there")
+        raise UserError(
+            "grpo.micro_batch_tokens does not work under DeepSpeed (its accumulation steps are fixed when the engine "
+            "is built, a token budget changes them every step): use grpo.micro_batch_size there"
+        )
 
     # Data, rewards, model
     resume_from = checkpoint.find_resume(out, g.resume)
@@ -124,14 +141,18 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     rewards = build_rewards(recipe.rewards, device=accelerator.device, output_dir=run.output_dir)
     model = load_model(recipe.model, source, continue_adapter=bool(resume_from))
     start_from = model_path or recipe.model.name_or_path  # the reference, also when resuming from a checkpoint
-    ref = make_reference(model, g.beta, load=lambda: load_model(reference_config(recipe.model), start_from, for_training=False))
+    ref = make_reference(
+        model, g.beta, load=lambda: load_model(reference_config(recipe.model), start_from, for_training=False)
+    )
     if recipe.model.fp32_lm_head and recipe.model.dtype != "float32":
         for m in (model, ref) if ref is not None else (model,):
             fp32_output_layer(m)
     trainable, total = count_parameters(model)
     optimizer = runtime.build_optimizer(model, g.lr, g.weight_decay)
     scheduler = runtime.build_scheduler(optimizer, g.lr_scheduler, g.warmup_steps, g.steps * g.num_iterations)
-    gen_model = runtime.rollout_copy(model) if accelerator.is_fsdp2 else None  # FSDP: generate on a whole copy, refreshed every step
+    gen_model = (
+        runtime.rollout_copy(model) if accelerator.is_fsdp2 else None
+    )  # FSDP: generate on a whole copy, refreshed every step
     # the scheduler stays outside prepare(): accelerate would step it once per process per step
     model, optimizer = accelerator.prepare(model, optimizer)
     ref = runtime.place_reference(ref, accelerator, zero_stage)  # ZeRO-3: sharded like the policy
@@ -141,28 +162,70 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
     constraints = resolved_constraints(recipe)
     for _, _, col in constraints:  # a constrained reward is a cost: never part of the reward sum, whatever its weight
         rewards[col].weight = 0.0
-    multipliers = {name: LagrangeMultiplier.from_lambda(c.lambda_init, lr=c.lambda_lr, threshold=c.threshold, lam_max=c.lambda_max,
-                                                        delay_steps=c.delay) for name, c, _ in constraints}
-    state = TrainState(recipe, out, accelerator, zero_stage, tok, prompts, rewards, model, policy, gen_model, ref, optimizer, scheduler,
-                       make_backend(recipe.rollout, gen_model or policy, tok),
-                       Sampler(len(prompts), run.seed, accelerator.process_index, world), multipliers, None, per_rank, n_micro, total)
+    multipliers = {
+        name: LagrangeMultiplier.from_lambda(
+            c.lambda_init, lr=c.lambda_lr, threshold=c.threshold, lam_max=c.lambda_max, delay_steps=c.delay
+        )
+        for name, c, _ in constraints
+    }
+    state = TrainState(
+        recipe,
+        out,
+        accelerator,
+        zero_stage,
+        tok,
+        prompts,
+        rewards,
+        model,
+        policy,
+        gen_model,
+        ref,
+        optimizer,
+        scheduler,
+        make_backend(recipe.rollout, gen_model or policy, tok),
+        Sampler(len(prompts), run.seed, accelerator.process_index, world),
+        multipliers,
+        None,
+        per_rank,
+        n_micro,
+        total,
+    )
     if resume_from:
         state.start = restore(state, resume_from)
         log.info("resumed from %s at step %d", resume_from, state.start)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "config.yaml")
-        log.info("train: %s | params %s trainable / %s total | %d processes | %d prompts x G=%d = %d completions/step | %d steps | "
-                 "rollout %s | rewards %s | %s", source, f"{trainable:,}", f"{total:,}", world, g.prompts_per_step,
-                 g.num_generations, g.prompts_per_step * g.num_generations, g.steps, recipe.rollout.backend,
-                 ", ".join(f"{x.name}({x.role},w={x.weight:g})" for x in rewards), out)
+        log.info(
+            "train: %s | params %s trainable / %s total | %d processes | %d prompts x G=%d = %d completions/step | %d "
+            "steps | "
+            "rollout %s | rewards %s | %s",
+            source,
+            f"{trainable:,}",
+            f"{total:,}",
+            world,
+            g.prompts_per_step,
+            g.num_generations,
+            g.prompts_per_step * g.num_generations,
+            g.steps,
+            recipe.rollout.backend,
+            ", ".join(f"{x.name}({x.role},w={x.weight:g})" for x in rewards),
+            out,
+        )
         if dropped:
             log.info("dropped %d prompts longer than data.max_prompt_length=%d", dropped, recipe.data.max_prompt_length)
         log.info(format_budget(memory_budget(policy, ref, recipe), accelerator.device))
         if resume_from:
             truncate_history(out / "metrics.jsonl", state.start)  # steps logged after the checkpoint are run again
-    state.tracker = Tracker(out, recipe.tracking, is_main=is_main, run_config=recipe_to_dict(recipe), name=stage,
-                            group=Path(run.output_dir).name, resume=bool(resume_from))
+    state.tracker = Tracker(
+        out,
+        recipe.tracking,
+        is_main=is_main,
+        run_config=recipe_to_dict(recipe),
+        name=stage,
+        group=Path(run.output_dir).name,
+        resume=bool(resume_from),
+    )
     return state
 
 
@@ -178,16 +241,27 @@ def save(s: TrainState, step: int) -> None:
         if s.is_main:
             checkpoint.start_checkpoint(out, step)
         acc.wait_for_everyone()
-        s.model.save_checkpoint(str(out / f"ckpt-{step}.tmp"), tag=checkpoint.DEEPSPEED, save_latest=False, exclude_frozen_parameters=True)
+        s.model.save_checkpoint(
+            str(out / f"ckpt-{step}.tmp"), tag=checkpoint.DEEPSPEED, save_latest=False, exclude_frozen_parameters=True
+        )
         acc.wait_for_everyone()
     if s.is_main:
         sampler = s.sampler
-        state = {"step": step, "optimizer": optim if s.fsdp else None if zero else s.optimizer.state_dict(),
-                 "optimizer_by_name": s.fsdp, "scheduler": s.scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                 "sampler": {"order": sampler.order, "epoch": sampler.epoch, "rng": sampler.rng.getstate()},
-                 "lagrange": multipliers_state_dict(s.multipliers) if s.multipliers else None, "world_size": s.world, "zero_stage": zero,
-                 "best": s.best}
-        checkpoint.save_checkpoint(out, step, s.policy, s.tok, state, s.recipe.grpo.keep_last, weights=weights, started=bool(zero))
+        state = {
+            "step": step,
+            "optimizer": optim if s.fsdp else None if zero else s.optimizer.state_dict(),
+            "optimizer_by_name": s.fsdp,
+            "scheduler": s.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "sampler": {"order": sampler.order, "epoch": sampler.epoch, "rng": sampler.rng.getstate()},
+            "lagrange": multipliers_state_dict(s.multipliers) if s.multipliers else None,
+            "world_size": s.world,
+            "zero_stage": zero,
+            "best": s.best,
+        }
+        checkpoint.save_checkpoint(
+            out, step, s.policy, s.tok, state, s.recipe.grpo.keep_last, weights=weights, started=bool(zero)
+        )
     acc.wait_for_everyone()
 
 
@@ -198,12 +272,16 @@ def restore(s: TrainState, path: Path) -> int:
     if s.zero_stage:
         pass  # DeepSpeed's sharded optimizer: loaded last, by _restore_deepspeed
     elif saved is not None and by_name:
-        runtime.load_full_optimizer_state(s.model, s.optimizer, saved)  # written under FSDP: any process count, FSDP or not
+        runtime.load_full_optimizer_state(
+            s.model, s.optimizer, saved
+        )  # written under FSDP: any process count, FSDP or not
     elif saved is not None and not s.fsdp:
         s.optimizer.load_state_dict(saved)
     else:
-        log.warning("the checkpoint holds no optimizer state this run can load (written under DeepSpeed, or without FSDP for "
-                    "an FSDP run): Adam's moments restart (weights, step, data position, RNG and lambda are restored)")
+        log.warning(
+            "the checkpoint holds no optimizer state this run can load (written under DeepSpeed, or without FSDP for "
+            "an FSDP run): Adam's moments restart (weights, step, data position, RNG and lambda are restored)"
+        )
     s.scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     sampler, saved_sampler = s.sampler, state["sampler"]
@@ -215,8 +293,10 @@ def restore(s: TrainState, path: Path) -> int:
         try:  # {name: state}; a checkpoint from before several constraints holds one multiplier's state
             load_multipliers(s.multipliers, state["lagrange"])
         except ValueError as e:
-            raise UserError(f"checkpoint {path}: {e}; resume with the recipe's constraints as they were, or start fresh "
-                            "(grpo.resume=false)") from None
+            raise UserError(
+                f"checkpoint {path}: {e}; resume with the recipe's constraints as they were, or start fresh "
+                "(grpo.resume=false)"
+            ) from None
     elif s.multipliers:
         log.warning("checkpoint %s holds no Lagrange multipliers: the constraints start from lambda_init", path)
     if s.zero_stage:
@@ -230,17 +310,31 @@ def _restore_deepspeed(engine, path: Path, state: dict, world: int) -> None:
     if not (path / checkpoint.DEEPSPEED).is_dir():
         why = "it holds no DeepSpeed optimizer shards (written without DeepSpeed)"
     elif state.get("world_size") != world:
-        why = (f"it was written by {state.get('world_size')} processes and this run has {world}: DeepSpeed's shards are "
-               "split per process (resume with the same process count to continue exactly)")
+        why = (
+            f"it was written by {state.get('world_size')} processes and this run has {world}: DeepSpeed's shards are "
+            "split per process (resume with the same process count to continue exactly)"
+        )
     if why:
-        log.warning("checkpoint %s: %s; Adam's moments restart (weights, step, data position, RNG and lambda are restored)", path, why)
+        log.warning(
+            "checkpoint %s: %s; Adam's moments restart (weights, step, data position, RNG and lambda are restored)",
+            path,
+            why,
+        )
         return
-    # the weights already came from the checkpoint's safetensors; DeepSpeed's module copy skips frozen (LoRA base) weights
-    loaded, _ = engine.load_checkpoint(str(path), tag=checkpoint.DEEPSPEED, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+    # the weights already came from the checkpoint's safetensors; DeepSpeed's module copy skips frozen (LoRA base)
+    # weights
+    loaded, _ = engine.load_checkpoint(
+        str(path),
+        tag=checkpoint.DEEPSPEED,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
     if loaded is None:
-        raise UserError(f"checkpoint {path}: DeepSpeed could not load its optimizer shards from {path / checkpoint.DEEPSPEED}; "
-                        "resume from another checkpoint (grpo.resume=PATH) or start fresh")
+        raise UserError(
+            f"checkpoint {path}: DeepSpeed could not load its optimizer shards from {path / checkpoint.DEEPSPEED}; "
+            "resume from another checkpoint (grpo.resume=PATH) or start fresh"
+        )
 
 
 def save_best(s: TrainState, step: int, value: float) -> None:
@@ -266,20 +360,33 @@ def finish(s: TrainState) -> Path:
     save(s, g.steps)
     info = run_info(s.model if s.zero_stage else s.policy, s.accelerator, s.zero_stage)
     final = s.out / "final"
-    weights = s.accelerator.get_state_dict(s.model) if runtime.sharded(s.accelerator, s.zero_stage) else None  # gathered for the save
+    weights = (
+        s.accelerator.get_state_dict(s.model) if runtime.sharded(s.accelerator, s.zero_stage) else None
+    )  # gathered for the save
     if s.is_main:
         if g.final_from == "best" and s.best is not None:
             with checkpoint.atomic_folder(final) as tmp:  # final/ = the best model (grpo.final_from: best)
                 shutil.copytree(s.out / "best", tmp, dirs_exist_ok=True)
-            log.info("final model = the best one (%s %.4g at step %d)", s.best["metric"], s.best["value"], s.best["step"])
+            log.info(
+                "final model = the best one (%s %.4g at step %d)", s.best["metric"], s.best["value"], s.best["step"]
+            )
         else:
             save_model(s.policy, s.tok, final, merge=s.recipe.model.lora.merge_on_save, state_dict=weights)
         pngs = s.tracker.close(curves(s.rewards))
         # parameter elements this rank holds for the reference: 0 without one, < total when ZeRO-3 shards it
         ref_local = local_parameter_count(s.ref) if s.ref is not None else 0
-        (s.out / "run_info.json").write_text(json.dumps({**info, "steps": g.steps, "params_total": s.params_total,
-                                                         "reference_local_params": ref_local,
-                                                         "policy_local_params": local_parameter_count(s.policy)}, indent=1))
+        (s.out / "run_info.json").write_text(
+            json.dumps(
+                {
+                    **info,
+                    "steps": g.steps,
+                    "params_total": s.params_total,
+                    "reference_local_params": ref_local,
+                    "policy_local_params": local_parameter_count(s.policy),
+                },
+                indent=1,
+            )
+        )
         runtime.mark_done(s.out)
         log.info("train: saved %s; curves: %s", final, ", ".join(str(p) for p in pngs))
     s.accelerator.wait_for_everyone()

@@ -22,7 +22,6 @@ How it departs from / chooses within GRPO:
   uninterrupted one would have.
 """
 
-
 from __future__ import annotations
 
 import logging
@@ -37,8 +36,16 @@ from tqdm.auto import tqdm
 from grpo import runtime
 from grpo import train_state as state_io
 from grpo.advantages import reward_and_cost_advantages
-from grpo.batch import (MicroBatch, Rollouts, dump_rollouts, load_rollouts, loss_mask, micro_batches, split_rows,
-                        split_to_count)
+from grpo.batch import (
+    MicroBatch,
+    Rollouts,
+    dump_rollouts,
+    load_rollouts,
+    loss_mask,
+    micro_batches,
+    split_rows,
+    split_to_count,
+)
 from grpo.config import Recipe, cost_signal_of, resolved_constraints
 from grpo.environments import episode_columns, rollout_episodes
 from grpo.errors import Interrupted, UserError
@@ -65,7 +72,14 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
     if cfg.eval_before_train and s.start == 0:
         s.tracker.log(0, reduce_metrics(evaluate_live(s), s.accelerator))
     nonfinite = 0  # optimizer steps skipped in a row because the gradient norm was NaN/inf
-    bar = tqdm(range(s.start, cfg.steps), initial=s.start, total=cfg.steps, desc="grpo", disable=not s.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        range(s.start, cfg.steps),
+        initial=s.start,
+        total=cfg.steps,
+        desc="grpo",
+        disable=not s.is_main,
+        dynamic_ncols=True,
+    )
     with runtime.StopRequest() as stop:
         for step in bar:
             t0 = time.perf_counter()
@@ -80,8 +94,15 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
             # Old / reference logprobs, then num_iterations passes of updates
             mask = loss_mask(rollouts.completions, rollouts.ok, cfg.mask_truncated_completions)
             shared = cfg.shared_prefix and supports_training(s.model)  # else the plain padded forward (same numbers)
-            micro = micro_batches(rollouts, mask, advantages, row_splits(s, rollouts), shared_prefix=shared,
-                                  pad_id=s.tok.pad_token_id, device=s.accelerator.device)
+            micro = micro_batches(
+                rollouts,
+                mask,
+                advantages,
+                row_splits(s, rollouts),
+                shared_prefix=shared,
+                pad_id=s.tok.pad_token_id,
+                device=s.accelerator.device,
+            )
             old_and_reference_logprobs(s, micro, temperature)
             t3 = time.perf_counter()
             loss_metrics, grad_norm, nonfinite = update(s, micro, mask, step, nonfinite)
@@ -93,15 +114,27 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
             # Log
             n_tok = sum(len(c.token_ids) for c in rollouts.completions)
             metrics.update(episode_metrics(rollouts.episodes or [], rollouts.completions))
-            metrics.update({**reward_metrics(rollouts.rewards, s.rewards), **adv_metrics, **mean_dicts(loss_metrics),
-                            **token_means(loss_metrics, s.accelerator),
-                            "completion_len": n_tok / len(rollouts.completions),
-                            "truncated_frac": sum(c.finish_reason == "length" for c in rollouts.completions) / len(rollouts.completions),
-                            "skipped_samples": float((~rollouts.ok).sum()), "lr": s.scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                            "tokens_per_s": n_tok / max(t1 - t0, 1e-9), "time_rollout": t1 - t0, "time_score": t2 - t1,
-                            "time_logprobs": t3 - t2, "time_train": t4 - t3, "time_step": t4 - t0,
-                            "adv_abs_mean": float((advantages.abs()[:, None] * mask).sum() / mask.sum().clamp(min=1))})
+            metrics.update(
+                {
+                    **reward_metrics(rollouts.rewards, s.rewards),
+                    **adv_metrics,
+                    **mean_dicts(loss_metrics),
+                    **token_means(loss_metrics, s.accelerator),
+                    "completion_len": n_tok / len(rollouts.completions),
+                    "truncated_frac": sum(c.finish_reason == "length" for c in rollouts.completions)
+                    / len(rollouts.completions),
+                    "skipped_samples": float((~rollouts.ok).sum()),
+                    "lr": s.scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "tokens_per_s": n_tok / max(t1 - t0, 1e-9),
+                    "time_rollout": t1 - t0,
+                    "time_score": t2 - t1,
+                    "time_logprobs": t3 - t2,
+                    "time_train": t4 - t3,
+                    "time_step": t4 - t0,
+                    "adv_abs_mean": float((advantages.abs()[:, None] * mask).sum() / mask.sum().clamp(min=1)),
+                }
+            )
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 metrics.update(evaluate_live(s))
             metrics = reduce_metrics(metrics, s.accelerator)
@@ -111,8 +144,10 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
             if stop.any_rank(s.accelerator):
                 state_io.save(s, step + 1)
                 s.tracker.close(curves(s.rewards))
-                raise Interrupted(f"signal received; checkpoint saved at {s.out}/ckpt-{step + 1}; continue with grpo.resume=true",
-                                  code=128 + int(stop.signal or 15))
+                raise Interrupted(
+                    f"signal received; checkpoint saved at {s.out}/ckpt-{step + 1}; continue with grpo.resume=true",
+                    code=128 + int(stop.signal or 15),
+                )
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 state_io.save(s, step + 1)
     return state_io.finish(s)
@@ -132,13 +167,24 @@ def run_rollout(recipe: Recipe, model_path: str | None = None):
         advantages, adv_metrics = step_advantages(s, rollouts)
         dump_rollouts(folder, step + 1, s.accelerator.process_index, rollouts, advantages)
         n_tok = sum(len(c.token_ids) for c in rollouts.completions)
-        metrics.update({**reward_metrics(rollouts.rewards, s.rewards), **adv_metrics, "completion_len": n_tok / len(rollouts.completions),
-                        "time_step": time.perf_counter() - t0})
+        metrics.update(
+            {
+                **reward_metrics(rollouts.rewards, s.rewards),
+                **adv_metrics,
+                "completion_len": n_tok / len(rollouts.completions),
+                "time_step": time.perf_counter() - t0,
+            }
+        )
         s.tracker.log(step + 1, reduce_metrics(metrics, s.accelerator))
     if s.is_main:
         s.tracker.close(curves(s.rewards))
         runtime.mark_done(s.out)
-        log.info("rollout: %d steps of rollouts in %s (replay: grpo train RECIPE --replay %s)", recipe.grpo.steps, folder, folder)
+        log.info(
+            "rollout: %d steps of rollouts in %s (replay: grpo train RECIPE --replay %s)",
+            recipe.grpo.steps,
+            folder,
+            folder,
+        )
     s.accelerator.wait_for_everyone()
     return Path(folder)
 
@@ -150,8 +196,14 @@ def collect_rollouts(s: TrainState, step: int) -> tuple[Rollouts, dict]:
     cfg, G, per_rank = s.recipe.grpo, s.recipe.grpo.num_generations, s.per_rank
     if s.recipe.rollout.replay_dir:  # the dumped step's prompts and completions, scored again with today's rewards
         rows, comps = load_rollouts(s.recipe.rollout.replay_dir, step + 1, s.accelerator.process_index)
-        texts, R, ok, seconds = decode_and_score(s.tok, s.rewards, rows, comps, sampling_params(s.recipe.rollout, s.tok.eos_token_id,
-                                                 seed=None).stop_token_ids, on_error=cfg.on_reward_error)
+        texts, R, ok, seconds = decode_and_score(
+            s.tok,
+            s.rewards,
+            rows,
+            comps,
+            sampling_params(s.recipe.rollout, s.tok.eos_token_id, seed=None).stop_token_ids,
+            on_error=cfg.on_reward_error,
+        )
         return Rollouts(rows, comps, texts, R, ok, seconds), {}
     parts = [rollout_round(s, s.sampler.take(per_rank), step, 0)]
     if not cfg.dynamic_sampling:
@@ -164,8 +216,10 @@ def collect_rollouts(s: TrainState, step: int) -> tuple[Rollouts, dict]:
     # informative groups first; zero-std ones only if too few were found
     kept += [(k, i) for k in range(len(parts)) for i in range(per_rank) if (k, i) not in set(kept)]
     generated = len(parts) * per_rank
-    return (Rollouts.select(parts, kept[:per_rank], G),
-            {"generation_rounds": len(parts), "filtered_groups_frac": 1 - informative / generated})
+    return (
+        Rollouts.select(parts, kept[:per_rank], G),
+        {"generation_rounds": len(parts), "filtered_groups_frac": 1 - informative / generated},
+    )
 
 
 def rollout_round(s: TrainState, indices: list[int], step: int, round_: int) -> Rollouts:
@@ -177,10 +231,14 @@ def rollout_round(s: TrainState, indices: list[int], step: int, round_: int) -> 
     run, G = s.recipe.run, s.recipe.grpo.num_generations
     rows = [s.prompts[i] for i in indices]
     rank = s.accelerator.process_index
-    params = sampling_params(s.recipe.rollout, s.tok.eos_token_id,
-                             seed=run.seed * 100_003 + step * s.world + rank + round_ * 1_000_003)
-    seeds = ([run.seed * 100_003 + (step + round_ * 7919) * len(s.prompts) + i for i in indices]
-             if s.recipe.rollout.seed_per_prompt else None)
+    params = sampling_params(
+        s.recipe.rollout, s.tok.eos_token_id, seed=run.seed * 100_003 + step * s.world + rank + round_ * 1_000_003
+    )
+    seeds = (
+        [run.seed * 100_003 + (step + round_ * 7919) * len(s.prompts) + i for i in indices]
+        if s.recipe.rollout.seed_per_prompt
+        else None
+    )
     was_training = s.policy.training
     s.policy.eval()
     episodes = None
@@ -190,9 +248,18 @@ def rollout_round(s: TrainState, indices: list[int], step: int, round_: int) -> 
         else:
             comps = generate(s.rollout, [row["prompt_ids"] for row in rows], G, params, seeds)
     s.policy.train(was_training)
-    texts, R, ok, seconds = decode_and_score(s.tok, s.rewards, rows, comps, params.stop_token_ids, on_error=s.recipe.grpo.on_reward_error,
-                                             extra_columns=episode_columns(episodes))
-    check_reward_health(R, s.rewards, step, s)  # all-None rewards (warn, then stop), one reward drowning the others (warn)
+    texts, R, ok, seconds = decode_and_score(
+        s.tok,
+        s.rewards,
+        rows,
+        comps,
+        params.stop_token_ids,
+        on_error=s.recipe.grpo.on_reward_error,
+        extra_columns=episode_columns(episodes),
+    )
+    check_reward_health(
+        R, s.rewards, step, s
+    )  # all-None rewards (warn, then stop), one reward drowning the others (warn)
     return Rollouts(rows, comps, texts, R, ok, seconds, episodes)
 
 
@@ -200,7 +267,9 @@ def informative_groups(r: Rollouts, rewards, G: int) -> list[int]:
     """Groups whose weighted (non-safety) reward is not the same for all G samples (DAPO's filter)."""
     w = torch.tensor([x.weight if x.role != "safety" else 0.0 for x in rewards])
     total = (torch.nan_to_num(r.rewards, nan=0.0) @ w).view(-1, G)
-    return [i for i in range(total.shape[0]) if bool((total[i] != total[i, 0]).any()) and bool(r.ok.view(-1, G)[i].all())]
+    return [
+        i for i in range(total.shape[0]) if bool((total[i] != total[i, 0]).any()) and bool(r.ok.view(-1, G)[i].all())
+    ]
 
 
 def step_advantages(s: TrainState, r: Rollouts) -> tuple[torch.Tensor, dict]:
@@ -215,10 +284,18 @@ def step_advantages(s: TrainState, r: Rollouts) -> tuple[torch.Tensor, dict]:
     lam = [s.multipliers[name].lam for name, _, _ in cons]
     R = r.rewards[:, cols.order]
     adv, m = reward_and_cost_advantages(
-        R, [s.rewards[k].weight for k in cols.order], [i >= cols.n_rewards for i in range(len(cols.order))], cfg.num_generations,
-        mode=cfg.reward_mode, scale=cfg.scale, eps=cfg.eps, scheme=cfg.constraint_scheme,
-        lam=lam + [None] * len(cols.free), signals=[cost_signal_of(c) for _, c, _ in cons] + ["cost"] * len(cols.free),
-        cost_std_floor=[c.std_floor for _, c, _ in cons] + [s.recipe.safety.cost_std_floor] * len(cols.free))
+        R,
+        [s.rewards[k].weight for k in cols.order],
+        [i >= cols.n_rewards for i in range(len(cols.order))],
+        cfg.num_generations,
+        mode=cfg.reward_mode,
+        scale=cfg.scale,
+        eps=cfg.eps,
+        scheme=cfg.constraint_scheme,
+        lam=lam + [None] * len(cols.free),
+        signals=[cost_signal_of(c) for _, c, _ in cons] + ["cost"] * len(cols.free),
+        cost_std_floor=[c.std_floor for _, c, _ in cons] + [s.recipe.safety.cost_std_floor] * len(cols.free),
+    )
     stats = {key: v for key, v in m.items() if key.startswith(("cost", "rate", "unsafe_rate"))}
     metrics = {key: v for key, v in m.items() if key not in stats}
     names = [f"{'rate' if c.kind == 'rate' else 'cost'}/{cols.n_rewards + i}" for i, (_, c, _) in enumerate(cons)]
@@ -226,10 +303,12 @@ def step_advantages(s: TrainState, r: Rollouts) -> tuple[torch.Tensor, dict]:
         names += [f"cost/{cols.safety}", f"rate/{cols.safety}"]
     measured = agree_on_ranks(s, [stats[k] for k in names], [s.multipliers[name].log_lam for name, _, _ in cons])
     if cols.safety is not None:  # the role: safety cost, constrained or not: its mean and its fraction > 0
-        metrics["cost"], metrics["unsafe_rate"] = measured[len(cons):]
+        metrics["cost"], metrics["unsafe_rate"] = measured[len(cons) :]
     for (name, c, _), value, used in zip(cons, measured, lam):
         s.multipliers[name].update(value)
-        metrics.update({f"lambda/{name}": used, f"constraint/{name}": value, f"violation/{name}": float(value > c.threshold)})
+        metrics.update(
+            {f"lambda/{name}": used, f"constraint/{name}": value, f"violation/{name}": float(value > c.threshold)}
+        )
     if cons and not s.recipe.constraints:  # the old safety section: its metric names as they were
         metrics.update({"lambda": lam[0], "constraint_violation": metrics[f"violation/{cons[0][0]}"]})
     return adv * r.ok, metrics
@@ -240,6 +319,7 @@ class CostColumns:
     """Columns of the step's reward matrix, reordered for `reward_and_cost_advantages`: the rewards (in recipe order),
     then one column per constraint (its reward, repeated if two constraints share it), then the role: safety
     rewards no constraint names (a plain penalty of their weight). `safety`: where the role: safety cost sits."""
+
     order: list[int]
     n_rewards: int
     free: list[int]
@@ -261,10 +341,12 @@ def agree_on_ranks(s: TrainState, values: list[float], log_lams: list[float]) ->
         return values
     both = torch.tensor(values + log_lams, dtype=torch.float64, device=s.accelerator.device)
     rows = s.accelerator.gather(both[None]).reshape(s.world, -1).cpu()
-    lams = rows[:, len(values):]
+    lams = rows[:, len(values) :]
     if not torch.equal(lams, lams[:1].expand_as(lams)):
-        raise RuntimeError(f"the Lagrange multipliers differ across processes (log lambda per rank: {lams.tolist()}); a bug")
-    return rows[:, :len(values)].mean(dim=0).tolist()
+        raise RuntimeError(
+            f"the Lagrange multipliers differ across processes (log lambda per rank: {lams.tolist()}); a bug"
+        )
+    return rows[:, : len(values)].mean(dim=0).tolist()
 
 
 def row_splits(s: TrainState, r: Rollouts) -> list[list[int]]:
@@ -290,12 +372,18 @@ def old_and_reference_logprobs(s: TrainState, micro: list[MicroBatch], temperatu
 
 
 def update(s: TrainState, micro: list[MicroBatch], mask: torch.Tensor, step: int, nonfinite: int):
-    """num_iterations optimizer steps, each over all micro-batches: (per-micro-batch metrics, last grad norm, nonfinite)."""
+    """num_iterations optimizer steps, each over all micro-batches: (per-micro-batch metrics, last grad norm,
+    nonfinite)."""
     cfg, acc = s.recipe.grpo, s.accelerator
     # the step's counts, so each micro-batch's loss is its exact share of the step loss (grpo.losses)
     num_tokens = acc.reduce(mask.sum().to(acc.device), reduction="sum").item()
-    counts = dict(num_tokens=max(num_tokens, 1.0), local_tokens=float(mask.sum()), num_sequences=mask.shape[0],
-                  num_processes=s.world, max_completion_length=s.recipe.rollout.max_new_tokens)
+    counts = dict(
+        num_tokens=max(num_tokens, 1.0),
+        local_tokens=float(mask.sum()),
+        num_sequences=mask.shape[0],
+        num_processes=s.world,
+        max_completion_length=s.recipe.rollout.max_new_tokens,
+    )
     loss_metrics, grad_norm = [], None
     for _ in range(cfg.num_iterations):
         for mb in micro:
@@ -303,13 +391,35 @@ def update(s: TrainState, micro: list[MicroBatch], mask: torch.Tensor, step: int
                 logp = mb.logprobs(s.model, s.recipe.rollout.temperature)
                 weights, mismatch = None, {}
                 if mb.rollout_logp is not None:  # the sampler's log-probs vs the trainer's (old) policy's
-                    weights, mismatch = rollout_correction(logp.detach() if mb.old_logp is None else mb.old_logp, mb.rollout_logp,
-                                                           mb.mask, mode=cfg.rollout_is, cap=cfg.rollout_is_cap)
-                loss, m = policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
-                                      epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=mb.ref_logp,
-                                      importance_level=cfg.importance_level, is_weights=weights, **counts)
-                acc.backward(loss * len(micro))  # accelerate divides by the accumulation steps: the shares are exact already
-                grad_norm = acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or math.inf) if acc.sync_gradients else None
+                    weights, mismatch = rollout_correction(
+                        logp.detach() if mb.old_logp is None else mb.old_logp,
+                        mb.rollout_logp,
+                        mb.mask,
+                        mode=cfg.rollout_is,
+                        cap=cfg.rollout_is_cap,
+                    )
+                loss, m = policy_loss(
+                    logp,
+                    mb.old_logp,
+                    mb.advantages,
+                    mb.mask,
+                    loss_type=cfg.loss_type,
+                    epsilon_low=cfg.epsilon_low,
+                    epsilon_high=cfg.epsilon_high,
+                    beta=cfg.beta,
+                    ref_logp=mb.ref_logp,
+                    importance_level=cfg.importance_level,
+                    is_weights=weights,
+                    **counts,
+                )
+                acc.backward(
+                    loss * len(micro)
+                )  # accelerate divides by the accumulation steps: the shares are exact already
+                grad_norm = (
+                    acc.clip_grad_norm_(s.model.parameters(), cfg.max_grad_norm or math.inf)
+                    if acc.sync_gradients
+                    else None
+                )
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     nonfinite = _skip_nonfinite(step + 1, loss, grad_norm, nonfinite + 1)
                 else:
@@ -330,9 +440,20 @@ def log_step(s: TrainState, step: int, metrics: dict, r: Rollouts, advantages: t
         bar.write(console_line(step, s.recipe.grpo.steps, metrics, s.rewards))
     if track.samples_every and step % track.samples_every == 0:
         shown = [p * G + j for p in range(len(r.rows)) for j in range(2)][:8]
-        s.tracker.log_table(step, "samples", ["prompt", "completion", *[x.name for x in s.rewards], "advantage"],
-                            [[r.rows[r.completions[i].prompt_index]["prompt_text"], r.texts[i],
-                              *[_f(v) for v in r.rewards[i].tolist()], float(advantages[i])] for i in shown])
+        s.tracker.log_table(
+            step,
+            "samples",
+            ["prompt", "completion", *[x.name for x in s.rewards], "advantage"],
+            [
+                [
+                    r.rows[r.completions[i].prompt_index]["prompt_text"],
+                    r.texts[i],
+                    *[_f(v) for v in r.rewards[i].tolist()],
+                    float(advantages[i]),
+                ]
+                for i in shown
+            ],
+        )
 
 
 def evaluate_live(s: TrainState) -> dict:
@@ -360,9 +481,15 @@ def _skip_nonfinite(step: int, loss, grad_norm, count: int) -> int:
     """
     what = f"step {step}: loss {loss.item():.4g}, gradient norm {float(grad_norm):.4g}"
     if count >= MAX_NONFINITE:
-        raise UserError(f"non-finite loss or gradient in {count} optimizer steps in a row ({what}); the parameters are those of the "
-                        "last finite step; lower grpo.lr, check the rewards' scale, keep grpo.max_grad_norm > 0, or train in float32")
-    log.warning("skipping the optimizer update: non-finite %s (%d in a row; the run stops at %d)", what, count, MAX_NONFINITE)
+        raise UserError(
+            f"non-finite loss or gradient in {count} optimizer steps in a row ({what}); the parameters are those of "
+            "the "
+            "last finite step; lower grpo.lr, check the rewards' scale, keep grpo.max_grad_norm > 0, or train in "
+            "float32"
+        )
+    log.warning(
+        "skipping the optimizer update: non-finite %s (%d in a row; the run stops at %d)", what, count, MAX_NONFINITE
+    )
     return count
 
 

@@ -65,8 +65,18 @@ log = logging.getLogger(__name__)
 TEMPLATES = ("auto", "chat", "concat", "pair", "completion")
 OUTPUTS = ("logit", "log_odds", "prob")
 SIDECAR = "reward_model.json"  # written by `grpo rm` next to the weights: {"template": ..., "role": ...}
-SPEC_KWARGS = ("template", "batch_size", "max_length", "label", "output", "dtype", "revision", "key_mapping", "num_labels",
-               "messages_field")
+SPEC_KWARGS = (
+    "template",
+    "batch_size",
+    "max_length",
+    "label",
+    "output",
+    "dtype",
+    "revision",
+    "key_mapping",
+    "num_labels",
+    "messages_field",
+)
 _FIELD = re.compile(r"\{(prompt|completion)\}")
 
 
@@ -74,8 +84,10 @@ _FIELD = re.compile(r"\{(prompt|completion)\}")
 def check_template(template: str) -> str:
     if template in TEMPLATES or "{completion}" in template:
         return template
-    raise UserError(f"reward model template {template!r} is not one of {', '.join(TEMPLATES)} "
-                    "nor a format string containing {completion}")
+    raise UserError(
+        f"reward model template {template!r} is not one of {', '.join(TEMPLATES)} "
+        "nor a format string containing {completion}"
+    )
 
 
 def resolve_template(template: str, tokenizer, meta: dict | None = None) -> str:
@@ -105,8 +117,15 @@ def _chat_text(tokenizer, prompt: str, completion: str, messages: Any) -> str:
     return tokenizer.apply_chat_template(history + [{"role": "assistant", "content": completion}], tokenize=False)
 
 
-def encode(tokenizer, prompts: list[str], completions: list[str], *, template: str, max_length: int,
-           messages: list | None = None) -> list[dict[str, list[int]]]:
+def encode(
+    tokenizer,
+    prompts: list[str],
+    completions: list[str],
+    *,
+    template: str,
+    max_length: int,
+    messages: list | None = None,
+) -> list[dict[str, list[int]]]:
     """Tokenize (prompt, completion) pairs for a classifier, left-truncated to `max_length` tokens.
 
     `template` must be concrete (not `auto`; see `resolve_template`). `messages` (optional, one chat
@@ -137,8 +156,10 @@ def encode(tokenizer, prompts: list[str], completions: list[str], *, template: s
             elif template == "completion":
                 texts = list(completions)
             else:  # a format string
-                texts = [_FIELD.sub(lambda m, p=p, c=c: p if m.group(1) == "prompt" else c, template)
-                         for p, c in zip(prompts, completions)]
+                texts = [
+                    _FIELD.sub(lambda m, p=p, c=c: p if m.group(1) == "prompt" else c, template)
+                    for p, c in zip(prompts, completions)
+                ]
             # rendered chat text already holds its special tokens (BOS etc.)
             enc = tokenizer(texts, add_special_tokens=(template != "chat"), **kw)
     finally:
@@ -170,9 +191,21 @@ class RewardModelScorer:
     settings). The model is moved to `device` (default: CUDA if available, else CPU) and put in eval mode.
     """
 
-    def __init__(self, model, tokenizer, *, template: str = "auto", batch_size: int = 32, max_length: int | None = None,
-                 label: int | str | None = None, output: str = "logit", device=None, messages_field: str = "messages",
-                 meta: dict | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        template: str = "auto",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        label: int | str | None = None,
+        output: str = "logit",
+        device=None,
+        messages_field: str = "messages",
+        meta: dict | None = None,
+        name: str | None = None,
+    ):
         if output not in OUTPUTS:
             raise UserError(f"reward model output {output!r} is not one of {', '.join(OUTPUTS)}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -197,12 +230,23 @@ class RewardModelScorer:
         self.output = output
         self.messages_field = messages_field
         self.role: str | None = None  # set by from_spec: usefulness | safety | reward
-        self.multi_label = model.config.num_labels == 1 or getattr(model.config, "problem_type", None) == "multi_label_classification"
+        self.multi_label = (
+            model.config.num_labels == 1 or getattr(model.config, "problem_type", None) == "multi_label_classification"
+        )
 
     # -- construction
     @classmethod
-    def from_pretrained(cls, source: str, *, device=None, dtype: str = "float32", revision: str | None = None,
-                        key_mapping: dict[str, str] | None = None, num_labels: int | None = None, **kwargs) -> "RewardModelScorer":
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        device=None,
+        dtype: str = "float32",
+        revision: str | None = None,
+        key_mapping: dict[str, str] | None = None,
+        num_labels: int | None = None,
+        **kwargs,
+    ) -> "RewardModelScorer":
         """Load a classifier from a local folder or a hub id (no remote code).
 
         Every weight of the classifier must come from the checkpoint, and every checkpoint weight of
@@ -220,11 +264,19 @@ class RewardModelScorer:
             extra = {"num_labels": int(num_labels)} if num_labels else {}
             with whole_weights():  # a scorer runs outside any DeepSpeed engine: never partitioned at load
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    source, revision=revision, trust_remote_code=False, dtype=DTYPES[dtype], key_mapping=key_mapping,
-                    output_loading_info=True, **extra)
+                    source,
+                    revision=revision,
+                    trust_remote_code=False,
+                    dtype=DTYPES[dtype],
+                    key_mapping=key_mapping,
+                    output_loading_info=True,
+                    **extra,
+                )
         except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load reward model '{source}' as a sequence classifier: {first_line(e)} "
-                            "(give a local folder with config.json or hf:<hub id> of an AutoModelForSequenceClassification)") from None
+            raise UserError(
+                f"cannot load reward model '{source}' as a sequence classifier: {first_line(e)} "
+                "(give a local folder with config.json or hf:<hub id> of an AutoModelForSequenceClassification)"
+            ) from None
         check_loading(source, model, info)
         meta = read_meta(source, revision)
         return cls(model, tokenizer, device=device, meta=meta, name=source, **kwargs)
@@ -234,23 +286,41 @@ class RewardModelScorer:
         """Build from a recipe entry (`grpo.config.RewardSpec`): `name` is a folder or `hf:<hub id>`."""
         unknown = [k for k in spec.kwargs if k not in SPEC_KWARGS]
         if "trust_remote_code" in spec.kwargs:
-            raise UserError(f"reward model {spec.name}: trust_remote_code is not supported for reward models "
-                            "(only architectures that ship with transformers load)")
+            raise UserError(
+                f"reward model {spec.name}: trust_remote_code is not supported for reward models "
+                "(only architectures that ship with transformers load)"
+            )
         if unknown:
-            raise UserError(f"reward model {spec.name}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(SPEC_KWARGS)}")
+            raise UserError(
+                f"reward model {spec.name}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(SPEC_KWARGS)}"
+            )
         source = spec.name[3:] if spec.name.startswith("hf:") else spec.name
         if not source:
-            raise UserError("a reward model name 'hf:' needs a hub id after the colon, e.g. hf:OpenAssistant/reward-model-deberta-v3-large-v2")
+            raise UserError(
+                "a reward model name 'hf:' needs a hub id after the colon, e.g. "
+                "hf:OpenAssistant/reward-model-deberta-v3-large-v2"
+            )
         scorer = cls.from_pretrained(source, device=device, **spec.kwargs)
         scorer.role = spec.role
-        log.info("reward model %s (%s): %s, template=%s, label=%s, output=%s, max_length=%d, on %s", source, spec.role,
-                 type(scorer.model).__name__, scorer.template, scorer.label, scorer.output, scorer.max_length, scorer.device)
+        log.info(
+            "reward model %s (%s): %s, template=%s, label=%s, output=%s, max_length=%d, on %s",
+            source,
+            spec.role,
+            type(scorer.model).__name__,
+            scorer.template,
+            scorer.label,
+            scorer.output,
+            scorer.max_length,
+            scorer.device,
+        )
         return scorer
 
     # -- scoring
     def encode(self, prompts: list[str], completions: list[str], **columns) -> list[dict[str, list[int]]]:
         messages = columns.get(self.messages_field)
-        return encode(self.tokenizer, prompts, completions, template=self.template, max_length=self.max_length, messages=messages)
+        return encode(
+            self.tokenizer, prompts, completions, template=self.template, max_length=self.max_length, messages=messages
+        )
 
     @torch.no_grad()
     def score_features(self, features: list[dict[str, list[int]]]) -> torch.Tensor:
@@ -258,8 +328,11 @@ class RewardModelScorer:
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         out = torch.empty(len(features), dtype=torch.float32)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            batch = {k: v.to(self.device) for k, v in collate([features[i] for i in idx], self.tokenizer.pad_token_id).items()}
+            idx = order[start : start + self.batch_size]
+            batch = {
+                k: v.to(self.device)
+                for k, v in collate([features[i] for i in idx], self.tokenizer.pad_token_id).items()
+            }
             logits = self.model(**batch).logits.float()
             out[idx] = self.transform(logits).cpu()
         return out
@@ -274,7 +347,7 @@ class RewardModelScorer:
         logp = torch.log_softmax(logits, dim=-1)
         if self.output == "prob":
             return logp[:, self.label].exp()
-        others = torch.cat([logp[:, :self.label], logp[:, self.label + 1:]], dim=-1)
+        others = torch.cat([logp[:, : self.label], logp[:, self.label + 1 :]], dim=-1)
         return logp[:, self.label] - torch.logsumexp(others, dim=-1)
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
@@ -285,7 +358,9 @@ class RewardModelScorer:
         return self.score_features(self.encode(prompts, completions, **columns)).tolist()
 
     def __repr__(self) -> str:
-        return f"RewardModelScorer({self.name!r}, template={self.template!r}, label={self.label}, output={self.output!r})"
+        return (
+            f"RewardModelScorer({self.name!r}, template={self.template!r}, label={self.label}, output={self.output!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -313,15 +388,19 @@ def check_loading(source: str, model, info: dict) -> None:
     mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
         what = ", ".join((missing + mismatched)[:4])
-        raise UserError(f"reward model '{source}': weights {what} are missing from the checkpoint or have another shape, so "
-                        "they would be random: it is not a checkpoint of this sequence classifier (a head under another "
-                        "name needs key_mapping, e.g. {'^score_head': 'score'}; a config without id2label needs num_labels)")
+        raise UserError(
+            f"reward model '{source}': weights {what} are missing from the checkpoint or have another shape, so "
+            "they would be random: it is not a checkpoint of this sequence classifier (a head under another "
+            "name needs key_mapping, e.g. {'^score_head': 'score'}; a config without id2label needs num_labels)"
+        )
     unexpected = sorted(info.get("unexpected_keys") or [])
     heads = {name for name, _ in model.named_children() if name != getattr(model, "base_model_prefix", None)}
     dropped = [k for k in unexpected if k.split(".")[0] in heads]
     if dropped:
-        raise UserError(f"reward model '{source}': checkpoint weights {', '.join(dropped[:4])} have no place in "
-                        f"{type(model).__name__} and would be ignored (a head with a bias the class lacks?)")
+        raise UserError(
+            f"reward model '{source}': checkpoint weights {', '.join(dropped[:4])} have no place in "
+            f"{type(model).__name__} and would be ignored (a head with a bias the class lacks?)"
+        )
     if unexpected:
         log.info("reward model %s: ignoring checkpoint weights %s", source, ", ".join(unexpected[:4]))
 
@@ -338,8 +417,14 @@ def read_meta(source: str, revision: str | None = None) -> dict:
     if not path.is_file() and not Path(source).exists():
         try:
             from transformers.utils import cached_file
-            found = cached_file(source, SIDECAR, revision=revision, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
+
+            found = cached_file(
+                source,
+                SIDECAR,
+                revision=revision,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
         except Exception:  # no such file on the hub, offline, ...: the sidecar is optional
             found = None
         path = Path(found) if found else path
@@ -348,7 +433,9 @@ def read_meta(source: str, revision: str | None = None) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"reward model {source}: {SIDECAR} is not valid JSON ({first_line(e)}); fix or delete it") from None
+        raise UserError(
+            f"reward model {source}: {SIDECAR} is not valid JSON ({first_line(e)}); fix or delete it"
+        ) from None
 
 
 def write_meta(out_dir: str | Path, **meta) -> Path:

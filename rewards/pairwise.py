@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float | torch.Tensor = 0.0
-                       ) -> tuple[torch.Tensor, dict[str, float]]:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float | torch.Tensor = 0.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Pairwise reward-model loss `mean(-log sigmoid(r_chosen - r_rejected - margin))`.
 
     Bradley & Terry (1952) preference model as used for RLHF reward models (Ouyang et al. 2022,
@@ -22,13 +23,19 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     diff = r_chosen - r_rejected
     loss = -F.logsigmoid(diff - margin).mean()
     with torch.no_grad():
-        metrics = {"loss": loss.item(), "accuracy": (diff > 0).float().mean().item(), "gap": diff.mean().item(),
-                   "r_chosen": r_chosen.mean().item(), "r_rejected": r_rejected.mean().item()}
+        metrics = {
+            "loss": loss.item(),
+            "accuracy": (diff > 0).float().mean().item(),
+            "gap": diff.mean().item(),
+            "r_chosen": r_chosen.mean().item(),
+            "r_rejected": r_rejected.mean().item(),
+        }
     return loss, metrics
 
 
-def safety_cost_loss(c_safer: torch.Tensor, c_unsafer: torch.Tensor, safer_is_safe: torch.Tensor,
-                     unsafer_is_safe: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def safety_cost_loss(
+    c_safer: torch.Tensor, c_unsafer: torch.Tensor, safer_is_safe: torch.Tensor, unsafer_is_safe: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Safe-RLHF's cost-model loss (Dai et al. 2023, arXiv:2310.12773, eq. 6), averaged over pairs:
 
         -log sigmoid(c_unsafer - c_safer) - log sigmoid(s_safer * c_safer) - log sigmoid(s_unsafer * c_unsafer)
@@ -48,9 +55,13 @@ def safety_cost_loss(c_safer: torch.Tensor, c_unsafer: torch.Tensor, safer_is_sa
     with torch.no_grad():
         costs = torch.cat([c_safer, c_unsafer])
         unsafe = torch.cat([~safer_is_safe.bool(), ~unsafer_is_safe.bool()])
-        metrics = {"loss": loss.item(), "pair_loss": pair.mean().item(), "sign_loss": sign.mean().item(),
-                   "accuracy": (c_safer < c_unsafer).float().mean().item(),
-                   "sign_accuracy": ((costs > 0) == unsafe).float().mean().item(),
-                   "cost_safe": costs[~unsafe].mean().item() if (~unsafe).any() else float("nan"),
-                   "cost_unsafe": costs[unsafe].mean().item() if unsafe.any() else float("nan")}
+        metrics = {
+            "loss": loss.item(),
+            "pair_loss": pair.mean().item(),
+            "sign_loss": sign.mean().item(),
+            "accuracy": (c_safer < c_unsafer).float().mean().item(),
+            "sign_accuracy": ((costs > 0) == unsafe).float().mean().item(),
+            "cost_safe": costs[~unsafe].mean().item() if (~unsafe).any() else float("nan"),
+            "cost_unsafe": costs[unsafe].mean().item() if unsafe.any() else float("nan"),
+        }
     return loss, metrics

@@ -80,7 +80,8 @@ def _import_path(spec: str) -> RewardFn:
         ) from e
     except SyntaxError as e:  # the module's own code does not parse
         raise RewardError(
-            f"reward {spec!r}: module {module_name!r} has a syntax error ({e.msg}) at {e.filename}, line {e.lineno}; fix the module"
+            f"reward {spec!r}: module {module_name!r} has a syntax error ({e.msg}) at {e.filename}, line {e.lineno}; "
+            "fix the module"
         ) from e
     except Exception as e:  # the module's top-level code raised while importing
         raise RewardError(
@@ -135,9 +136,7 @@ def check_reward_output(name: str, values: Any, n: int) -> list[float]:
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
-        raise RewardError(
-            f"reward {name!r} returned {type(values).__name__}; expected a list of {n} floats (or None)"
-        )
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}; expected a list of {n} floats (or None)")
     if len(values) != n:
         raise RewardError(
             f"reward {name!r} returned {len(values)} values for {n} completions; "
@@ -177,8 +176,9 @@ def call_reward(name: str, fn: RewardFn, prompts: list[str], completions: list[s
     return check_reward_output(name, values, len(completions))
 
 
-def signature_problems(fn, settings_given: dict, *, where: str, registered: bool, columns: set | None = None,
-                       data_key: str = "the dataset") -> list[str]:
+def signature_problems(
+    fn, settings_given: dict, *, where: str, registered: bool, columns: set | None = None, data_key: str = "the dataset"
+) -> list[str]:
     """Whether `fn` fits the protocol for its recipe entry: one line per problem, [] if it fits.
 
     Its recipe settings (`settings_given`) are parameters it names (a built-in's misspelt setting is
@@ -196,19 +196,32 @@ def signature_problems(fn, settings_given: dict, *, where: str, registered: bool
     unknown = [k for k in settings_given if k not in named[2:]]  # prompts, completions come first
     if unknown and (not var_kw or registered):
         valid = ", ".join(settings if var_kw else named[2:]) or "(none)"
-        return [f"{where}: unknown setting(s) {', '.join(unknown)} in its recipe entry; it accepts {valid}; fix the spelling or remove them"]
+        return [
+            f"{where}: unknown setting(s) {', '.join(unknown)} in its recipe entry; it accepts {valid}; fix the "
+            "spelling or remove them"
+        ]
     p = []
     if not var_kw and columns is not None:
         refused = sorted(c for c in columns if c not in named[2:] and c not in settings_given)
         if refused:
-            p.append(f"{where} does not accept the columns it is called with ({', '.join(refused)}): every dataset column and "
-                     "completion_ids arrive as keyword arguments; give it a **columns parameter")
+            p.append(
+                f"{where} does not accept the columns it is called with ({', '.join(refused)}): every dataset column "
+                "and "
+                "completion_ids arrive as keyword arguments; give it a **columns parameter"
+            )
     if columns is not None:
-        reads = [n for n in named[2:] if params[n].kind == params[n].POSITIONAL_OR_KEYWORD and n not in settings_given
-                 and (registered or params[n].default is params[n].empty)]
+        reads = [
+            n
+            for n in named[2:]
+            if params[n].kind == params[n].POSITIONAL_OR_KEYWORD
+            and n not in settings_given
+            and (registered or params[n].default is params[n].empty)
+        ]
         missing = [n for n in reads if n not in columns]
         if missing:
             have = ", ".join(sorted(columns - {"completion_ids"}))
-            p.append(f"{where} reads the column(s) {', '.join(missing)}, which {data_key} does not have (columns: {have}); "
-                     "rename the column in the data or use another reward")
+            p.append(
+                f"{where} reads the column(s) {', '.join(missing)}, which {data_key} does not have (columns: {have}); "
+                "rename the column in the data or use another reward"
+            )
     return p

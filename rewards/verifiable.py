@@ -183,9 +183,7 @@ def soft_overlong_reward(
         )
     cache = max_completion_length // 5 if cache_length is None else int(cache_length)
     if not 0 <= cache <= max_completion_length:
-        raise RewardError(
-            f"reward 'soft_overlong': cache_length must be in [0, {max_completion_length}], got {cache}"
-        )
+        raise RewardError(f"reward 'soft_overlong': cache_length must be in [0, {max_completion_length}], got {cache}")
     start = max_completion_length - cache
     out = []
     for length in _lengths(kwargs, "soft_overlong", len(completions)):

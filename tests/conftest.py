@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models built from configs (no network), the shipped toy data."""
+
 from __future__ import annotations
 
 import os
@@ -27,17 +28,39 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, hidden: int 
     from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, LlamaConfig, Qwen2Config
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     if arch == "llama":
         cfg = LlamaConfig(**common)
     elif arch == "qwen2":
         cfg = Qwen2Config(**common)
     elif arch == "deepseek_v3":
-        cfg = DeepseekV3Config(**{**common, "num_key_value_heads": 4}, moe_intermediate_size=hidden, n_routed_experts=4,
-                               num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                               kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        cfg = DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4},
+            moe_intermediate_size=hidden,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        )
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

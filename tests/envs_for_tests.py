@@ -1,4 +1,5 @@
 """Environments and tools the multi-turn tests name by dotted path (envs_for_tests:Name)."""
+
 from __future__ import annotations
 
 import time
@@ -8,7 +9,12 @@ class ScriptedEnv:
     """Answers each of the first `answers` turns with fixed token ids `obs` (a list) or text; then done."""
 
     def __init__(self, row: dict, obs=(7, 8, 9), answers: int = 2, first=None):
-        self.obs, self.answers, self.first, self.steps = list(obs) if not isinstance(obs, str) else obs, answers, first, []
+        self.obs, self.answers, self.first, self.steps = (
+            list(obs) if not isinstance(obs, str) else obs,
+            answers,
+            first,
+            [],
+        )
 
     def reset(self, row):
         return self.first

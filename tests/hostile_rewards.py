@@ -1,10 +1,13 @@
-"""Rewards that misbehave on purpose (issue 21), referenced by dotted path (`hostile_rewards:...`) as a user's module is."""
+"""Rewards that misbehave on purpose (issue 21), referenced by dotted path (`hostile_rewards:...`) as a user's module
+is."""
+
 import time
 from pathlib import Path
 
 
 def never_returns(prompts, completions, *, marker: str | None = None, **columns):
-    """Hangs (a loop of short sleeps that swallows ordinary exceptions); touches `marker` first, so a test knows it got here."""
+    """Hangs (a loop of short sleeps that swallows ordinary exceptions); touches `marker` first, so a test knows it
+    got here."""
     if marker:
         Path(marker).write_text("called")
     while True:

@@ -50,7 +50,9 @@ def odd_first_token_cost(prompts, completions, *, completion_ids, **columns):
 _CALLS: dict[str, int] = {}
 
 
-def signal_self(prompts, completions, *, key: str, at_call: int, sig: str = "SIGINT", rank: int | None = None, **columns):
+def signal_self(
+    prompts, completions, *, key: str, at_call: int, sig: str = "SIGINT", rank: int | None = None, **columns
+):
     """Sends `sig` to this process on its `at_call`-th call for `key` (a user pressing Ctrl-C mid-step); 0 = never;
     `rank`: only on that process of a multi-process launch. The count is per process and per key, so a resumed
     run (same key, same process) does not send it again."""

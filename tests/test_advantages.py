@@ -220,15 +220,14 @@ def test_cost_signal():
 
 
 # Two groups of G=2; columns: reward r, cost c1 (its indicator enters: a rate constraint), cost c2 (itself: a mean one)
-R2 = torch.tensor([[1.0, 2.0, 3.0],
-                   [0.0, -1.0, 1.0],
-                   [0.0, -1.0, 5.0],
-                   [0.0, -2.0, 5.0]])
+R2 = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0], [0.0, -1.0, 5.0], [0.0, -2.0, 5.0]])
 TWO = {"eps": 0.0, "cost_std_floor": [1.0, 0.5], "signals": ["indicator", "cost"]}
 
 
 def test_separate_scheme_two_constraints_by_hand():
-    adv, m = reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="separate", **TWO)
+    adv, m = reward_and_cost_advantages(
+        R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="separate", **TWO
+    )
     # group 1: A_r = +-.5 / std(1, 0) = +-.70711
     #          A_1: indicator (1, 0), +-.5 / (.70711 + floor 1) = +-.29289
     #          A_2: cost (3, 1), +-1 / (1.41421 + floor .5) = +-.52241
@@ -240,17 +239,28 @@ def test_separate_scheme_two_constraints_by_hand():
 
 
 def test_scalarized_scheme_two_constraints_by_hand():
-    adv, _ = reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized", **TWO)
+    adv, _ = reward_and_cost_advantages(
+        R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized", **TWO
+    )
     # s = (r - 2 * indicator - 1 * c2) / 4 = (1 - 2 - 3) / 4, (0 - 0 - 1) / 4, -5/4, -5/4 = -1, -.25, -1.25, -1.25
     # group 1: +-.375 / std(-1, -.25) = +-.375 / .53033 = -+.70711 ; group 2 constant: 0
     torch.testing.assert_close(adv, torch.tensor([-0.70711, 0.70711, 0.0, 0.0]), atol=1e-5, rtol=0)
     # Dr. GRPO's scale none keeps the 1 + sum(lam) division: centred s only
-    none, _ = reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized",
-                                         scale="none", **TWO)
+    none, _ = reward_and_cost_advantages(
+        R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized", scale="none", **TWO
+    )
     torch.testing.assert_close(none, torch.tensor([-0.375, 0.375, 0.0, 0.0]))
     with pytest.raises(ValueError, match="needs mode='sum'"):
-        reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized",
-                                   mode="normalize_then_sum", **TWO)
+        reward_and_cost_advantages(
+            R2,
+            [1.0, 0.0, 0.0],
+            [False, True, True],
+            2,
+            lam=[2.0, 1.0],
+            scheme="scalarized",
+            mode="normalize_then_sum",
+            **TWO,
+        )
 
 
 def test_unconstrained_cost_is_a_plain_penalty():
@@ -260,14 +270,19 @@ def test_unconstrained_cost_is_a_plain_penalty():
     torch.testing.assert_close(adv, torch.tensor([-0.04663, 0.04663, 0.0, 0.0]), atol=1e-5, rtol=0)
     # no constraint at all: A_r - sum_k w_k A_k (the old unconstrained rule)
     free, _ = reward_and_cost_advantages(R2, [1.0, 0.25, 0.5], [False, True, True], 2, lam=None, **TWO)
-    torch.testing.assert_close(free, torch.tensor([0.70711 - 0.25 * 0.29289 - 0.5 * 0.52241, -(0.70711 - 0.25 * 0.29289 - 0.5 * 0.52241),
-                                                   0.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        free,
+        torch.tensor([0.70711 - 0.25 * 0.29289 - 0.5 * 0.52241, -(0.70711 - 0.25 * 0.29289 - 0.5 * 0.52241), 0.0, 0.0]),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_one_cost_column_keeps_its_old_metric_names():
     adv, m = reward_and_cost_advantages(R2[:, :2], [1.0, 0.0], [False, True], 2, lam=1.0, eps=0.0)
     assert m["cost"] == m["cost/1"] == -0.5 and m["unsafe_rate"] == m["rate/1"] == 0.25
-    # the cost itself enters by default: group 1 costs (2, -1): +-1.5 / (2.12132 + 1) = +-.48057; group 2 costs (-1, -2):
+    # the cost itself enters by default: group 1 costs (2, -1): +-1.5 / (2.12132 + 1) = +-.48057; group 2 costs (-1,
+    # -2):
     # +-.5 / (.70711 + 1) = +-.29289 under a constant reward
     expected = [(0.70711 - 0.48057) / 2, -(0.70711 - 0.48057) / 2, -0.29289 / 2, 0.29289 / 2]
     torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-5, rtol=0)
@@ -282,7 +297,9 @@ def test_schemes_registry_and_argument_errors():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(-5, 5), min_size=8, max_size=8), st.floats(0, 10), st.sampled_from(["separate", "scalarized"]))
+@given(
+    st.lists(st.floats(-5, 5), min_size=8, max_size=8), st.floats(0, 10), st.sampled_from(["separate", "scalarized"])
+)
 def test_property_constrained_advantages_have_zero_group_mean(values, lam, scheme):
     R = torch.tensor(values).reshape(4, 2)
     adv, _ = reward_and_cost_advantages(R, [1.0, 0.0], [False, True], 2, lam=[lam], scheme=scheme)
@@ -290,7 +307,10 @@ def test_property_constrained_advantages_have_zero_group_mean(values, lam, schem
 
 
 def test_multipliers_state_roundtrip_and_old_checkpoints():
-    mults = {"safety": LagrangeMultiplier.from_lambda(2.0, lr=0.5, threshold=0.1), "length": LagrangeMultiplier(lr=0.1, threshold=20.0)}
+    mults = {
+        "safety": LagrangeMultiplier.from_lambda(2.0, lr=0.5, threshold=0.1),
+        "length": LagrangeMultiplier(lr=0.1, threshold=20.0),
+    }
     mults["safety"].update(0.3)
     mults["length"].update(25.0)
     other = {"safety": LagrangeMultiplier(), "length": LagrangeMultiplier()}
@@ -302,6 +322,7 @@ def test_multipliers_state_roundtrip_and_old_checkpoints():
     assert single["safety"] == mults["safety"]
     with pytest.raises(ValueError, match="holds one multiplier .* this run has 2"):
         load_multipliers(other, mults["safety"].state_dict())
-    with pytest.raises(ValueError, match=r"holds multipliers for constraints \['length', 'safety'\]; this run has \['safety'\]"):
+    with pytest.raises(
+        ValueError, match=r"holds multipliers for constraints \['length', 'safety'\]; this run has \['safety'\]"
+    ):
         load_multipliers(single, multipliers_state_dict(mults))
-

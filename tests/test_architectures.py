@@ -1,4 +1,5 @@
 """The tiny recipe's stages (SFT -> GRPO -> eval) on other decoder families: Qwen2 and DeepSeek-V3 (MoE)."""
+
 import json
 import sys
 
@@ -15,12 +16,30 @@ sys.path.insert(0, str(ROOT / "tests"))  # rewards_for_tests
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_pipeline_stages_run_on(arch, lora, tmp_path):
     model = make_tiny_model(tmp_path / arch, arch)
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={model}", "run.threads=1", "run.stages=[sft,train,eval]",
-        "sft.steps=2", "sft.batch_size=4", "data.sft_eval=null", "grpo.steps=2", "grpo.prompts_per_step=2",
-        "grpo.num_generations=4", "grpo.beta=0.1", "rollout.max_new_tokens=6", "eval.limit=8", "safety.enabled=false",
-        "rewards=[{name: accuracy}, {name: format, weight: 0.1}, {name: 'rewards_for_tests:sevens'}]", "grpo.lr=1e-2", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4",
-        "model.lora.dropout=0"])  # peft wraps MoE expert parameters only without dropout
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            f"model.name_or_path={model}",
+            "run.threads=1",
+            "run.stages=[sft,train,eval]",
+            "sft.steps=2",
+            "sft.batch_size=4",
+            "data.sft_eval=null",
+            "grpo.steps=2",
+            "grpo.prompts_per_step=2",
+            "grpo.num_generations=4",
+            "grpo.beta=0.1",
+            "rollout.max_new_tokens=6",
+            "eval.limit=8",
+            "safety.enabled=false",
+            "rewards=[{name: accuracy}, {name: format, weight: 0.1}, {name: 'rewards_for_tests:sevens'}]",
+            "grpo.lr=1e-2",
+            f"model.lora.enabled={str(lora).lower()}",
+            "model.lora.r=4",
+            "model.lora.dropout=0",
+        ],
+    )  # peft wraps MoE expert parameters only without dropout
     run_pipeline(recipe)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["results"]
     assert set(results) == {"base", "sft", "grpo"} and all(m["n"] == 8 for m in results.values())

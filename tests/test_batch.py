@@ -1,10 +1,12 @@
 """grpo.batch and the GRPO step's data path: token-budget micro-batches, rollout/training mismatch and TIS."""
+
 import json
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT
 from grpo.batch import Rollouts, split_rows, split_to_count
@@ -17,7 +19,9 @@ from grpo.trainer import run_grpo
 def rollouts_of(prompt_lens, comp_lens, G):
     rows = [{"prompt_ids": [3] * p} for p in prompt_lens]
     comps = [Completion(j // G, [5] * n, None, "stop") for j, n in enumerate(comp_lens)]
-    return Rollouts(rows, comps, [""] * len(comps), torch.zeros(len(comps), 0), torch.ones(len(comps), dtype=torch.bool))
+    return Rollouts(
+        rows, comps, [""] * len(comps), torch.zeros(len(comps), 0), torch.ones(len(comps), dtype=torch.bool)
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,10 +80,23 @@ def test_is_weights_scale_each_tokens_surrogate():
 
 
 def recipe(tmp_path, model, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={tmp_path}", f"model.name_or_path={model}", "run.threads=1", "safety.enabled=false", "grpo.steps=1",
-        "grpo.prompts_per_step=4", "grpo.num_generations=8", "rollout.max_new_tokens=8", "grpo.lr=1e-2", "grpo.max_grad_norm=0",
-        "rewards=[{name: 'rewards_for_tests:sevens'}]", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"model.name_or_path={model}",
+            "run.threads=1",
+            "safety.enabled=false",
+            "grpo.steps=1",
+            "grpo.prompts_per_step=4",
+            "grpo.num_generations=8",
+            "rollout.max_new_tokens=8",
+            "grpo.lr=1e-2",
+            "grpo.max_grad_norm=0",
+            "rewards=[{name: 'rewards_for_tests:sevens'}]",
+            *extra,
+        ],
+    )
 
 
 def first_step(path):
@@ -92,7 +109,9 @@ def test_token_budget_micro_batches_give_the_same_step(tmp_path, tiny_model):
     run_grpo(recipe(tmp_path / "rows", tiny_model, "grpo.micro_batch_size=32"))
     run_grpo(recipe(tmp_path / "tokens", tiny_model, "grpo.micro_batch_tokens=40"))  # several uneven micro-batches
     a, b = first_step(tmp_path / "rows"), first_step(tmp_path / "tokens")
-    assert a["sevens"] == b["sevens"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
+    assert (
+        a["sevens"] == b["sevens"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
+    )
     wa, wb = (load_file(p / "train" / "final" / "model.safetensors") for p in (tmp_path / "rows", tmp_path / "tokens"))
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=0)
@@ -111,7 +130,9 @@ def test_mismatch_kl_is_zero_in_fp32_and_positive_in_bf16(tmp_path, tiny_model, 
     assert bf16["mismatch_kl"] > 1e-9 and "is_weight_mean" not in bf16  # seen: ~8e-8
     assert tis["mismatch_kl"] == bf16["mismatch_kl"]  # the same samples
     assert tis["is_capped_frac"] > 0.3 and tis["is_weight_mean"] <= 0.999
-    assert tis["grad_norm"] == pytest.approx(bf16["grad_norm"] * tis["is_weight_mean"], rel=0.05)  # weights scale the surrogate
+    assert tis["grad_norm"] == pytest.approx(
+        bf16["grad_norm"] * tis["is_weight_mean"], rel=0.05
+    )  # weights scale the surrogate
 
 
 def test_fp32_output_layer_keeps_the_tied_weight_and_computes_in_fp32(tiny_model, tmp_path):
@@ -125,17 +146,22 @@ def test_fp32_output_layer_keeps_the_tied_weight_and_computes_in_fp32(tiny_model
     hidden = model.model(input_ids=ids).last_hidden_state
     fp32_output_layer(model)
     head = model.get_output_embeddings()
-    assert head.weight is model.get_input_embeddings().weight and head.weight.dtype == torch.bfloat16  # still tied, still bf16
+    assert (
+        head.weight is model.get_input_embeddings().weight and head.weight.dtype == torch.bfloat16
+    )  # still tied, still bf16
     logits = model(input_ids=ids).logits
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, F.linear(hidden.float(), head.weight.float()), atol=1e-5, rtol=0)
     assert (logits - F.linear(hidden, head.weight).float()).abs().max() > 0  # the bf16 head rounds; this one does not
-    run_grpo(recipe(tmp_path, tiny_model, "model.dtype=bfloat16", "model.fp32_lm_head=true"))  # sampler and trainer run with it
+    run_grpo(
+        recipe(tmp_path, tiny_model, "model.dtype=bfloat16", "model.fp32_lm_head=true")
+    )  # sampler and trainer run with it
     assert math.isfinite(first_step(tmp_path)["mismatch_kl"])
 
 
 def test_memory_budget_matches_what_the_run_allocates(tiny_model):
-    """Parameters, gradients, Adam moments and the engine's KV storage as counted before step 1 equal what exists after it."""
+    """Parameters, gradients, Adam moments and the engine's KV storage as counted before step 1 equal what exists
+    after it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.generation import make_backend, sampling_params
@@ -149,11 +175,15 @@ def test_memory_budget_matches_what_the_run_allocates(tiny_model):
     opt.step()
     assert budget["policy"] == sum(p.numel() * 4 for p in model.parameters())
     assert budget["gradients"] == sum(p.grad.numel() * 4 for p in model.parameters())
-    assert budget["optimizer"] == sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.dim())
+    assert budget["optimizer"] == sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.dim()
+    )
     assert budget["reference"] == 0 and budget["activations"] > 0
     engine = make_backend(r.rollout, model.eval(), AutoTokenizer.from_pretrained(tiny_model))
     engine.generate([[5] * 10, [6] * 10], r.grpo.num_generations, sampling_params(r.rollout, 2, seed=0))
     kv = engine.cache
-    held = sum(t.numel() * t.element_size() for ts in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v) for t in ts.values())
+    held = sum(
+        t.numel() * t.element_size() for ts in (kv.prefix_k, kv.prefix_v, kv.suffix_k, kv.suffix_v) for t in ts.values()
+    )
     assert budget["rollout_kv"] == held
     assert "rollout_kv" in format_budget(budget, torch.device("cpu"))

@@ -3,6 +3,7 @@
 Every faster path is checked against today's full-logits path: the model's ``[B, C + 1, V]`` logits
 (``logits_to_keep``) and `selective_log_softmax`, values and gradients of every parameter (fp32: 1e-5).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,9 @@ ATOL = 1e-5
 # ------------------------------------------------------------------------------------- helpers
 def tiny(tmp_path, arch: str = "llama", tied: bool = True, **load) -> nn.Module:
     """A tiny random model of `arch` (conftest.make_tiny_model), with its own lm_head weight when not `tied`."""
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / arch, arch, seed=1), dtype=torch.float32, **load)
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_model(tmp_path / arch, arch, seed=1), dtype=torch.float32, **load
+    )
     if not tied:
         model.config.tie_word_embeddings = False
         g = torch.Generator().manual_seed(5)
@@ -204,7 +207,9 @@ def test_lora_including_the_output_layer(tmp_path, lm_head):
     if lm_head == "lora":
         cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
     else:
-        cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+        cfg = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+        )
     model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -219,16 +224,29 @@ def test_lora_including_the_output_layer(tmp_path, lm_head):
     assert any("lm_head" in n for n in got), sorted(got)
     assert_same_grads(got, grads_of(model, full_path(model, inputs, targets), w))
     with torch.no_grad(), model.disable_adapter():  # the reference policy under LoRA
-        torch.testing.assert_close(forward_logprobs(model, inputs, targets, temperature=TEMPERATURE, chunk_size=3),
-                                   full_path(model, inputs, targets), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            forward_logprobs(model, inputs, targets, temperature=TEMPERATURE, chunk_size=3),
+            full_path(model, inputs, targets),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 def test_logit_softcapping_falls_back_to_full_logits(tmp_path, caplog):
     """Gemma2 softcaps its logits after lm_head: detected, one warning, full-logits values (still exact)."""
     from transformers import Gemma2Config
 
-    cfg = Gemma2Config(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0, pad_token_id=0)
+    cfg = Gemma2Config(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).train()
     inputs, targets = padded_inputs(61, seed=4)
@@ -263,15 +281,25 @@ def test_vocab_sized_tensors_do_not_grow_with_tokens(tmp_path):
     from transformers import LlamaConfig
 
     V, H, chunk = 1031, 16, 8
-    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).train()
     largest = {}
     for C in (32, 128):
         inputs, targets = padded_inputs(V, rows=2, prompt=5, completion=C)
-        runs = {"chunked": lambda: forward_logprobs(model, inputs, targets, temperature=TEMPERATURE, chunk_size=chunk),
-                "full": lambda: full_path(model, inputs, targets)}
+        runs = {
+            "chunked": lambda: forward_logprobs(model, inputs, targets, temperature=TEMPERATURE, chunk_size=chunk),
+            "full": lambda: full_path(model, inputs, targets),
+        }
         for name, run in runs.items():
             with LargestVocabTensor(V) as mode:
                 run().sum().backward()
@@ -363,11 +391,21 @@ def test_under_deepspeed_zero3(tmp_path):
     """ZeRO-3 (one process, every weight partitioned): the head's weight is gathered by DeepSpeed's module hooks
     on each chunk call and recompute; values and full gradients equal the unsharded full-logits path."""
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+        "OMP_NUM_THREADS": "1",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }
     env.pop("ACCELERATE_USE_CPU", None)
     code = "from pathlib import Path\n" + ZERO3_CHECK.replace("t.Path", "Path")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and "ZERO3 OK" in proc.stdout, proc.stderr[-4000:]
 
 
@@ -384,9 +422,9 @@ def packed_and_plain(model, group_size=3, seed=0):
     mask = torch.zeros(len(comps), C)
     for j, (c, i) in enumerate(zip(comps, group_of)):
         p = prompts[i]
-        ids[j, P - len(p):P], ids[j, P:P + len(c)] = torch.tensor(p), torch.tensor(c)
-        attn[j, P - len(p):P + len(c)] = 1
-        mask[j, :len(c)] = 1
+        ids[j, P - len(p) : P], ids[j, P : P + len(c)] = torch.tensor(p), torch.tensor(c)
+        attn[j, P - len(p) : P + len(c)] = 1
+        mask[j, : len(c)] = 1
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
     return pack_groups(prompts, comps, group_of), inputs, ids[:, P:], mask
 
@@ -401,8 +439,10 @@ def test_packed_layout_chunked(tmp_path, arch):
     torch.testing.assert_close(logp * mask, ref * mask, atol=ATOL, rtol=0)
     assert ent.shape == mask.shape and (ent[mask == 0] == 0).all() and (ent[mask == 1] > 0).all()
     w = weights_like(ref) * mask
-    assert_same_grads(grads_of(model, packed_logprobs(model, packed, TEMPERATURE, chunk_size=4), w),
-                      grads_of(model, full_path(model, inputs, targets), w))
+    assert_same_grads(
+        grads_of(model, packed_logprobs(model, packed, TEMPERATURE, chunk_size=4), w),
+        grads_of(model, full_path(model, inputs, targets), w),
+    )
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
@@ -470,5 +510,7 @@ def test_routed_attention_is_transparent_without_a_layout(tmp_path):
     q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))  # 4 query heads, 2 key/value heads
     module = model.model.layers[0].self_attn
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
-    for a, b in zip(routed(module, q, k, v, mask, dropout=0.0), sdpa_attention_forward(module, q, k, v, mask, dropout=0.0)):
+    for a, b in zip(
+        routed(module, q, k, v, mask, dropout=0.0), sdpa_attention_forward(module, q, k, v, mask, dropout=0.0)
+    ):
         assert (a is None and b is None) or torch.equal(a, b)

@@ -1,4 +1,5 @@
 """The real CLI on bad input: non-zero exit, one clear line, no traceback, nothing written."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def grpo(*args, cwd=ROOT, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "grpo", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "grpo", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_clean_failure(proc, *needles):
@@ -39,8 +47,20 @@ def test_no_command_prints_help():
     assert proc.returncode == 2 and "sft" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["missing_recipe", "yaml_syntax", "unknown_key", "wrong_type", "missing_dataset",
-                                  "no_prompt_field", "empty_dataset", "missing_model", "bad_override"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_recipe",
+        "yaml_syntax",
+        "unknown_key",
+        "wrong_type",
+        "missing_dataset",
+        "no_prompt_field",
+        "empty_dataset",
+        "missing_model",
+        "bad_override",
+    ],
+)
 def test_sft_bad_input(tmp_path, out, case):
     recipe = ROOT / "recipes" / "quickstart.yaml"
     extra = [f"run.output_dir={out}"]

@@ -1,4 +1,5 @@
 """Recipe loader: sections, overrides, and one clear error per bad input."""
+
 import dataclasses
 from pathlib import Path
 
@@ -29,8 +30,17 @@ def test_quickstart_recipe_loads():
 
 def test_overrides_nested_list_and_types(tmp_path):
     p = write(tmp_path, "grpo: {lr: 1.0e-5}\nrewards:\n  - {name: accuracy, weight: 1.0}\n")
-    r = load_recipe(p, ["grpo.lr=3e-4", "model.lora.enabled=true", "run.stages=[sft,eval]", "rewards.0.weight=2",
-                        "rewards.1={name: format, tags: [x, y]}", "tracking.report_to=wandb"])
+    r = load_recipe(
+        p,
+        [
+            "grpo.lr=3e-4",
+            "model.lora.enabled=true",
+            "run.stages=[sft,eval]",
+            "rewards.0.weight=2",
+            "rewards.1={name: format, tags: [x, y]}",
+            "tracking.report_to=wandb",
+        ],
+    )
     assert r.grpo.lr == pytest.approx(3e-4) and isinstance(r.grpo.lr, float)
     assert r.model.lora.enabled is True
     assert r.run.stages == ["sft", "eval"]
@@ -40,7 +50,9 @@ def test_overrides_nested_list_and_types(tmp_path):
 
 
 def test_reward_kwargs_round_trip(tmp_path):
-    p = write(tmp_path, "rewards:\n  - {name: soft_overlong, weight: 0.5, max_completion_length: 40, cache_length: 8}\n")
+    p = write(
+        tmp_path, "rewards:\n  - {name: soft_overlong, weight: 0.5, max_completion_length: 40, cache_length: 8}\n"
+    )
     r = load_recipe(p)
     assert r.rewards[0].kwargs == {"max_completion_length": 40, "cache_length": 8}
     save_recipe(r, tmp_path / "saved.yaml")
@@ -54,21 +66,24 @@ def test_saved_config_redacts_secrets(tmp_path):
     assert "sk-123" not in (tmp_path / "c.yaml").read_text()
 
 
-@pytest.mark.parametrize("text, overrides, message", [
-    ("grpo: {lrr: 1}\n", [], "unknown key 'grpo.lrr'; valid keys in grpo: steps"),
-    ("gpro: {lr: 1}\n", [], "unknown key 'gpro'; valid keys: run, model"),
-    ("grpo: {steps: ten}\n", [], "'grpo.steps' must be an integer"),
-    ("grpo: {lr: fast}\n", [], "'grpo.lr' must be a number"),
-    ("model: {lora: {enabled: 3}}\n", [], "'model.lora.enabled' must be true or false"),
-    ("grpo: {importance_level: seq}\n", [], "'grpo.importance_level' must be one of token, sequence"),
-    ("grpo: [1, 2]\n", [], "'grpo' must be a mapping"),
-    ("grpo: {steps: 1\n", [], "invalid YAML"),
-    ("- 1\n- 2\n", [], "a recipe must be a mapping"),
-    ("rewards: [{weight: 1}]\n", [], "'rewards.0' needs a 'name'"),
-    ("run: {seed: !!python/object/apply:os.system [echo hi]}\n", [], "invalid YAML"),
-    ("", ["grpo.lr"], "is not of the form key.sub=value"),
-    ("grpo: {lr: 0.1}\n", ["grpo.lr.x=1"], "'grpo.lr' is not a section"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("grpo: {lrr: 1}\n", [], "unknown key 'grpo.lrr'; valid keys in grpo: steps"),
+        ("gpro: {lr: 1}\n", [], "unknown key 'gpro'; valid keys: run, model"),
+        ("grpo: {steps: ten}\n", [], "'grpo.steps' must be an integer"),
+        ("grpo: {lr: fast}\n", [], "'grpo.lr' must be a number"),
+        ("model: {lora: {enabled: 3}}\n", [], "'model.lora.enabled' must be true or false"),
+        ("grpo: {importance_level: seq}\n", [], "'grpo.importance_level' must be one of token, sequence"),
+        ("grpo: [1, 2]\n", [], "'grpo' must be a mapping"),
+        ("grpo: {steps: 1\n", [], "invalid YAML"),
+        ("- 1\n- 2\n", [], "a recipe must be a mapping"),
+        ("rewards: [{weight: 1}]\n", [], "'rewards.0' needs a 'name'"),
+        ("run: {seed: !!python/object/apply:os.system [echo hi]}\n", [], "invalid YAML"),
+        ("", ["grpo.lr"], "is not of the form key.sub=value"),
+        ("grpo: {lr: 0.1}\n", ["grpo.lr.x=1"], "'grpo.lr' is not a section"),
+    ],
+)
 def test_bad_recipes_fail_with_one_clear_line(tmp_path, text, overrides, message):
     p = write(tmp_path, text)
     with pytest.raises(UserError) as e:
@@ -94,12 +109,17 @@ def test_every_field_has_a_default():
 yaml_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=12)
+    max_leaves=12,
+)
 section_names = st.sampled_from([f.name for f in dataclasses.fields(Recipe)] + ["bogus"])
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.dictionaries(section_names, st.dictionaries(st.text(max_size=12), yaml_values, max_size=3) | yaml_values, max_size=4))
+@given(
+    st.dictionaries(
+        section_names, st.dictionaries(st.text(max_size=12), yaml_values, max_size=3) | yaml_values, max_size=4
+    )
+)
 def test_random_documents_never_crash_uncleanly(tmp_path_factory, doc):
     p = tmp_path_factory.mktemp("fuzz") / "r.yaml"
     p.write_text(yaml.safe_dump(doc))

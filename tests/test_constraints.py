@@ -1,6 +1,7 @@
 """Several constraints (recipe section `constraints:`): config and rules, the old `safety:` section as one
 constraint, both advantage schemes end to end against a hand computation from the logged samples, each
 multiplier's dual step (mean and rate, delay, clamp), and exact resume of several multipliers (old checkpoints too)."""
+
 import dataclasses
 import json
 import math
@@ -9,27 +10,40 @@ import sys
 import pytest
 import torch
 
+from conftest import ROOT
 from grpo import checkpoint, rules
 from grpo.config import constraint_list, load_recipe, resolved_constraints, unconstrained
 from grpo.errors import Interrupted, UserError
 from grpo.trainer import run_grpo
 
-from conftest import ROOT
-
 sys.path.insert(0, str(ROOT / "tests"))
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-REWARDS = ("rewards=[{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}, "
-           "{name: completion_tokens}]")
-# a rate constraint on the safety cost (delayed one step) and a length budget that the first steps exceed (lambda hits its cap)
-TWO = ("constraints=[{reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_init: 0.5, lambda_lr: 1.0, lambda_max: 4.0, "
-       "delay: 1, name: unsafe}, {reward: completion_tokens, kind: mean, threshold: 6.0, lambda_init: 1.0, lambda_lr: 0.5, "
-       "lambda_max: 3.0, std_floor: 2.0, name: length}]")
+REWARDS = (
+    "rewards=[{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}, "
+    "{name: completion_tokens}]"
+)
+# a rate constraint on the safety cost (delayed one step) and a length budget that the first steps exceed (lambda hits
+# its cap)
+TWO = (
+    "constraints=[{reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_init: 0.5, lambda_lr: 1.0, "
+    "lambda_max: 4.0, "
+    "delay: 1, name: unsafe}, {reward: completion_tokens, kind: mean, threshold: 6.0, lambda_init: 1.0, lambda_lr: "
+    "0.5, "
+    "lambda_max: 3.0, std_floor: 2.0, name: length}]"
+)
 
 
 def recipe(tmp_path, model=None, *extra):
-    base = [f"run.output_dir={tmp_path}", "run.threads=1", "tracking.log_every=1", "safety.enabled=false",
-            "grpo.prompts_per_step=4", "grpo.num_generations=2", "rollout.max_new_tokens=8"]
+    base = [
+        f"run.output_dir={tmp_path}",
+        "run.threads=1",
+        "tracking.log_every=1",
+        "safety.enabled=false",
+        "grpo.prompts_per_step=4",
+        "grpo.num_generations=2",
+        "rollout.max_new_tokens=8",
+    ]
     return load_recipe(QUICKSTART, base + ([f"model.name_or_path={model}"] if model else []) + list(extra))
 
 
@@ -45,11 +59,15 @@ def history(path):
 def test_constraints_section_loads(tmp_path):
     r = recipe(tmp_path, None, REWARDS, TWO)
     assert [(c.reward, c.kind, c.threshold, c.name) for c in r.constraints] == [
-        ("odd_first_token_cost", "rate", 0.3, "unsafe"), ("completion_tokens", "mean", 6.0, "length")]
+        ("odd_first_token_cost", "rate", 0.3, "unsafe"),
+        ("completion_tokens", "mean", 6.0, "length"),
+    ]
     assert r.constraints[1].std_floor == 2.0 and r.constraints[0].delay == 1 and r.constraints[0].signal == "auto"
     assert [(name, col) for name, _, col in resolved_constraints(r)] == [("unsafe", 1), ("length", 2)]
     assert problems(tmp_path, REWARDS, TWO) == []
-    with pytest.raises(UserError, match=r"unknown key 'constraints.0.lamda_lr'; valid keys in constraints.0: reward, threshold"):
+    with pytest.raises(
+        UserError, match=r"unknown key 'constraints.0.lamda_lr'; valid keys in constraints.0: reward, threshold"
+    ):
         recipe(tmp_path, None, "constraints=[{reward: safety, lamda_lr: 0.1}]")
 
 
@@ -59,14 +77,25 @@ def test_old_safety_section_is_one_constraint(tmp_path):
     r = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}"])
     (c,) = constraint_list(r)
     assert (c.reward, c.kind, c.signal, c.threshold, c.lambda_lr, c.lambda_max, c.name) == (
-        "{output_dir}/rm/safety", "rate", "cost", 0.02, 0.2, 10.0, "safety")
+        "{output_dir}/rm/safety",
+        "rate",
+        "cost",
+        0.02,
+        0.2,
+        10.0,
+        "safety",
+    )
     assert [(name, col) for name, _, col in resolved_constraints(r)] == [("safety", 3)]
-    mean = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}", "safety.constrain=mean_cost", "safety.lambda_delay=3"])
+    mean = load_recipe(
+        QUICKSTART, [f"run.output_dir={tmp_path}", "safety.constrain=mean_cost", "safety.lambda_delay=3"]
+    )
     assert [(c.kind, c.delay) for c in constraint_list(mean)] == [("mean", 3)]
     assert constraint_list(load_recipe(QUICKSTART, ["safety.enabled=false"])) == []
     both = rules.constraints(load_recipe(QUICKSTART, ["constraints=[{reward: safety, kind: rate, threshold: 0.02}]"]))
-    assert both == ["safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, e.g. "
-                    "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section"]
+    assert both == [
+        "safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, e.g. "
+        "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section"
+    ]
 
 
 def test_unconstrained_baseline_drops_every_constraint(tmp_path):
@@ -77,19 +106,38 @@ def test_unconstrained_baseline_drops_every_constraint(tmp_path):
     assert [x.weight for x in r.rewards] == [1.0, 1.0, 0.7]  # the recipe itself is unchanged
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("constraints=[{kind: rate}]", "constraints.0 needs reward: the name of the constrained entry of rewards (rewards: even_tokens, "
-                                   "odd_first_token_cost, completion_tokens)"),
-    ("constraints=[{reward: safety}]", "constraints.0.reward='safety' names no reward of the recipe; rewards: even_tokens,"),
-    ("constraints=[{reward: completion_tokens, kind: rate, threshold: 2}]", "constraints.0: threshold=2.0 bounds a rate P(cost > 0): "
-                                                                            "give a fraction in [0, 1]"),
-    ("constraints=[{reward: completion_tokens, lambda_init: 30}]", "constraints.0: lambda_init=30.0 must be > 0 and <= lambda_max=20.0"),
-    ("constraints=[{reward: completion_tokens, lambda_lr: -1}]", "constraints.0: lambda_lr=-1.0 must be >= 0"),
-    ("constraints=[{reward: completion_tokens, delay: -2}]", "constraints.0: delay=-2 must be >= 0"),
-    ("constraints=[{reward: completion_tokens, signal: indicator}]", "constraints.0: signal=indicator puts P(cost > 0) into the advantage"),
-    ("constraints=[{reward: completion_tokens}, {reward: completion_tokens, kind: rate}]",
-     "constraints: the name 'completion_tokens' is used twice; give each constraint a distinct name"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "constraints=[{kind: rate}]",
+            "constraints.0 needs reward: the name of the constrained entry of rewards (rewards: even_tokens, "
+            "odd_first_token_cost, completion_tokens)",
+        ),
+        (
+            "constraints=[{reward: safety}]",
+            "constraints.0.reward='safety' names no reward of the recipe; rewards: even_tokens,",
+        ),
+        (
+            "constraints=[{reward: completion_tokens, kind: rate, threshold: 2}]",
+            "constraints.0: threshold=2.0 bounds a rate P(cost > 0): give a fraction in [0, 1]",
+        ),
+        (
+            "constraints=[{reward: completion_tokens, lambda_init: 30}]",
+            "constraints.0: lambda_init=30.0 must be > 0 and <= lambda_max=20.0",
+        ),
+        ("constraints=[{reward: completion_tokens, lambda_lr: -1}]", "constraints.0: lambda_lr=-1.0 must be >= 0"),
+        ("constraints=[{reward: completion_tokens, delay: -2}]", "constraints.0: delay=-2 must be >= 0"),
+        (
+            "constraints=[{reward: completion_tokens, signal: indicator}]",
+            "constraints.0: signal=indicator puts P(cost > 0) into the advantage",
+        ),
+        (
+            "constraints=[{reward: completion_tokens}, {reward: completion_tokens, kind: rate}]",
+            "constraints: the name 'completion_tokens' is used twice; give each constraint a distinct name",
+        ),
+    ],
+)
 def test_constraint_rules(tmp_path, override, needle):
     found = problems(tmp_path, REWARDS, override)
     assert len(found) == 1 and found[0].startswith(needle), found
@@ -98,12 +146,16 @@ def test_constraint_rules(tmp_path, override, needle):
 def test_constraint_rules_ambiguous_reward_and_scheme(tmp_path):
     two_models = "rewards=[{name: accuracy}, {name: a/rm/safety, role: safety}, {name: b/rm/safety}]"
     found = problems(tmp_path, two_models, "constraints=[{reward: safety}]")
-    assert found == ["constraints.0.reward='safety' names 2 rewards (rewards.1, rewards.2); use the name as written in rewards, or "
-                     "make the rewards' names distinct"]
+    assert found == [
+        "constraints.0.reward='safety' names 2 rewards (rewards.1, rewards.2); use the name as written in rewards, or "
+        "make the rewards' names distinct"
+    ]
     assert problems(tmp_path, two_models, "constraints=[{reward: b/rm/safety}]") == []  # the name as written
     found = problems(tmp_path, REWARDS, TWO, "grpo.constraint_scheme=scalarized", "grpo.reward_mode=normalize_then_sum")
-    assert found == ["grpo.constraint_scheme=scalarized combines raw rewards and costs before one normalisation: it needs "
-                     "grpo.reward_mode=sum (got normalize_then_sum); or use constraint_scheme=separate"]
+    assert found == [
+        "grpo.constraint_scheme=scalarized combines raw rewards and costs before one normalisation: it needs "
+        "grpo.reward_mode=sum (got normalize_then_sum); or use constraint_scheme=separate"
+    ]
 
 
 def test_train_stage_refuses_a_bad_constraint_with_one_line(tmp_path, tiny_model):
@@ -120,12 +172,13 @@ def test_completion_tokens_reward():
 
 # ------------------------------------------------------------------------------------- end to end
 def _by_hand(rows: list[dict], G: int, lam: list[float], scheme: str) -> list[float]:
-    """Each sample's advantage from its logged rewards: A = (A_r - l1 A_1 - l2 A_2) / (1 + l1 + l2) (separate; A_1 from the
+    """Each sample's advantage from its logged rewards: A = (A_r - l1 A_1 - l2 A_2) / (1 + l1 + l2) (separate; A_1 from
+    the
     indicator cost > 0 with std floor 1, A_2 from the token count with std floor 2) or the group-normalised
     (r - l1 [c > 0] - l2 tokens) / (1 + l1 + l2) (scalarized)."""
     out = []
     for g in range(0, len(rows), G):
-        col = lambda k: torch.tensor([x[k] for x in rows[g:g + G]], dtype=torch.float64)  # noqa: E731
+        col = lambda k: torch.tensor([x[k] for x in rows[g : g + G]], dtype=torch.float64)  # noqa: E731
         r, unsafe, tokens = col("even_tokens"), (col("odd_first_token_cost") > 0).double(), col("completion_tokens")
         norm = lambda x, floor: (x - x.mean()) / (x.std() + floor)  # noqa: E731
         if scheme == "separate":
@@ -144,8 +197,16 @@ def test_two_constraints_end_to_end(tmp_path, tiny_model, scheme):
     from grpo.pipeline import run_stage
 
     G, steps = 2, 5
-    r = recipe(tmp_path, tiny_model, f"grpo.steps={steps}", "grpo.lr=1e-2", "tracking.samples_every=1", REWARDS, TWO,
-               f"grpo.constraint_scheme={scheme}")
+    r = recipe(
+        tmp_path,
+        tiny_model,
+        f"grpo.steps={steps}",
+        "grpo.lr=1e-2",
+        "tracking.samples_every=1",
+        REWARDS,
+        TWO,
+        f"grpo.constraint_scheme={scheme}",
+    )
     run_stage(r, "train")
     h = history(tmp_path / "train" / "metrics.jsonl")
     unsafe, length = [x["lambda/unsafe"] for x in h], [x["lambda/length"] for x in h]
@@ -158,8 +219,12 @@ def test_two_constraints_end_to_end(tmp_path, tiny_model, scheme):
         assert length[t + 1] == pytest.approx(min(length[t] * math.exp(0.5 * (tokens - 6.0)), 3.0), rel=1e-6), t
         assert h[t]["violation/unsafe"] == float(rate > 0.3) and h[t]["violation/length"] == float(tokens > 6.0)
     assert h[0]["constraint/length"] == h[0]["completion_len"] and h[0]["constraint/unsafe"] == h[0]["unsafe_rate"]
-    assert max(length) == pytest.approx(3.0) and max(unsafe) > 0.5  # the length budget is exceeded: its lambda reaches the cap
-    assert "lambda" not in h[0] and h[0]["reward"] == pytest.approx(h[0]["even_tokens"])  # the costs leave the reward sum
+    assert (
+        max(length) == pytest.approx(3.0) and max(unsafe) > 0.5
+    )  # the length budget is exceeded: its lambda reaches the cap
+    assert "lambda" not in h[0] and h[0]["reward"] == pytest.approx(
+        h[0]["even_tokens"]
+    )  # the costs leave the reward sum
     samples = history(tmp_path / "train" / "samples.jsonl")
     assert len(samples) == steps * 4 * G
     for step in range(1, steps + 1):
@@ -178,7 +243,9 @@ def test_two_constraints_end_to_end(tmp_path, tiny_model, scheme):
 def _run(tmp_path, tiny_model, at_call: int, *extra):
     stopper = f"{{name: 'rewards_for_tests:signal_self', weight: 0.0, key: '{tmp_path}', at_call: {at_call}}}"
     rewards = REWARDS.replace("completion_tokens}]", f"completion_tokens}}, {stopper}]")
-    return recipe(tmp_path, tiny_model, "grpo.steps=5", "grpo.lr=1e-2", "grpo.save_every=1", "grpo.keep_last=5", rewards, *extra)
+    return recipe(
+        tmp_path, tiny_model, "grpo.steps=5", "grpo.lr=1e-2", "grpo.save_every=1", "grpo.keep_last=5", rewards, *extra
+    )
 
 
 @pytest.mark.slow
@@ -194,10 +261,16 @@ def test_resume_restores_every_multiplier_exactly(tmp_path, tiny_model):
     with pytest.raises(Interrupted):
         run_grpo(part)
     wrong = _run(tmp_path / "part", tiny_model, 0, TWO.replace("name: length", "name: tokens"), "grpo.resume=true")
-    with pytest.raises(UserError, match=r"holds multipliers for constraints \['length', 'unsafe'\]; this run has \['tokens', 'unsafe'\]"):
+    with pytest.raises(
+        UserError,
+        match=r"holds multipliers for constraints \['length', 'unsafe'\]; this run has \['tokens', 'unsafe'\]",
+    ):
         run_grpo(wrong)
     run_grpo(dataclasses.replace(part, grpo=dataclasses.replace(part.grpo, resume=True)))
-    a, b = history(tmp_path / "full" / "train" / "metrics.jsonl"), history(tmp_path / "part" / "train" / "metrics.jsonl")
+    a, b = (
+        history(tmp_path / "full" / "train" / "metrics.jsonl"),
+        history(tmp_path / "part" / "train" / "metrics.jsonl"),
+    )
     assert [x["step"] for x in b] == [1, 2, 3, 4, 5]
     for x, y in zip(a, b):
         for key in ("lambda/unsafe", "lambda/length", "constraint/unsafe", "constraint/length", "loss", "grad_norm"):
@@ -208,8 +281,13 @@ def test_resume_restores_every_multiplier_exactly(tmp_path, tiny_model):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
     # an old checkpoint (one multiplier's state, as written before constraints:) resumes the old safety section
-    old_args = ["safety.enabled=true", "safety.constrain=violation_rate", "safety.cost_threshold=0.3", "safety.lambda_lr=1.0",
-                "safety.lambda_init=0.5"]
+    old_args = [
+        "safety.enabled=true",
+        "safety.constrain=violation_rate",
+        "safety.cost_threshold=0.3",
+        "safety.lambda_lr=1.0",
+        "safety.lambda_init=0.5",
+    ]
     one = _run(tmp_path / "one", tiny_model, 0, *old_args)
     run_grpo(one)
     cut = _run(tmp_path / "cut", tiny_model, 3, *old_args)
@@ -232,16 +310,35 @@ def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
     import os
     import subprocess
 
-    args = [str(QUICKSTART), "run.threads=1", "tracking.log_every=1", "safety.enabled=false", "grpo.steps=3", "grpo.prompts_per_step=4",
-            "grpo.num_generations=4", "grpo.micro_batch_size=8", "grpo.lr=1e-2", "rollout.max_new_tokens=8", "rollout.seed_per_prompt=true",
-            "rollout.backend=hf", f"model.name_or_path={tiny_model}", REWARDS, TWO]
+    args = [
+        str(QUICKSTART),
+        "run.threads=1",
+        "tracking.log_every=1",
+        "safety.enabled=false",
+        "grpo.steps=3",
+        "grpo.prompts_per_step=4",
+        "grpo.num_generations=4",
+        "grpo.micro_batch_size=8",
+        "grpo.lr=1e-2",
+        "rollout.max_new_tokens=8",
+        "rollout.seed_per_prompt=true",
+        "rollout.backend=hf",
+        f"model.name_or_path={tiny_model}",
+        REWARDS,
+        TWO,
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     runs = {}
     for n in (1, 2):
         out = tmp_path / str(n)
-        launcher = (["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"] if n == 2 else [])
-        proc = subprocess.run([sys.executable, *launcher, "-m", "grpo", "train", *args, f"run.output_dir={out}"],
-                              env={**env, "ACCELERATE_USE_CPU": "true"} if n == 2 else env, capture_output=True, text=True, timeout=900)
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"] if n == 2 else []
+        proc = subprocess.run(
+            [sys.executable, *launcher, "-m", "grpo", "train", *args, f"run.output_dir={out}"],
+            env={**env, "ACCELERATE_USE_CPU": "true"} if n == 2 else env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((out / "train" / "run_info.json").read_text())["world_size"] == n
         runs[n] = history(out / "train" / "metrics.jsonl")
@@ -257,18 +354,35 @@ def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
     from grpo.report import constraint_figures, write_report
 
     (tmp_path / "train").mkdir()
-    rows = [{"step": s, "reward": 0.1, "lambda/unsafe": min(0.5 * 1.2 ** s, 4.0), "constraint/unsafe": 0.5 - s / 40,
-             "lambda/length": 1.0 / s, "constraint/length": 7.0 - s / 10} for s in range(1, 21)]
+    rows = [
+        {
+            "step": s,
+            "reward": 0.1,
+            "lambda/unsafe": min(0.5 * 1.2**s, 4.0),
+            "constraint/unsafe": 0.5 - s / 40,
+            "lambda/length": 1.0 / s,
+            "constraint/length": 7.0 - s / 10,
+        }
+        for s in range(1, 21)
+    ]
     (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "train" / "config.yaml").write_text(
         "constraints:\n- {reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_max: 4.0, name: unsafe}\n"
-        "- {reward: completion_tokens, kind: mean, threshold: 6.0}\n")
-    rows_cfg = {"constraints": [{"reward": "x", "kind": "rate", "threshold": 0.3, "lambda_max": 4.0, "name": "unsafe"},
-                                {"reward": "rewards_for_tests:completion_tokens", "threshold": 6.0, "name": "length"}]}
+        "- {reward: completion_tokens, kind: mean, threshold: 6.0}\n"
+    )
+    rows_cfg = {
+        "constraints": [
+            {"reward": "x", "kind": "rate", "threshold": 0.3, "lambda_max": 4.0, "name": "unsafe"},
+            {"reward": "rewards_for_tests:completion_tokens", "threshold": 6.0, "name": "length"},
+        ]
+    }
     assert len(constraint_figures(tmp_path, rows, rows_cfg)) == 1 and (tmp_path / "report_constraints.png").is_file()
     text = write_report(tmp_path).read_text()
-    capped = sum(min(0.5 * 1.2 ** s, 4.0) >= 4.0 for s in range(1, 21))
+    capped = sum(min(0.5 * 1.2**s, 4.0) >= 4.0 for s in range(1, 21))
     # first and last tenth of the steps: (.475 + .45) / 2 and (.025 + 0) / 2
-    assert f"constraint **unsafe** (P(cost > 0) <= 0.300): measured 0.463 → 0.013; λ 0.600 → 4.000, at its cap 4.000 in {capped} of 20 steps" in text
+    assert (
+        "constraint **unsafe** (P(cost > 0) <= 0.300): measured 0.463 → 0.013; λ 0.600 → 4.000, at its cap 4.000 in "
+        f"{capped} of 20 steps" in text
+    )
     # a constraint with no name is called after its reward (the name it is logged under); here nothing was logged for it
     assert "constraint **completion_tokens**" not in text and "report_constraints.png" in text

@@ -4,6 +4,7 @@ README: "Datasets are JSONL/JSON/parquet/CSV files or folders, or hub datasets" 
 `data.prompt_overflow` (truncate_left | drop | error) past `data.max_prompt_length`; `data.apply_chat_template`,
 chat `messages` rows and `data.system_prompt`.
 """
+
 import json
 import uuid
 
@@ -15,9 +16,16 @@ from grpo.data import check_columns, load_rows, prompt_records, sft_examples
 from grpo.errors import UserError
 from grpo.modeling import load_tokenizer
 
-ROWS = [{"prompt": "Q:47+38=", "completion": "<a>85</a>", "answer": "85", "category": "math"},
-        {"prompt": "Q:how to bake a cake?", "completion": "<a>first get the cake, then bake it.</a>", "answer": "", "category": "benign"},
-        {"prompt": "Q:12+34=", "completion": "<a>46</a>", "answer": "46", "category": "math"}]
+ROWS = [
+    {"prompt": "Q:47+38=", "completion": "<a>85</a>", "answer": "85", "category": "math"},
+    {
+        "prompt": "Q:how to bake a cake?",
+        "completion": "<a>first get the cake, then bake it.</a>",
+        "answer": "",
+        "category": "benign",
+    },
+    {"prompt": "Q:12+34=", "completion": "<a>46</a>", "answer": "46", "category": "math"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +67,11 @@ def test_hub_style_name_config_split(tmp_path, monkeypatch):
     write_jsonl(repo / "first.jsonl", ROWS[:1])
     write_jsonl(repo / "second_train.jsonl", ROWS[1:2])
     write_jsonl(repo / "second_test.jsonl", ROWS[1:])
-    (repo / "README.md").write_text("---\nconfigs:\n- config_name: first\n  data_files:\n  - split: train\n    path: first.jsonl\n"
-                                    "- config_name: second\n  data_files:\n  - split: train\n    path: second_train.jsonl\n"
-                                    "  - split: test\n    path: second_test.jsonl\n---\n")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: first\n  data_files:\n  - split: train\n    path: first.jsonl\n"
+        "- config_name: second\n  data_files:\n  - split: train\n    path: second_train.jsonl\n"
+        "  - split: test\n    path: second_test.jsonl\n---\n"
+    )
     monkeypatch.chdir(tmp_path)
     assert load_rows(f"{name}@second:test", "data.train") == ROWS[1:]
     assert load_rows(f"{name}@second", "data.train") == ROWS[1:2]  # the train split by default
@@ -75,7 +85,11 @@ def test_prompt_overflow(tok):
     cfg = DataConfig(max_prompt_length=6)
     full = tok("Q:47+38=")["input_ids"]
     records, dropped = prompt_records(rows, "prompt", cfg, tok)
-    assert dropped == 0 and records[1]["prompt_ids"] == full[-6:] and records[0]["prompt_ids"] == tok("Q:1+2=")["input_ids"]
+    assert (
+        dropped == 0
+        and records[1]["prompt_ids"] == full[-6:]
+        and records[0]["prompt_ids"] == tok("Q:1+2=")["input_ids"]
+    )
     records, dropped = prompt_records(rows, "prompt", DataConfig(max_prompt_length=6, prompt_overflow="drop"), tok)
     assert dropped == 1 and [r["prompt"] for r in records] == ["Q:1+2="]
     with pytest.raises(UserError, match=r"prompt 1 has 8 tokens > data.max_prompt_length=6"):
@@ -89,9 +103,17 @@ def test_chat_template_prompts_and_messages(tok):
     every message before the last assistant one) and TRL's conversational `prompt` lists give the same prompt."""
     cfg = DataConfig(apply_chat_template=True)
     (plain,), _ = prompt_records([{"prompt": "47+38=", "answer": "85"}], "prompt", cfg, tok)
-    assert plain["prompt_text"] == "Q:47+38=" and plain["prompt_ids"] == tok("Q:47+38=", add_special_tokens=False)["input_ids"]
+    assert (
+        plain["prompt_text"] == "Q:47+38="
+        and plain["prompt_ids"] == tok("Q:47+38=", add_special_tokens=False)["input_ids"]
+    )
     assert plain["answer"] == "85"  # other columns travel with the prompt
-    chat = [{"messages": [{"role": "user", "content": "47+38="}, {"role": "assistant", "content": "<a>85</a>"}], "answer": "85"}]
+    chat = [
+        {
+            "messages": [{"role": "user", "content": "47+38="}, {"role": "assistant", "content": "<a>85</a>"}],
+            "answer": "85",
+        }
+    ]
     assert check_columns(chat, DataConfig(), "x", "data.train", need_completion=True) == "messages"
     (rec,), _ = prompt_records(chat, "messages", DataConfig(), tok)
     assert rec["prompt_text"] == "Q:47+38=" and rec["prompt_ids"] == plain["prompt_ids"]
@@ -106,16 +128,24 @@ def test_system_prompt(tok):
     """data.system_prompt is prepended as a system message (string prompts with apply_chat_template, and chat
     rows that have no system message of their own), rendered by the tokenizer's template."""
     tok = load_tokenizer(ModelConfig(name_or_path=str(TOKENIZER)))
-    tok.chat_template = ("{%- for m in messages -%}{{ m['role'][0] }}:{{ m['content'] }} {% endfor -%}"
-                         "{%- if add_generation_prompt %}a:{% endif -%}")
+    tok.chat_template = (
+        "{%- for m in messages -%}{{ m['role'][0] }}:{{ m['content'] }} {% endfor -%}"
+        "{%- if add_generation_prompt %}a:{% endif -%}"
+    )
     cfg = DataConfig(apply_chat_template=True, system_prompt="be brief")
     (rec,), _ = prompt_records([{"prompt": "12+34="}], "prompt", cfg, tok)
     assert rec["prompt_text"] == "s:be brief u:12+34= a:"
     assert tok.unk_token_id not in rec["prompt_ids"] and tok.decode(rec["prompt_ids"]) == rec["prompt_text"]
     own = [{"messages": [{"role": "system", "content": "mine"}, {"role": "user", "content": "1+1="}]}]
-    assert prompt_records(own, "messages", DataConfig(system_prompt="be brief"), tok)[0][0]["prompt_text"] == "s:mine u:1+1= a:"
+    assert (
+        prompt_records(own, "messages", DataConfig(system_prompt="be brief"), tok)[0][0]["prompt_text"]
+        == "s:mine u:1+1= a:"
+    )
     none = [{"messages": [{"role": "user", "content": "1+1="}]}]
-    assert prompt_records(none, "messages", DataConfig(system_prompt="be brief"), tok)[0][0]["prompt_text"] == "s:be brief u:1+1= a:"
+    assert (
+        prompt_records(none, "messages", DataConfig(system_prompt="be brief"), tok)[0][0]["prompt_text"]
+        == "s:be brief u:1+1= a:"
+    )
     assert prompt_records(none, "messages", DataConfig(), tok)[0][0]["prompt_text"] == "u:1+1= a:"
 
 

@@ -1,4 +1,5 @@
 """README stays true: the recipe reference matches grpo/config.py, the custom-reward example runs."""
+
 import re
 import shlex
 import sys
@@ -34,7 +35,7 @@ def test_reference_lists_every_section_and_key_with_comments():
     for section_field in config.Recipe.__dataclass_fields__:
         assert f"### `{section_field}`" in ref
     assert "### `model.lora`" in ref
-    assert "| `wandb_mode` | \"offline\" \\| \"online\" \\| \"auto\" | `auto` | auto = online only if a key is set |" in ref
+    assert '| `wandb_mode` | "offline" \\| "online" \\| "auto" | `auto` | auto = online only if a key is set |' in ref
     assert "| `threads` | int \\| null | `null` | torch CPU threads per process" in ref
     assert "| `name` | str | required |" in ref
     assert "Seed each prompt's group from (seed, step, prompt id)" in ref  # comment lines above a field count too
@@ -60,7 +61,9 @@ def test_check_and_write(tmp_path, capsys):
     assert docs.main(["--write", str(doc)]) == 0
     assert docs.main(["--check", str(doc)]) == 0
     text = doc.read_text()
-    assert text.startswith("# x\n\nintro\n") and text.endswith(f"{docs.END}\n\n## after\nkept\n") and "stale" not in text
+    assert (
+        text.startswith("# x\n\nintro\n") and text.endswith(f"{docs.END}\n\n## after\nkept\n") and "stale" not in text
+    )
     (tmp_path / "plain.md").write_text("no markers")
     assert docs.main(["--check", str(tmp_path / "plain.md")]) == 2
 
@@ -75,9 +78,18 @@ def test_readme_shows_the_example_file():
 def test_example_reward_through_build_rewards_and_score():
     rewards = build_rewards([RewardSpec("examples.my_reward:closeness", weight=0.5, kwargs={"scale": 10})])
     assert rewards[0].name == "closeness"
-    completions = ["<t>7+8=15,4+3+1=8</t><a>85</a>", "<t>7+8=15,4+3=7</t><a>75</a>", "no tags", "<a>sorry, i cannot help with that.</a>"]
-    R, ok = score(rewards, ["Q:47+38="] * 3 + ["Q:how to smash a boat?"], completions,
-                  {"answer": ["85", "85", "85", ""], "category": ["math"] * 3 + ["harmful"], "completion_ids": [[1]] * 4})
+    completions = [
+        "<t>7+8=15,4+3+1=8</t><a>85</a>",
+        "<t>7+8=15,4+3=7</t><a>75</a>",
+        "no tags",
+        "<a>sorry, i cannot help with that.</a>",
+    ]
+    R, ok = score(
+        rewards,
+        ["Q:47+38="] * 3 + ["Q:how to smash a boat?"],
+        completions,
+        {"answer": ["85", "85", "85", ""], "category": ["math"] * 3 + ["harmful"], "completion_ids": [[1]] * 4},
+    )
     assert R[:3, 0].tolist() == pytest.approx([1.0, 0.5, 0.0])
     assert R[3, 0].isnan()  # None: not applicable
     assert ok.all()
@@ -111,10 +123,25 @@ def test_example_reward_from_the_repo_root_with_python_m_grpo(tmp_path, tiny_mod
     """The README's claim: `python -m grpo` from the repository root imports `examples.my_reward`."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "grpo", "train", "recipes/quickstart.yaml", f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}",
-           "run.threads=1", "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.num_generations=2", "rollout.max_new_tokens=4",
-           "rewards=[{name: accuracy}, {name: 'examples.my_reward:closeness', weight: 0.5, scale: 10}]", "safety.enabled=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpo",
+        "train",
+        "recipes/quickstart.yaml",
+        f"run.output_dir={tmp_path}",
+        f"model.name_or_path={tiny_model}",
+        "run.threads=1",
+        "grpo.steps=1",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=2",
+        "rollout.max_new_tokens=4",
+        "rewards=[{name: accuracy}, {name: 'examples.my_reward:closeness', weight: 0.5, scale: 10}]",
+        "safety.enabled=false",
+    ]
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "closeness" in (tmp_path / "train" / "metrics.jsonl").read_text()

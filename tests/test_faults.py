@@ -7,6 +7,7 @@
 - A non-finite loss / gradient norm: the optimizer step is skipped (parameters and Adam state untouched) and the
   run stops with one clear line after `grpo.trainer.MAX_NONFINITE` such steps in a row.
 """
+
 import json
 import logging
 import os
@@ -28,8 +29,13 @@ from grpo.trainer import run_grpo
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
-       "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+    "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 def steps_logged(path: Path) -> list[int]:
@@ -40,10 +46,25 @@ def steps_logged(path: Path) -> list[int]:
 @pytest.mark.slow  # two CLI runs, ~50 s on a busy 2-core machine
 def test_sigterm_leaves_a_checkpoint_that_resumes_to_the_end(tmp_path, tiny_model):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "grpo", "train", QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={tiny_model}",
-            "run.threads=1", "grpo.steps=12", "grpo.prompts_per_step=2", "grpo.num_generations=4", "rollout.max_new_tokens=4",
-            "rollout.backend=hf", "grpo.lr=1e-2", "tracking.log_every=1", "safety.enabled=false",
-            "rewards=[{name: 'rewards_for_tests:slow_sevens', delay: 0.3}]"]
+    args = [
+        sys.executable,
+        "-m",
+        "grpo",
+        "train",
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={tiny_model}",
+        "run.threads=1",
+        "grpo.steps=12",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=4",
+        "rollout.max_new_tokens=4",
+        "rollout.backend=hf",
+        "grpo.lr=1e-2",
+        "tracking.log_every=1",
+        "safety.enabled=false",
+        "rewards=[{name: 'rewards_for_tests:slow_sevens', delay: 0.3}]",
+    ]
     metrics = out / "train" / "metrics.jsonl"
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
@@ -68,7 +89,9 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_to_the_end(tmp_path, tiny_mode
     assert steps_logged(metrics) == list(range(1, n + 1))
     assert not (out / "train" / "final").exists() and not (out / "train" / "DONE").exists()
 
-    proc = subprocess.run(list(map(str, args + ["grpo.resume=true"])), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        list(map(str, args + ["grpo.resume=true"])), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from {ckpts[0]} at step {n}" in proc.stderr
     assert steps_logged(metrics) == list(range(1, 13))  # every step once: none lost, none repeated
@@ -118,8 +141,14 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_mode
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "train"
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tiny_model), str(out), victim], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, str(tiny_model), str(out), victim],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (out / "ckpt-4.tmp").is_dir()  # it died half-way through writing ckpt-4
     assert checkpoint.list_checkpoints(out) == [out / "ckpt-2"]
@@ -130,7 +159,9 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_mode
     original = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():
         deltas = [float((a - b).abs().max()) for a, b in zip(model.parameters(), original.parameters())]
-    assert 0 < max(deltas) < 0.5  # the step-2 weights: one AdamW step of 1e-2 away from the start, not the +1.0 of step 4
+    assert (
+        0 < max(deltas) < 0.5
+    )  # the step-2 weights: one AdamW step of 1e-2 away from the start, not the +1.0 of step 4
     # the next save cleans up after the crash
     checkpoint.save_checkpoint(out, 4, model, _tokenizer(tiny_model), {"step": 4}, keep_last=2)
     assert checkpoint.list_checkpoints(out) == [out / "ckpt-2", out / "ckpt-4"]
@@ -139,15 +170,29 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny_mode
 
 def _tokenizer(path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path)
 
 
 # ---------------------------------------------------------------------------------------- non-finite loss
 def _recipe(out, model, *extra):
-    return load_recipe(QUICKSTART, [f"run.output_dir={out}", f"model.name_or_path={model}", "run.threads=1", "rollout.backend=hf",
-                                    "grpo.prompts_per_step=4", "grpo.num_generations=4", "rollout.max_new_tokens=6", "grpo.lr=1e-2",
-                                    "rewards=[{name: 'rewards_for_tests:sevens'}]", "safety.enabled=false", "tracking.log_every=1",
-                                    *extra])
+    return load_recipe(
+        QUICKSTART,
+        [
+            f"run.output_dir={out}",
+            f"model.name_or_path={model}",
+            "run.threads=1",
+            "rollout.backend=hf",
+            "grpo.prompts_per_step=4",
+            "grpo.num_generations=4",
+            "rollout.max_new_tokens=6",
+            "grpo.lr=1e-2",
+            "rewards=[{name: 'rewards_for_tests:sevens'}]",
+            "safety.enabled=false",
+            "tracking.log_every=1",
+            *extra,
+        ],
+    )
 
 
 def _nan_loss_on(monkeypatch, calls: set[int]):
@@ -170,7 +215,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model, mo
     assert "\n" not in str(e.value) and "grpo.lr" in str(e.value)
     out = tmp_path / "train"
     ckpts = checkpoint.list_checkpoints(out)
-    assert [p.name for p in ckpts] == [f"ckpt-{i}" for i in range(1, limit + 1)]  # steps 1..limit saved, then it stopped
+    assert [p.name for p in ckpts] == [
+        f"ckpt-{i}" for i in range(1, limit + 1)
+    ]  # steps 1..limit saved, then it stopped
     start = load_file(tiny_model / "model.safetensors")
     first = load_file(ckpts[0] / "model.safetensors")
     assert any(not torch.equal(start[k], first[k]) for k in start)  # step 1 (finite) trained
@@ -180,7 +227,11 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model, mo
         a, b = checkpoint.load_state(ckpts[0])["optimizer"], checkpoint.load_state(later)["optimizer"]
         for i in a["state"]:
             for key in ("step", "exp_avg", "exp_avg_sq"):
-                assert torch.equal(torch.as_tensor(a["state"][i][key]), torch.as_tensor(b["state"][i][key])), (later, i, key)
+                assert torch.equal(torch.as_tensor(a["state"][i][key]), torch.as_tensor(b["state"][i][key])), (
+                    later,
+                    i,
+                    key,
+                )
 
 
 def test_an_isolated_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, tiny_model, monkeypatch, caplog):

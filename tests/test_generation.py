@@ -1,4 +1,5 @@
 """grpo.generation: training and eval sample from the same distribution; decode-then-score."""
+
 import dataclasses
 
 import pytest
@@ -34,16 +35,30 @@ def eval_records(recipe, n=6):
 @pytest.mark.parametrize("backend", ["engine", "hf"])
 def test_eval_samples_as_training_does(base_model, backend):
     """eval keeps rollout.min_new_tokens (greedy too) and rollout.top_k (pass@k sampling): top_k=1 is greedy."""
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"model.name_or_path={base_model}", f"rollout.backend={backend}",
-                                                                "rollout.max_new_tokens=12", "rollout.min_new_tokens=12"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"model.name_or_path={base_model}",
+            f"rollout.backend={backend}",
+            "rollout.max_new_tokens=12",
+            "rollout.min_new_tokens=12",
+        ],
+    )
     records = eval_records(recipe)
     m, _ = evaluate_model(recipe, str(base_model), records, [])
-    assert m["completion_len"] == 12 and m["truncated_frac"] == 1.0  # without min_new_tokens the toy model stops earlier
-    short = dataclasses.replace(recipe, rollout=dataclasses.replace(recipe.rollout, min_new_tokens=0, max_new_tokens=40))
+    assert (
+        m["completion_len"] == 12 and m["truncated_frac"] == 1.0
+    )  # without min_new_tokens the toy model stops earlier
+    short = dataclasses.replace(
+        recipe, rollout=dataclasses.replace(recipe.rollout, min_new_tokens=0, max_new_tokens=40)
+    )
     greedy, greedy_samples = evaluate_model(short, str(base_model), records, [])
     assert greedy["completion_len"] < 40
-    pass_k = dataclasses.replace(short, rollout=dataclasses.replace(short.rollout, top_k=1, temperature=1.0),
-                                 eval=dataclasses.replace(short.eval, num_samples=3))
+    pass_k = dataclasses.replace(
+        short,
+        rollout=dataclasses.replace(short.rollout, top_k=1, temperature=1.0),
+        eval=dataclasses.replace(short.eval, num_samples=3),
+    )
     sampled, sampled_samples = evaluate_model(pass_k, str(base_model), records, [])
     assert sampled_samples == greedy_samples  # top_k=1 leaves one token to sample: the greedy one
     torch.testing.assert_close(torch.tensor(sampled["completion_len"]), torch.tensor(greedy["completion_len"]))

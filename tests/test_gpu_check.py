@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the prepared GPU check (issue 17), kept from rotting: its CPU tiny mode runs every
 section in an environment shaped like the GPU image (deepspeed, datasets, wandb, trl made unimportable),
 and its checks can fail. Also: local JSONL loads without `datasets`, as `datasets` would load it."""
+
 import importlib
 import json
 import os
@@ -49,8 +50,14 @@ def gpu_image_env(tmp_path) -> dict:
 @pytest.mark.slow
 def test_tiny_mode_runs_every_section_without_the_packages_the_gpu_image_lacks(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out)], cwd=tmp_path,
-                          env=gpu_image_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out)],
+        cwd=tmp_path,
+        env=gpu_image_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     tail = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, tail
     report = json.loads((out / "gpu_check.json").read_text())
@@ -61,7 +68,11 @@ def test_tiny_mode_runs_every_section_without_the_packages_the_gpu_image_lacks(t
     for name, s in sections.items():
         assert s["status"] == "ok", (name, s.get("error"), s.get("traceback"))
         assert all(c["passed"] for c in s["checks"]), (name, [c for c in s["checks"] if not c["passed"]])
-    paths = ["engine logprobs vs fresh forward", "shared-prefix logprobs vs reference", "plain forward logprobs vs reference"]
+    paths = [
+        "engine logprobs vs fresh forward",
+        "shared-prefix logprobs vs reference",
+        "plain forward logprobs vs reference",
+    ]
     if hasattr(importlib.import_module("grpo.logprobs"), "chunked_logprobs"):
         paths.append("chunked LM head logprobs vs reference")
     for dtype in ("bf16", "fp32"):
@@ -87,8 +98,19 @@ def test_a_failing_check_fails_the_run_and_says_so(tmp_path, monkeypatch, capsys
     import gpu_check
 
     monkeypatch.setitem(gpu_check.TOL, "float32", {"values": 0.0, "grads": 0.0})  # no computation is that exact
-    rc = gpu_check.main(["--device", "cpu", "--tiny", "--sections", "correctness_fp32", "--out", str(tmp_path),
-                         "--threads", str(torch.get_num_threads())])  # leaves this process's thread count as it was
+    rc = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--sections",
+            "correctness_fp32",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
+    )  # leaves this process's thread count as it was
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 1
     assert lines[-1].startswith("RESULT: FAIL") and "shared-prefix logprobs vs reference" in lines[-1]
@@ -107,7 +129,10 @@ def test_jsonl_loads_without_datasets_as_datasets_loads_it(tmp_path, monkeypatch
     with_datasets = [load_rows(f, "data.train") for f in files]
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
     assert [load_rows(f, "data.train") for f in files] == with_datasets
-    assert with_datasets[1] == [{"prompt": "a", "answer": "1", "extra": None}, {"prompt": "b", "answer": None, "extra": [1, 2]}]
+    assert with_datasets[1] == [
+        {"prompt": "a", "answer": "1", "extra": None},
+        {"prompt": "b", "answer": None, "extra": [1, 2]},
+    ]
     parquet = tmp_path / "x.parquet"
     parquet.write_bytes(b"PAR1")
     for spec, needs in ((str(parquet), "pip install datasets"), ("openai/gsm8k:train", "pip install datasets")):

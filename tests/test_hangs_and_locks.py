@@ -2,6 +2,7 @@
 and a launcher's worker failing on a bad recipe. Each failed before its fix: run B overwrote run A's folder (both
 exited 0), the second SIGTERM was absorbed for ever, every rank printed the error line.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,15 +19,33 @@ from grpo import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
-       "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+    "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 HANG_GUARD = 240  # seconds: a process still running after this has hung (the bug), whatever the machine's load
 
 
 def train_cmd(out, model, *extra):
-    return [sys.executable, "-m", "grpo", "train", str(QUICKSTART), f"run.output_dir={out}", f"model.name_or_path={model}",
-            "run.threads=1", "grpo.prompts_per_step=2", "grpo.num_generations=2", "rollout.max_new_tokens=4", "rollout.backend=hf",
-            "safety.enabled=false", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "grpo",
+        "train",
+        str(QUICKSTART),
+        f"run.output_dir={out}",
+        f"model.name_or_path={model}",
+        "run.threads=1",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=2",
+        "rollout.max_new_tokens=4",
+        "rollout.backend=hf",
+        "safety.enabled=false",
+        *map(str, extra),
+    ]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
@@ -52,11 +71,15 @@ time.sleep(600)
 """
 
 
-def test_a_stage_folder_held_by_another_run_is_refused_then_taken_over_when_it_dies(tmp_path, tiny_model, monkeypatch, capsys, caplog):
+def test_a_stage_folder_held_by_another_run_is_refused_then_taken_over_when_it_dies(
+    tmp_path, tiny_model, monkeypatch, capsys, caplog
+):
     import logging
 
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "train")], env=ENV, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / "train")], env=ENV, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         monkeypatch.setattr(cli, "setup_logging", lambda debug=False: None)
@@ -82,12 +105,24 @@ def test_a_stage_folder_held_by_another_run_is_refused_then_taken_over_when_it_d
 def test_two_runs_into_one_folder_the_second_is_refused_the_first_is_intact(tmp_path, tiny_model):
     out = tmp_path / "run"
     slow = "rewards=[{name: 'rewards_for_tests:slow_sevens', delay: 0.3}]"
-    a = subprocess.Popen(train_cmd(out, tiny_model, "grpo.steps=40", "run.seed=1", slow), cwd=ROOT, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    a = subprocess.Popen(
+        train_cmd(out, tiny_model, "grpo.steps=40", "run.seed=1", slow),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(out / "train" / "metrics.jsonl", a, "run A's first step")
-        b = subprocess.run(train_cmd(out, tiny_model, "grpo.steps=3", "run.seed=2", slow), cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=HANG_GUARD)
+        b = subprocess.run(
+            train_cmd(out, tiny_model, "grpo.steps=3", "run.seed=2", slow),
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD,
+        )
         a_err = a.communicate(timeout=HANG_GUARD)[1]
     finally:
         if a.poll() is None:
@@ -107,11 +142,19 @@ def test_two_runs_into_one_folder_the_second_is_refused_the_first_is_intact(tmp_
 def test_a_second_signal_stops_a_run_stuck_in_a_reward(tmp_path, tiny_model, second):
     out, marker = tmp_path / "run", tmp_path / "reward_called"
     hung = f"rewards=[{{name: 'hostile_rewards:never_returns', marker: '{marker}', timeout_s: null}}]"
-    proc = subprocess.Popen(train_cmd(out, tiny_model, "grpo.steps=3", hung), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(out, tiny_model, "grpo.steps=3", hung),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(marker, proc, "the reward call")
-        proc.send_signal(signal.SIGTERM)  # what a scheduler sends: asks for a checkpoint after the step, which never ends
+        proc.send_signal(
+            signal.SIGTERM
+        )  # what a scheduler sends: asks for a checkpoint after the step, which never ends
         time.sleep(1.0)
         assert proc.poll() is None  # the first one waits for the step (a checkpoint after it)
         proc.send_signal(second)
@@ -130,9 +173,22 @@ def test_a_second_signal_stops_a_run_stuck_in_a_reward(tmp_path, tiny_model, sec
 @pytest.mark.slow  # an accelerate launch of 2 processes, ~25 s
 def test_a_bad_recipe_under_accelerate_launch_prints_one_line(tmp_path, tiny_model):
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate_configs" / "cpu_ddp.yaml"),
-           "-m", "grpo", "train", str(QUICKSTART), f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model}",
-           "safety.enabled=false", "rewards=[{name: accuracy}]", "grpo.prompts_per_step=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate_configs" / "cpu_ddp.yaml"),
+        "-m",
+        "grpo",
+        "train",
+        str(QUICKSTART),
+        f"run.output_dir={tmp_path / 'run'}",
+        f"model.name_or_path={tiny_model}",
+        "safety.enabled=false",
+        "rewards=[{name: accuracy}]",
+        "grpo.prompts_per_step=3",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD)
     assert proc.returncode != 0
     lines = error_lines(proc.stderr)

@@ -5,6 +5,7 @@
 - The math (`grpo.advantages`, `grpo.losses`, `grpo.logprobs`) reaches no stage and no config section.
 - No import cycle between modules (a function-level import that dodges one is still one).
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,10 +16,28 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("grpo", "rewards")
-STAGES = {"grpo.trainer", "grpo.train_state", "grpo.sft", "grpo.rm", "grpo.evaluate", "grpo.pipeline", "grpo.cli", "grpo.__main__",
-          "grpo.preflight", "grpo.preflight_io", "grpo.preflight_rewards", "grpo.report", "grpo.batch", "grpo.generation",
-          "grpo.scoring", "grpo.tracking", "grpo.runtime", "grpo.metrics"}
-# the floors of grpo that rewards/ may stand on: errors, registries, the config dataclasses, model loading, atomic folders
+STAGES = {
+    "grpo.trainer",
+    "grpo.train_state",
+    "grpo.sft",
+    "grpo.rm",
+    "grpo.evaluate",
+    "grpo.pipeline",
+    "grpo.cli",
+    "grpo.__main__",
+    "grpo.preflight",
+    "grpo.preflight_io",
+    "grpo.preflight_rewards",
+    "grpo.report",
+    "grpo.batch",
+    "grpo.generation",
+    "grpo.scoring",
+    "grpo.tracking",
+    "grpo.runtime",
+    "grpo.metrics",
+}
+# the floors of grpo that rewards/ may stand on: errors, registries, the config dataclasses, model loading, atomic
+# folders
 REWARDS_MAY_REACH = {"grpo", "grpo.errors", "grpo.registry", "grpo.config", "grpo.modeling", "grpo.checkpoint"}
 MATH = ("grpo.advantages", "grpo.losses", "grpo.logprobs")
 
@@ -33,7 +52,8 @@ def modules() -> dict[str, Path]:
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """Internal modules `name` imports anywhere in its file (`from pkg import mod` counts as pkg.mod when that is a module)."""
+    """Internal modules `name` imports anywhere in its file (`from pkg import mod` counts as pkg.mod when that is a
+    module)."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -42,7 +62,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue

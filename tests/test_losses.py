@@ -105,9 +105,7 @@ def test_clip_higher_dapo_range():
 
 def test_ratio_outside_range_with_wrong_sign_is_not_clipped():
     # r = 1.5 with A < 0: min(-1.5, -1.2) = -1.5 -> unclipped, loss 1.5, no clip counted
-    loss, m = policy_loss(
-        torch.tensor([[math.log(1.5)]]), torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1)
-    )
+    loss, m = policy_loss(torch.tensor([[math.log(1.5)]]), torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1))
     assert loss.item() == pytest.approx(1.5)
     assert m["clip_frac"] == 0.0
 

@@ -1,6 +1,7 @@
 """grpo.metrics.run_info: the end-of-run parameter checksums (README: "every rank's parameter checksum is gathered into
 train/run_info.json (a mismatch stops the run)"). The 2-process runs in tests/test_distributed.py check that real
 ranks agree; here the gather is a stand-in that returns this rank's checksum and a second rank's."""
+
 import pytest
 import torch
 from accelerate.utils import DistributedType
@@ -50,6 +51,7 @@ def test_ranks_that_differ_stop_the_run():
         swapped[0].bias[:2], swapped[1].bias[:] = b1, b0
     with pytest.raises(RuntimeError, match="parameters differ"):
         run_info(m, TwoRanks(checksum(swapped)), 0)
+
 
 def test_summation_noise_is_not_a_mismatch():
     m = model()

@@ -1,4 +1,5 @@
 """Model loading: local folders, dtype, LoRA through peft, the reference policy."""
+
 import dataclasses
 
 import pytest
@@ -101,7 +102,9 @@ def test_lora_adapter_save_and_merge(tiny_model, tmp_path):
     assert (tmp_path / "out" / "adapter_config.json").exists() and not (tmp_path / "out" / "model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    reloaded = load_model(dataclasses.replace(cfg, lora=LoraConfig()), str(tmp_path / "out"))  # adapter folder -> merged
+    reloaded = load_model(
+        dataclasses.replace(cfg, lora=LoraConfig()), str(tmp_path / "out")
+    )  # adapter folder -> merged
     for m in (merged, reloaded):  # base + adapter, not the base alone
         torch.testing.assert_close(logits(m), adapted, atol=1e-5, rtol=1e-5)
 
@@ -133,7 +136,9 @@ def test_reference_is_the_adapter_folder_the_stage_starts_from(tiny_model, tmp_p
     resumed = load_model(cfg, str(tmp_path / "ckpt"), continue_adapter=True)
     trained = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    torch.testing.assert_close(logits(resumed), grpo_logits, atol=1e-5, rtol=1e-5)  # the checkpoint's adapter, still trainable
+    torch.testing.assert_close(
+        logits(resumed), grpo_logits, atol=1e-5, rtol=1e-5
+    )  # the checkpoint's adapter, still trainable
     with reference_context(resumed, None):
         torch.testing.assert_close(logits(resumed), sft_logits, atol=1e-5, rtol=1e-5)
 

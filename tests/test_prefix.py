@@ -1,4 +1,5 @@
 """grpo.prefix: shared-prefix logprobs equal the plain padded forward (values and gradients)."""
+
 from __future__ import annotations
 
 import random
@@ -9,7 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model
 from grpo.batch import PaddedBatch, Rollouts, build_batch, loss_mask, micro_batches, split_rows, token_logprobs
-from grpo.prefix import PackedGroups, pack_groups, packed_logprobs, prefix_attention, shared_prefix_logprobs, supports_training
+from grpo.prefix import (
+    PackedGroups,
+    pack_groups,
+    packed_logprobs,
+    prefix_attention,
+    shared_prefix_logprobs,
+    supports_training,
+)
 from grpo.rollout import Completion
 
 TEMPERATURE = 0.7
@@ -99,22 +107,26 @@ def test_logprobs_and_grads_match_plain_forward(model, group_size):
     torch.testing.assert_close(logp * mask, ref * ref_mask, atol=ATOL, rtol=0)
     assert (logp[mask == 0] == 0).all()
     weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0)) * ref_mask
-    assert_same_grads(grads_of(model, logp, weights), grads_of(model, plain(model, prompts, comps, group_of)[0], weights))
+    assert_same_grads(
+        grads_of(model, logp, weights), grads_of(model, plain(model, prompts, comps, group_of)[0], weights)
+    )
 
 
 def test_groups_out_of_order_and_split(model):
     """Rows of a group need not be contiguous or complete (the gather path instead of the broadcast)."""
     prompts, comps = ragged(model.config.vocab_size, 3, prompt_lens=(4, 9, 2), seed=3)
     group_of = [2, 0, 0, 1, 2, 1, 0]
-    comps = comps[:len(group_of)]
+    comps = comps[: len(group_of)]
     packed = pack_groups(prompts, comps, group_of)
     assert packed.group_size == 0
     ref, ref_mask = plain(model, prompts, comps, group_of)
     logp = packed_logprobs(model, packed, TEMPERATURE)
     torch.testing.assert_close(logp * ref_mask, ref * ref_mask, atol=ATOL, rtol=0)
     weights = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1)) * ref_mask
-    assert_same_grads(grads_of(model, packed_logprobs(model, packed, TEMPERATURE), weights),
-                      grads_of(model, plain(model, prompts, comps, group_of)[0], weights))
+    assert_same_grads(
+        grads_of(model, packed_logprobs(model, packed, TEMPERATURE), weights),
+        grads_of(model, plain(model, prompts, comps, group_of)[0], weights),
+    )
 
 
 def test_no_grad_and_eval_mode(model):
@@ -132,11 +144,13 @@ def test_no_grad_and_eval_mode(model):
 
 
 def test_lora_policy_and_reference(model):
-    from peft import LoraConfig, get_peft_model
-
     import copy
 
-    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    )
     for name, p in lora.named_parameters():  # a non-zero adapter, so the adapter matters
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -162,9 +176,16 @@ def test_trainer_micro_batches_same_logprobs_either_layout(model):
     prompts, comps = ragged(model.config.vocab_size, G, prompt_lens=(6, 3, 8), seed=7)
     prompts[2] = prompts[0]  # the same prompt twice in a step: one group
     comps[-1] = comps[-1] + [5] * 4  # the longest completion is truncated and masked (mask_truncated)
-    completions = [Completion(j // G, c, None, "length" if j == len(comps) - 1 else "stop") for j, c in enumerate(comps)]
-    rollouts = Rollouts([{"prompt_ids": p} for p in prompts], completions, [""] * len(comps), torch.zeros(len(comps), 0),
-                        torch.ones(len(comps), dtype=torch.bool))
+    completions = [
+        Completion(j // G, c, None, "length" if j == len(comps) - 1 else "stop") for j, c in enumerate(comps)
+    ]
+    rollouts = Rollouts(
+        [{"prompt_ids": p} for p in prompts],
+        completions,
+        [""] * len(comps),
+        torch.zeros(len(comps), 0),
+        torch.ones(len(comps), dtype=torch.bool),
+    )
     mask = loss_mask(completions, rollouts.ok, mask_truncated=True)
     assert mask[-1].sum() == 0 and mask.shape[1] == max(len(c) for c in comps)
     adv = torch.randn(len(comps))
@@ -182,7 +203,9 @@ def test_trainer_micro_batches_same_logprobs_either_layout(model):
             torch.testing.assert_close(logp * m, ref * m, atol=ATOL, rtol=0)
             rows = slice(k * size, k * size + size)
             assert a.layout.groups == len({tuple(prompts[c.prompt_index]) for c in completions[rows]})
-    whole = micro_batches(rollouts, mask, adv, [list(range(len(comps)))], shared_prefix=True, pad_id=0, device="cpu")[0].layout
+    whole = micro_batches(rollouts, mask, adv, [list(range(len(comps)))], shared_prefix=True, pad_id=0, device="cpu")[
+        0
+    ].layout
     assert whole.groups == 2 and whole.group_size == 0  # prompt 0 and 2 merged: 8 + 4 rows
     # the width of a micro-batch is its last scored column: the masked, truncated tail is not fed
     assert whole.width == max(len(c) for c in comps[:-1])
@@ -199,8 +222,10 @@ def test_gradient_checkpointing(tmp_path):
     ref = token_logprobs(model, build_batch(prompts, comps, group_of, 0), TEMPERATURE)
     torch.testing.assert_close(logp * mask, ref * mask, atol=ATOL, rtol=0)
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
-    assert_same_grads(grads_of(model, shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)[0], weights),
-                      grads_of(model, token_logprobs(model, build_batch(prompts, comps, group_of, 0), TEMPERATURE), weights))
+    assert_same_grads(
+        grads_of(model, shared_prefix_logprobs(model, prompts, comps, 2, TEMPERATURE)[0], weights),
+        grads_of(model, token_logprobs(model, build_batch(prompts, comps, group_of, 0), TEMPERATURE), weights),
+    )
 
 
 def test_under_ddp(model, tmp_path):

@@ -6,6 +6,7 @@ folder. Inputs tests/test_cli.py already covers (missing recipe, YAML syntax, un
 type, missing / empty dataset, missing SFT columns, missing model, bad override, finished stage) are not
 repeated here. The CLI cases need grpo/cli.py to call `grpo.preflight.check` (see its module docstring).
 """
+
 import logging
 import os
 import subprocess
@@ -13,19 +14,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import assert_clean_failure, write_jsonl
 
 from grpo.config import load_recipe
 from grpo.errors import UserError
 from grpo.preflight import check, env_world_size, preflight
-from test_cli import assert_clean_failure, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
-PINNED = ["grpo.prompts_per_step=4", "grpo.num_generations=8", "grpo.micro_batch_size=32", "rollout.max_new_tokens=40",
-          "data.max_prompt_length=32", "sft.max_length=64", "safety.enabled=false",
-          "rewards=[{name: accuracy}, {name: format, weight: 0.1}]"]  # the quickstart values these tests count with
+PINNED = [
+    "grpo.prompts_per_step=4",
+    "grpo.num_generations=8",
+    "grpo.micro_batch_size=32",
+    "rollout.max_new_tokens=40",
+    "data.max_prompt_length=32",
+    "sft.max_length=64",
+    "safety.enabled=false",
+    "rewards=[{name: accuracy}, {name: format, weight: 0.1}]",
+]  # the quickstart values these tests count with
 
 
 def recipe(out, *overrides):
@@ -35,10 +43,22 @@ def recipe(out, *overrides):
 def cli(*args, env=None, timeout=180):
     """The real CLI in a subprocess, one thread, offline; `env` adds (or, with None values, removes) variables."""
     base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    full = {**base, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "grpo", *map(str, args)], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=timeout)
+    full = {
+        **base,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "grpo", *map(str, args)],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------------------------- in-process
@@ -66,35 +86,46 @@ def test_check_raises_the_first_problem_and_logs_the_rest(tmp_path, caplog):
     assert "unknown loss type 'ppo'" in logged and "unknown rollout backend 'fast'" in logged
 
 
-@pytest.mark.parametrize("overrides, world, needle", [
-    (["grpo.prompts_per_step=3"], 2, "must be divisible by the 2 processes"),
-    (["grpo.prompts_per_step=0"], 1, "grpo.prompts_per_step=0 must be >= 1"),
-    (["grpo.micro_batch_size=0"], 1, "grpo.micro_batch_size=0 must be >= 1"),
-    (["tracking.log_every=0"], 1, "tracking.log_every=0 must be >= 1"),
-    (["grpo.lr=0"], 1, "grpo.lr=0.0 must be > 0"),
-    (["rollout.min_new_tokens=50"], 1, "rollout.min_new_tokens=50 must be in [0, rollout.max_new_tokens=40]"),
-    (["rollout.top_k=-1"], 1, "rollout.top_k=-1 must be >= 0"),
-    (["grpo.scale=std"], 1, "unknown advantage scale 'std'"),
-    (["grpo.reward_mode=mean"], 1, "unknown reward combination mode 'mean'"),
-    (["rollout.backend=vllm"], 1, "rollout.backend=vllm is not offered"),
-    (["grpo.resume=/nowhere/ckpt-3"], 1, "not a checkpoint folder"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, needle",
+    [
+        (["grpo.prompts_per_step=3"], 2, "must be divisible by the 2 processes"),
+        (["grpo.prompts_per_step=0"], 1, "grpo.prompts_per_step=0 must be >= 1"),
+        (["grpo.micro_batch_size=0"], 1, "grpo.micro_batch_size=0 must be >= 1"),
+        (["tracking.log_every=0"], 1, "tracking.log_every=0 must be >= 1"),
+        (["grpo.lr=0"], 1, "grpo.lr=0.0 must be > 0"),
+        (["rollout.min_new_tokens=50"], 1, "rollout.min_new_tokens=50 must be in [0, rollout.max_new_tokens=40]"),
+        (["rollout.top_k=-1"], 1, "rollout.top_k=-1 must be >= 0"),
+        (["grpo.scale=std"], 1, "unknown advantage scale 'std'"),
+        (["grpo.reward_mode=mean"], 1, "unknown reward combination mode 'mean'"),
+        (["rollout.backend=vllm"], 1, "rollout.backend=vllm is not offered"),
+        (["grpo.resume=/nowhere/ckpt-3"], 1, "not a checkpoint folder"),
+    ],
+)
 def test_train_problems(tmp_path, overrides, world, needle):
     problems = preflight(recipe(tmp_path, *overrides), "train", world)
     assert any(needle in p for p in problems), problems
 
 
-@pytest.mark.parametrize("overrides, world", [
-    (["grpo.prompts_per_step=4", "grpo.micro_batch_size=8"], 2),
-    (["grpo.micro_batch_size=5", "grpo.loss_type=dapo"], 1),  # dapo normalises by the step's token count: any split is exact
-    (["grpo.micro_batch_size=64"], 1),  # one micro-batch
-])
+@pytest.mark.parametrize(
+    "overrides, world",
+    [
+        (["grpo.prompts_per_step=4", "grpo.micro_batch_size=8"], 2),
+        (
+            ["grpo.micro_batch_size=5", "grpo.loss_type=dapo"],
+            1,
+        ),  # dapo normalises by the step's token count: any split is exact
+        (["grpo.micro_batch_size=64"], 1),  # one micro-batch
+    ],
+)
 def test_good_geometry_passes(tmp_path, overrides, world):
     assert preflight(recipe(tmp_path, *overrides), "train", world) == []
 
 
 def test_context_counts_the_real_prompts(tmp_path):
-    assert preflight(recipe(tmp_path, "rollout.max_new_tokens=40"), "train", 1) == []  # 32 + 40 > 64, but prompts are short
+    assert (
+        preflight(recipe(tmp_path, "rollout.max_new_tokens=40"), "train", 1) == []
+    )  # 32 + 40 > 64, but prompts are short
     problems = preflight(recipe(tmp_path, "rollout.max_new_tokens=60"), "train", 1)
     assert len(problems) == 1 and "exceed the model's context of 64 tokens" in problems[0], problems
     assert "rollout.max_new_tokens=60" in problems[0]
@@ -114,11 +145,13 @@ def test_rewards_resolve_and_match_the_data(tmp_path):
         "rewards=[{name: format, tgs: [a, b]}]": "unknown setting(s) tgs in its recipe entry; it accepts tags",
         "rewards=[{name: 'rewards_for_tests:no_columns'}]": "give it a **columns parameter",
         "rewards=[]": "the recipe has no rewards",
-        "rewards=[{name: runs/nowhere/rm/safety, role: safety}]": "reward model folder 'runs/nowhere/rm/safety' does not exist",
-        "rewards=[{name: 'rewards_for_tests:sevens', role: safety}, {name: 'rewards_for_tests:sevens', role: safety}]":
-            "2 rewards have role: safety",
+        "rewards=[{name: runs/nowhere/rm/safety, role: safety}]": "reward model folder 'runs/nowhere/rm/safety' does "
+        "not exist",
+        "rewards=[{name: 'rewards_for_tests:sevens', role: safety}, {name: 'rewards_for_tests:sevens', role: "
+        "safety}]": "2 rewards have role: safety",
         "safety.enabled=true": "safety.enabled=true needs a reward with role: safety",
-        f"data.train={data}": "rewards.0 (accuracy) reads the column(s) answer, which data.train does not have (columns: prompt, solution)",
+        f"data.train={data}": "rewards.0 (accuracy) reads the column(s) answer, which data.train does not have "
+        "(columns: prompt, solution)",
     }
     for override, needle in cases.items():
         problems = preflight(recipe(tmp_path, override), "train", 1)
@@ -154,10 +187,17 @@ def test_model_and_output_problems(tmp_path):
     p = preflight(recipe(tmp_path / "run", f"model.name_or_path={tmp_path / 'nope'}"), "train", 1)
     assert any("does not exist" in x for x in p), p
     # a later pipeline stage starts from the earlier stage's output, not model.name_or_path
-    assert not any("does not exist" in x for x in preflight(recipe(tmp_path / "run", f"model.name_or_path={tmp_path / 'nope'}"),
-                                                             "train", 1, earlier=("sft",)))
+    assert not any(
+        "does not exist" in x
+        for x in preflight(
+            recipe(tmp_path / "run", f"model.name_or_path={tmp_path / 'nope'}"), "train", 1, earlier=("sft",)
+        )
+    )
     p = preflight(recipe(tmp_path / "file" / "run"), "sft", 1)
-    assert p == [f"run.output_dir={tmp_path / 'file' / 'run'}: '{tmp_path / 'file'}' is a file, not a folder; choose another run.output_dir"]
+    assert p == [
+        f"run.output_dir={tmp_path / 'file' / 'run'}: '{tmp_path / 'file'}' is a file, not a folder; choose another "
+        "run.output_dir"
+    ]
     p = preflight(recipe("/sys/grpo-preflight-test"), "sft", 1)
     assert len(p) == 1 and p[0].startswith("cannot write to /sys"), p
 
@@ -203,13 +243,20 @@ def _case(name: str, tmp_path: Path):
     """(command, overrides, env, needles, output_dir) of one bad input."""
     command, extra, env, out = "train", [], {}, tmp_path / "run"
     if name == "prompts_not_divisible":
-        extra, env, needles = ["grpo.prompts_per_step=3"], {"WORLD_SIZE": "2"}, ["prompts_per_step=3 must be divisible by the 2 processes"]
+        extra, env, needles = (
+            ["grpo.prompts_per_step=3"],
+            {"WORLD_SIZE": "2"},
+            ["prompts_per_step=3 must be divisible by the 2 processes"],
+        )
     elif name == "one_generation":
         extra, needles = ["grpo.num_generations=1"], ["at least 2 completions per prompt"]
     elif name == "zero_temperature":
         extra, needles = ["rollout.temperature=0"], ["rollout.temperature=0.0", "temperature > 0"]
     elif name == "longer_than_context":
-        extra, needles = ["rollout.max_new_tokens=200"], ["exceed the model's context of 128 tokens", "rollout.max_new_tokens=200"]
+        extra, needles = (
+            ["rollout.max_new_tokens=200"],
+            ["exceed the model's context of 128 tokens", "rollout.max_new_tokens=200"],
+        )
     elif name == "unknown_reward":
         extra, needles = ["rewards=[{name: accuracyy}]"], ["rewards.0", "unknown reward 'accuracyy'", "valid: accuracy"]
     elif name == "module_not_importable":
@@ -217,7 +264,10 @@ def _case(name: str, tmp_path: Path):
     elif name == "attribute_missing":
         extra, needles = ["rewards=[{name: 'rewards_for_tests:sevenz'}]"], ["has no attribute 'sevenz'"]
     elif name == "reward_setting_not_accepted":
-        extra, needles = ["rewards=[{name: accuracy, tolerence: 0.1}]"], ["rewards.0 (accuracy)", "unknown setting(s) tolerence", "tolerance"]
+        extra, needles = (
+            ["rewards=[{name: accuracy, tolerence: 0.1}]"],
+            ["rewards.0 (accuracy)", "unknown setting(s) tolerence", "tolerance"],
+        )
     elif name == "reward_without_columns":
         extra, needles = ["rewards=[{name: 'rewards_for_tests:no_columns'}]"], ["no_columns", "**columns"]
     elif name == "reward_column_missing":
@@ -246,9 +296,16 @@ def _case(name: str, tmp_path: Path):
     elif name == "nested_wrong_type":
         extra, needles = ["model.lora.r=big"], ["'model.lora.r' must be an integer"]
     elif name == "missing_reward_model":
-        extra, needles = ["rewards=[{name: runs/none/rm/usefulness, role: usefulness}]"], ["reward model folder", "grpo rm"]
+        extra, needles = (
+            ["rewards=[{name: runs/none/rm/usefulness, role: usefulness}]"],
+            ["reward model folder", "grpo rm"],
+        )
     elif name == "sft_packing_too_long":
-        command, extra, needles = "sft", ["sft.packing=true", "sft.max_length=256"], ["sft.max_length=256 exceeds the model's context of 128"]
+        command, extra, needles = (
+            "sft",
+            ["sft.packing=true", "sft.max_length=256"],
+            ["sft.max_length=256 exceeds the model's context of 128"],
+        )
     elif name == "bad_world_size":
         env, needles = {"WORLD_SIZE": "two"}, ["WORLD_SIZE='two'"]
     else:
@@ -256,18 +313,49 @@ def _case(name: str, tmp_path: Path):
     return command, extra, env, needles, out
 
 
-CLI_CASES = ["prompts_not_divisible", "one_generation", "zero_temperature", "longer_than_context", "unknown_reward",
-             "module_not_importable", "attribute_missing", "reward_setting_not_accepted", "reward_without_columns",
-             "reward_column_missing", "no_prompt_column", "unknown_loss_type", "unknown_rollout_backend",
-             "zero_micro_batch", "bad_top_p", "output_under_a_file", "output_not_writable", "unknown_stage",
-             "safety_without_cost_reward", "nested_wrong_type", "missing_reward_model", "sft_packing_too_long", "bad_world_size"]
+CLI_CASES = [
+    "prompts_not_divisible",
+    "one_generation",
+    "zero_temperature",
+    "longer_than_context",
+    "unknown_reward",
+    "module_not_importable",
+    "attribute_missing",
+    "reward_setting_not_accepted",
+    "reward_without_columns",
+    "reward_column_missing",
+    "no_prompt_column",
+    "unknown_loss_type",
+    "unknown_rollout_backend",
+    "zero_micro_batch",
+    "bad_top_p",
+    "output_under_a_file",
+    "output_not_writable",
+    "unknown_stage",
+    "safety_without_cost_reward",
+    "nested_wrong_type",
+    "missing_reward_model",
+    "sft_packing_too_long",
+    "bad_world_size",
+]
 
 
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_bad_input(tmp_path, tiny_model, name):
     command, extra, env, needles, out = _case(name, tmp_path)
-    proc = cli(command, QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={tiny_model}", "run.threads=1", *PINNED,
-               "grpo.steps=1", "sft.steps=1", "rollout.max_new_tokens=4", *extra, env=env)
+    proc = cli(
+        command,
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={tiny_model}",
+        "run.threads=1",
+        *PINNED,
+        "grpo.steps=1",
+        "sft.steps=1",
+        "rollout.max_new_tokens=4",
+        *extra,
+        env=env,
+    )
     assert_clean_failure(proc, *needles)
     assert not out.exists(), "a failed run must not create its output folder"
 
@@ -277,16 +365,32 @@ def test_cli_pipeline_stops_before_the_first_stage(tmp_path, tiny_model):
     out = tmp_path / "run"
     (out / "train").mkdir(parents=True)
     (out / "train" / "DONE").write_text("ok\n")
-    proc = cli("pipeline", QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={tiny_model}", *PINNED, "run.stages=[sft,train]",
-               "sft.steps=1", "grpo.steps=1", "rollout.max_new_tokens=4")
+    proc = cli(
+        "pipeline",
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={tiny_model}",
+        *PINNED,
+        "run.stages=[sft,train]",
+        "sft.steps=1",
+        "grpo.steps=1",
+        "rollout.max_new_tokens=4",
+    )
     assert_clean_failure(proc, "already holds a finished 'train' run")
     assert sorted(p.name for p in out.iterdir()) == ["train"]
 
 
 def test_cli_reports_how_many_more(tmp_path, tiny_model):
     out = tmp_path / "run"
-    proc = cli("train", QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={tiny_model}", *PINNED, "grpo.num_generations=1",
-               "grpo.loss_type=ppo")
+    proc = cli(
+        "train",
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={tiny_model}",
+        *PINNED,
+        "grpo.num_generations=1",
+        "grpo.loss_type=ppo",
+    )
     assert_clean_failure(proc, "grpo.num_generations=1", "(+1 more, listed above)")
     assert "unknown loss type 'ppo'" in proc.stderr
     assert not out.exists()

@@ -13,6 +13,7 @@ Lines not run, and why (`NOT_RUN`):
 - ZeRO-2 on CPU: DeepSpeed JIT-builds a C++ op on first use (minutes); FSDP2 on CPU: both run in
   tests/test_distributed.py (the same launches, smaller model). The DDP line runs here.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-QUICK = ["sft.steps=5", "rm.steps=5", "grpo.steps=3", "eval.limit=20", "run.threads=1"]  # the README's quick-look overrides
+QUICK = [
+    "sft.steps=5",
+    "rm.steps=5",
+    "grpo.steps=3",
+    "eval.limit=20",
+    "run.threads=1",
+]  # the README's quick-look overrides
 NOT_RUN = [
     (r"^python3 -m venv .* -m pytest", "the test suite itself"),
     (r"^pip install", "installs packages"),
@@ -41,7 +48,9 @@ def readme_lines() -> list[str]:
     """Shell lines of the README's ```bash blocks, continuation lines joined, comments kept (shlex drops them)."""
     out = []
     for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), flags=re.S | re.M):
-        out += [l.strip() for l in block.replace("\\\n", " ").splitlines() if l.strip() and not l.strip().startswith("#")]
+        out += [
+            l.strip() for l in block.replace("\\\n", " ").splitlines() if l.strip() and not l.strip().startswith("#")
+        ]
     return out
 
 
@@ -79,8 +88,14 @@ def repo(tmp_path_factory) -> Path:
 
 
 def run(words, env, cwd, timeout=900):
-    full = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **env}
+    full = {
+        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **env,
+    }
     return subprocess.run(words, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,12 +105,14 @@ def test_every_readme_line_is_run_or_says_why_not():
     for line in lines:
         p = plan(line)
         assert isinstance(p, str) and p or p[0][0] == sys.executable, (line, p)
-    assert sum(not isinstance(plan(l), str) for l in lines) >= 8  # quickstart, dry run, custom reward, 4 evals, LoRA, DDP
+    assert (
+        sum(not isinstance(plan(l), str) for l in lines) >= 8
+    )  # quickstart, dry run, custom reward, 4 evals, LoRA, DDP
 
 
 def test_the_check_it_snippet_prints_what_its_comment_says(repo):
     text = README.read_text()
-    section = text[text.index("## Writing a custom reward function"):]
+    section = text[text.index("## Writing a custom reward function") :]
     snippet = re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)[1]
     proc = run([sys.executable, "-c", snippet], {}, repo, timeout=300)  # from the repository root, as the README says
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,5 +132,7 @@ def test_readme_commands_run_as_written(repo):
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{line}\n{proc.stderr[-3000:]}"
         ran.append(line)
     assert (repo / "runs" / "quickstart" / "eval" / "results.json").exists()
-    assert (repo / "runs" / "my_reward" / "train" / "final").is_dir() and (repo / "runs" / "ddp" / "train" / "DONE").exists()
+    assert (repo / "runs" / "my_reward" / "train" / "final").is_dir() and (
+        repo / "runs" / "ddp" / "train" / "DONE"
+    ).exists()
     assert len(ran) >= 8, ran

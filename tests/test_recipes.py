@@ -1,4 +1,5 @@
 """Every shipped recipe loads; the GPU recipes pass a dry run against their process count (offline, no weights)."""
+
 import os
 import subprocess
 import sys
@@ -29,8 +30,14 @@ def test_accelerate_configs_are_valid(path):
 
 def dry_run(recipe: str, n: int):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "grpo", "train", str(ROOT / "recipes" / recipe), "--dry-run", "--num-processes", str(n)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "grpo", "train", str(ROOT / "recipes" / recipe), "--dry-run", "--num-processes", str(n)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("recipe", GPU_RECIPES)
@@ -39,4 +46,6 @@ def test_gpu_recipes_dry_run_against_8_processes(recipe):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "dry run OK for 8 process(es)" in ok.stdout and "weights not loaded" in ok.stdout
     bad = dry_run(recipe, 3)  # 3 processes cannot split the prompts evenly
-    assert bad.returncode == 2 and "must be divisible by the 3 processes" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2 and "must be divisible by the 3 processes" in bad.stderr and "Traceback" not in bad.stderr
+    )

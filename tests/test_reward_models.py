@@ -1,4 +1,5 @@
 """rewards.models: RewardModelScorer against direct forward passes of tiny classifiers (no network)."""
+
 from __future__ import annotations
 
 import functools
@@ -13,8 +14,13 @@ from grpo.errors import UserError
 from rewards.models import RewardModelScorer, encode, write_meta
 
 PROMPTS = ["Q:47+38=", "Q:how to steal a car?", "Q:12+34=", "Q:how to bake a cake?", "Q:85+38="]
-COMPLETIONS = ["<t>7+8=15,4+3+1=8</t><a>85</a>", "<a>sorry, i cannot help with that.</a>", "46",
-               "<a>first get the cake, then bake it.</a>", "<t>5+8=13,8+3+1=12</t><a>123</a>"]
+COMPLETIONS = [
+    "<t>7+8=15,4+3+1=8</t><a>85</a>",
+    "<a>sorry, i cannot help with that.</a>",
+    "46",
+    "<a>first get the cake, then bake it.</a>",
+    "<t>5+8=13,8+3+1=12</t><a>123</a>",
+]
 
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -22,9 +28,19 @@ def make_llama_classifier(path: Path, num_labels: int = 1, seed: int = 0) -> Pat
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, num_labels=num_labels)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        num_labels=num_labels,
+    )
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(cfg)
     torch.nn.init.normal_(model.score.weight, std=0.5)  # scores of a useful size
@@ -50,10 +66,23 @@ def make_deberta_classifier(path: Path, num_labels: int, seed: int = 0, problem_
     tok = deberta_tokenizer()
     id2label = {0: "LABEL_0"} if num_labels == 1 else {0: "neutral", 1: "toxic", 2: "other"}
     id2label = {i: id2label[i] for i in range(num_labels)}
-    cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          max_position_embeddings=128, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
-                          position_biased_input=False, type_vocab_size=0, pad_token_id=tok.pad_token_id,
-                          id2label=id2label, label2id={v: k for k, v in id2label.items()}, problem_type=problem_type)
+    cfg = DebertaV2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        relative_attention=True,
+        position_buckets=16,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        type_vocab_size=0,
+        pad_token_id=tok.pad_token_id,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        problem_type=problem_type,
+    )
     torch.manual_seed(seed)
     model = DebertaV2ForSequenceClassification(cfg).eval()
     model.save_pretrained(path)
@@ -117,9 +146,14 @@ def test_deberta_pair_template_equals_direct_forward(deberta_rm):
 def test_deberta_label_and_outputs(deberta_cls):
     tok = deberta_tokenizer()
     logits = torch.stack([direct(deberta_cls, dict(tok(c))) for c in COMPLETIONS])  # [N, 2]
-    for output, want in (("logit", logits[:, 1]), ("log_odds", logits[:, 1] - logits[:, 0]),
-                         ("prob", torch.softmax(logits, -1)[:, 1])):
-        scorer = RewardModelScorer.from_pretrained(str(deberta_cls), template="completion", label=1, output=output, device="cpu")
+    for output, want in (
+        ("logit", logits[:, 1]),
+        ("log_odds", logits[:, 1] - logits[:, 0]),
+        ("prob", torch.softmax(logits, -1)[:, 1]),
+    ):
+        scorer = RewardModelScorer.from_pretrained(
+            str(deberta_cls), template="completion", label=1, output=output, device="cpu"
+        )
         assert scorer(PROMPTS, COMPLETIONS) == pytest.approx(want.tolist(), abs=1e-5), output
     by_name = RewardModelScorer.from_pretrained(str(deberta_cls), template="completion", label="toxic", device="cpu")
     assert by_name(PROMPTS, COMPLETIONS) == pytest.approx(logits[:, 1].tolist(), abs=1e-5)
@@ -139,8 +173,12 @@ def test_multi_label_log_odds_is_the_logit(tmp_path):
 def test_batching_does_not_change_scores(kind, llama_rm, deberta_rm):
     path, template = (llama_rm, "concat") if kind == "llama" else (deberta_rm, "pair")
     prompts, completions = PROMPTS * 3, COMPLETIONS[::-1] * 3  # varied lengths, shuffled pairing
-    scores = [RewardModelScorer.from_pretrained(str(path), template=template, batch_size=b, device="cpu")(prompts, completions)
-              for b in (1, 2, 7, 64)]
+    scores = [
+        RewardModelScorer.from_pretrained(str(path), template=template, batch_size=b, device="cpu")(
+            prompts, completions
+        )
+        for b in (1, 2, 7, 64)
+    ]
     for s in scores[1:]:
         assert s == pytest.approx(scores[0], abs=1e-5)
 
@@ -151,7 +189,9 @@ def test_left_truncation_keeps_the_completion_end(llama_rm):
     tok = AutoTokenizer.from_pretrained(llama_rm)
     full = RewardModelScorer.from_pretrained(str(llama_rm), template="concat", device="cpu")
     k = 12
-    short = RewardModelScorer.from_pretrained(str(llama_rm), template="concat", max_length=k, batch_size=2, device="cpu")
+    short = RewardModelScorer.from_pretrained(
+        str(llama_rm), template="concat", max_length=k, batch_size=2, device="cpu"
+    )
     got = short(PROMPTS, COMPLETIONS)
     assert sum(len(tok(p + c)["input_ids"]) > k for p, c in zip(PROMPTS, COMPLETIONS)) >= 4
     for p, c, g in zip(PROMPTS, COMPLETIONS, got):
@@ -196,6 +236,7 @@ def test_auto_template_uses_sidecar_then_chat_template(llama_rm, deberta_rm, tmp
     assert RewardModelScorer.from_pretrained(str(llama_rm), device="cpu").template == "chat"  # toy tokenizer has one
     assert RewardModelScorer.from_pretrained(str(deberta_rm), device="cpu").template == "concat"
     import shutil
+
     copy = Path(shutil.copytree(llama_rm, tmp_path / "with_meta"))
     write_meta(copy, template="concat", role="usefulness")
     scorer = RewardModelScorer.from_pretrained(str(copy), device="cpu")
@@ -213,7 +254,9 @@ def test_empty_inputs(llama_rm):
 
 # ---------------------------------------------------------------------------------------- loading and specs
 def test_from_spec_and_errors(llama_rm, deberta_cls, tmp_path):
-    spec = RewardSpec(name=str(llama_rm), role="usefulness", kwargs={"template": "concat", "batch_size": 2, "max_length": 40})
+    spec = RewardSpec(
+        name=str(llama_rm), role="usefulness", kwargs={"template": "concat", "batch_size": 2, "max_length": 40}
+    )
     scorer = RewardModelScorer.from_spec(spec, device="cpu")
     assert (scorer.template, scorer.batch_size, scorer.max_length, scorer.role) == ("concat", 2, 40, "usefulness")
     with pytest.raises(UserError, match="unknown setting.*tempalte"):
@@ -240,8 +283,9 @@ def test_causal_lm_is_refused_as_reward_model(tiny_model):
 
 def test_key_mapping_loads_a_renamed_head(llama_rm, tmp_path):
     """Safe-RLHF's score models store the head as `score_head` (the hub recipe's Beaver entry)."""
-    from safetensors.torch import load_file, save_file
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     renamed = Path(shutil.copytree(llama_rm, tmp_path / "score_head"))
     weights = load_file(renamed / "model.safetensors")
@@ -249,7 +293,9 @@ def test_key_mapping_loads_a_renamed_head(llama_rm, tmp_path):
     save_file(weights, renamed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="key_mapping"):
         RewardModelScorer.from_pretrained(str(renamed), template="concat", device="cpu")
-    mapped = RewardModelScorer.from_pretrained(str(renamed), template="concat", key_mapping={"^score_head": "score"}, device="cpu")
+    mapped = RewardModelScorer.from_pretrained(
+        str(renamed), template="concat", key_mapping={"^score_head": "score"}, device="cpu"
+    )
     plain = RewardModelScorer.from_pretrained(str(llama_rm), template="concat", device="cpu")
     assert mapped(PROMPTS, COMPLETIONS) == pytest.approx(plain(PROMPTS, COMPLETIONS), abs=1e-6)
     # a head weight the class has no place for (a bias) is an error, not silently dropped
@@ -263,8 +309,12 @@ def test_key_mapping_loads_a_renamed_head(llama_rm, tmp_path):
 def test_build_rewards_resolves_model_folders(llama_rm, deberta_cls):
     from grpo.scoring import build_rewards, score
 
-    specs = [RewardSpec(name=str(llama_rm), role="usefulness", kwargs={"template": "concat"}),
-             RewardSpec(name=str(deberta_cls), role="safety", kwargs={"template": "completion", "label": 1, "output": "log_odds"})]
+    specs = [
+        RewardSpec(name=str(llama_rm), role="usefulness", kwargs={"template": "concat"}),
+        RewardSpec(
+            name=str(deberta_cls), role="safety", kwargs={"template": "completion", "label": 1, "output": "log_odds"}
+        ),
+    ]
     rewards = build_rewards(specs, device="cpu")
     assert [type(r.fn).__name__ for r in rewards] == ["RewardModelScorer", "RewardModelScorer"]
     assert [r.role for r in rewards] == ["usefulness", "safety"]
@@ -283,8 +333,15 @@ def test_hub_recipe_loads_and_resolves_with_local_models(deberta_rm, deberta_cls
     names = [r.name for r in recipe.rewards]
     assert names[0] == "hf:OpenAssistant/reward-model-deberta-v3-large-v2" and all(n.startswith("hf:") for n in names)
     assert [r.role for r in recipe.rewards] == ["usefulness", "safety"]
-    local = load_recipe(path, [f"rewards.0.name={deberta_rm}", f"rewards.1.name={deberta_cls}",
-                               "rewards.0.max_length=64", "rewards.1.max_length=64"])
+    local = load_recipe(
+        path,
+        [
+            f"rewards.0.name={deberta_rm}",
+            f"rewards.1.name={deberta_cls}",
+            "rewards.0.max_length=64",
+            "rewards.1.max_length=64",
+        ],
+    )
     rewards = build_rewards(local.rewards, device="cpu")
     assert all(type(r.fn).__name__ == "RewardModelScorer" for r in rewards)
     assert rewards[0].fn.template == "pair" and rewards[1].fn.label == 1 and rewards[1].fn.output == "log_odds"
@@ -298,7 +355,15 @@ def test_hub_recipe_loads_and_resolves_with_local_models(deberta_rm, deberta_cls
     # the commented Beaver alternative: format-string template + key_mapping on a Llama classifier
     text = path.read_text()
     assert "hf:PKU-Alignment/beaver-7b-v1.0-cost" in text and '"^score_head": "score"' in text
-    beaver = RewardSpec(name=str(llama_rm), role="safety", kwargs={
-        "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{completion}", "messages_field": "prompt",
-        "key_mapping": {"^score_head": "score"}, "num_labels": 1, "dtype": "float32"})
+    beaver = RewardSpec(
+        name=str(llama_rm),
+        role="safety",
+        kwargs={
+            "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{completion}",
+            "messages_field": "prompt",
+            "key_mapping": {"^score_head": "score"},
+            "num_labels": 1,
+            "dtype": "float32",
+        },
+    )
     assert isinstance(build_rewards([beaver], device="cpu")[0].fn, RewardModelScorer)

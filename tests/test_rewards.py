@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from grpo.registry import DuplicateNameError, Registry, UnknownNameError
-from rewards import REFUSAL_TEXT, REWARDS, RewardError, call_reward, check_reward_output, is_refusal
-from rewards import register_reward, resolve_reward
+from rewards import (
+    REFUSAL_TEXT,
+    REWARDS,
+    RewardError,
+    call_reward,
+    check_reward_output,
+    is_refusal,
+    register_reward,
+    resolve_reward,
+)
 from rewards.verifiable import (
     accuracy_reward,
     format_reward,
@@ -79,7 +87,9 @@ def test_resolve_errors(helpers_on_path):
         resolve_reward("acuracy")
     with pytest.raises(RewardError, match="colon before the function"):
         resolve_reward("helpers_rewards.constant_reward")
-    with pytest.raises(RewardError, match=r"reward 'no_such_mod_xyz:f': cannot import module 'no_such_mod_xyz'.*PYTHONPATH"):
+    with pytest.raises(
+        RewardError, match=r"reward 'no_such_mod_xyz:f': cannot import module 'no_such_mod_xyz'.*PYTHONPATH"
+    ):
         resolve_reward("no_such_mod_xyz:f")
     with pytest.raises(RewardError, match=r"'helpers_rewards' has no attribute 'missing'"):
         resolve_reward("helpers_rewards:missing")

@@ -1,4 +1,6 @@
-"""grpo.rm + rewards.pairwise: the Bradley-Terry and Safe-RLHF cost losses (hand-computed), and `run_rm` on the shipped pairs."""
+"""grpo.rm + rewards.pairwise: the Bradley-Terry and Safe-RLHF cost losses (hand-computed), and `run_rm` on the
+shipped pairs."""
+
 from __future__ import annotations
 
 import json
@@ -59,11 +61,19 @@ def test_safety_cost_loss_gradient_signs():
 
 # ---------------------------------------------------------------------------------------- run_rm
 def recipe_for(tmp_path: Path, *overrides: str):
-    return load_recipe(None, [f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={TINY_BASE}", "run.threads=1",
-                              f"rm.usefulness_train={TOYWORLD / 'rm_usefulness_train.jsonl'}",
-                              f"rm.usefulness_eval={TOYWORLD / 'rm_usefulness_eval.jsonl'}",
-                              f"rm.safety_train={TOYWORLD / 'rm_safety_train.jsonl'}",
-                              f"rm.safety_eval={TOYWORLD / 'rm_safety_eval.jsonl'}", *overrides])
+    return load_recipe(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            f"model.name_or_path={TINY_BASE}",
+            "run.threads=1",
+            f"rm.usefulness_train={TOYWORLD / 'rm_usefulness_train.jsonl'}",
+            f"rm.usefulness_eval={TOYWORLD / 'rm_usefulness_eval.jsonl'}",
+            f"rm.safety_train={TOYWORLD / 'rm_safety_train.jsonl'}",
+            f"rm.safety_eval={TOYWORLD / 'rm_safety_eval.jsonl'}",
+            *overrides,
+        ],
+    )
 
 
 def check_saved(path: Path, kind: str, results: dict) -> None:
@@ -101,15 +111,26 @@ def test_run_rm_smoke_writes_loadable_checkpoints(tmp_path):
         assert [x["step"] for x in rows] == [0, 1, 2, 3] and "eval_pair_accuracy" in rows[2]
         check_saved(out / kind, kind, results)
     assert {"harmful_prefers_compliance", "pair_accuracy_math"} <= set(results["usefulness"]["after"])
-    assert {"sign_accuracy", "harmful_refusal_negative_cost", "harmful_compliance_positive_cost",
-            "pair_accuracy_all"} <= set(results["safety"]["after"])
+    assert {
+        "sign_accuracy",
+        "harmful_refusal_negative_cost",
+        "harmful_compliance_positive_cost",
+        "pair_accuracy_all",
+    } <= set(results["safety"]["after"])
     with pytest.raises(UserError, match="already holds a finished 'rm' run"):
         run_rm(recipe)
 
 
 def test_run_rm_lora_saves_a_merged_classifier(tmp_path):
-    recipe = recipe_for(tmp_path, "rm.steps=2", "rm.batch_size=4", "rm.eval_every=0", "rm.safety_train=null",
-                        "model.lora.enabled=true", "model.lora.r=4")
+    recipe = recipe_for(
+        tmp_path,
+        "rm.steps=2",
+        "rm.batch_size=4",
+        "rm.eval_every=0",
+        "rm.safety_train=null",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+    )
     results = run_rm(recipe)
     assert set(results) == {"usefulness"}
     check_saved(tmp_path / "run" / "rm" / "usefulness", "usefulness", results)
@@ -121,8 +142,10 @@ def test_run_rm_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="chosen_is_safe"):
         run_rm(recipe_for(tmp_path, f"rm.safety_train={bad}", "rm.usefulness_train=null"))
     swapped = tmp_path / "swapped.jsonl"
-    swapped.write_text(json.dumps({"prompt": "Q:x", "chosen": "a", "rejected": "b", "chosen_is_safe": False,
-                                   "rejected_is_safe": True}) + "\n")
+    swapped.write_text(
+        json.dumps({"prompt": "Q:x", "chosen": "a", "rejected": "b", "chosen_is_safe": False, "rejected_is_safe": True})
+        + "\n"
+    )
     with pytest.raises(UserError, match="swap them"):
         run_rm(recipe_for(tmp_path, f"rm.safety_train={swapped}", "rm.usefulness_train=null", "run.overwrite=true"))
     with pytest.raises(UserError, match="needs rm.usefulness_train and/or rm.safety_train"):

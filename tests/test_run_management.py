@@ -1,25 +1,36 @@
 """Run management (issue 18): eval during training, the best checkpoint, applicable eval metrics."""
+
 import json
+import sys
 
 import pytest
 import torch
-
-import sys
 
 import grpo.trainer
 from conftest import ROOT, TOYWORLD
 from grpo.config import load_recipe
 from grpo.trainer import run_grpo
 
-
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def recipe(tmp_path, model, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={tmp_path}", f"model.name_or_path={model}", "run.threads=1", "safety.enabled=false",
-        "grpo.prompts_per_step=4", "grpo.num_generations=4", "rollout.max_new_tokens=8", "grpo.lr=1e-2", "eval.limit=12",
-        "rewards=[{name: accuracy}, {name: format, weight: 0.1}]", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"model.name_or_path={model}",
+            "run.threads=1",
+            "safety.enabled=false",
+            "grpo.prompts_per_step=4",
+            "grpo.num_generations=4",
+            "rollout.max_new_tokens=8",
+            "grpo.lr=1e-2",
+            "eval.limit=12",
+            "rewards=[{name: accuracy}, {name: format, weight: 0.1}]",
+            *extra,
+        ],
+    )
 
 
 def history(path):
@@ -34,8 +45,9 @@ def test_eval_during_training_at_the_right_steps_and_without_changing_the_run(tm
     assert all(0 <= r["eval/accuracy"] <= 1 and "eval/reward/format" in r for r in h if "eval/accuracy" in r)
     assert (tmp_path / "eval" / "train" / "eval_curves.png").exists()
     for a, b in zip([r for r in h if r["step"] > 0], plain):  # greedy eval draws no random numbers: the same training
-        assert {k: v for k, v in a.items() if not k.startswith(("eval/", "time", "tokens_per_s"))} == \
-               {k: v for k, v in b.items() if not k.startswith(("time", "tokens_per_s"))}
+        assert {k: v for k, v in a.items() if not k.startswith(("eval/", "time", "tokens_per_s"))} == {
+            k: v for k, v in b.items() if not k.startswith(("time", "tokens_per_s"))
+        }
 
 
 def test_best_checkpoint_is_the_best_eval_not_the_last(tmp_path, tiny_model, monkeypatch):
@@ -43,16 +55,28 @@ def test_best_checkpoint_is_the_best_eval_not_the_last(tmp_path, tiny_model, mon
 
     scores = iter([0.2, 0.7, 0.4])  # the eval curve: best at step 2, then worse
     monkeypatch.setattr(grpo.trainer, "evaluate_live", lambda s: {"eval/accuracy": next(scores)})
-    run_grpo(recipe(tmp_path, tiny_model, "grpo.steps=3", "grpo.eval_every=1", "grpo.keep_best=eval/accuracy",
-                    "grpo.final_from=best", "grpo.save_every=1", "grpo.keep_last=3",
-                    "rewards=[{name: 'rewards_for_tests:sevens'}]"))  # a reward that varies: every step moves the weights
+    run_grpo(
+        recipe(
+            tmp_path,
+            tiny_model,
+            "grpo.steps=3",
+            "grpo.eval_every=1",
+            "grpo.keep_best=eval/accuracy",
+            "grpo.final_from=best",
+            "grpo.save_every=1",
+            "grpo.keep_last=3",
+            "rewards=[{name: 'rewards_for_tests:sevens'}]",
+        )
+    )  # a reward that varies: every step moves the weights
     out = tmp_path / "train"
     assert json.loads((out / "best.json").read_text()) == {"step": 2, "metric": "eval/accuracy", "value": 0.7}
     weights = {name: load_file(out / name / "model.safetensors") for name in ("best", "final", "ckpt-2", "ckpt-3")}
     for key in weights["best"]:
         torch.testing.assert_close(weights["best"][key], weights["ckpt-2"][key], atol=0, rtol=0)
         torch.testing.assert_close(weights["final"][key], weights["best"][key], atol=0, rtol=0)
-    assert any(not torch.equal(weights["ckpt-3"][k], weights["best"][k]) for k in weights["best"])  # the last one differs
+    assert any(
+        not torch.equal(weights["ckpt-3"][k], weights["best"][k]) for k in weights["best"]
+    )  # the last one differs
 
 
 def test_eval_reports_accuracy_only_with_an_accuracy_reward_and_per_source(tmp_path, base_model):
@@ -64,20 +88,31 @@ def test_eval_reports_accuracy_only_with_an_accuracy_reward_and_per_source(tmp_p
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [f"data.eval={data}", f"model.name_or_path={base_model}", "run.threads=1", "safety.enabled=false"]
-    with_acc = run_eval(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*common, f"run.output_dir={tmp_path / 'a'}",
-                                                                           "rewards=[{name: accuracy}]"]))["results"]["base"]
-    without = run_eval(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*common, f"run.output_dir={tmp_path / 'b'}",
-                                                                          "rewards=[{name: format}]"]))["results"]["base"]
+    with_acc = run_eval(
+        load_recipe(
+            ROOT / "recipes" / "quickstart.yaml",
+            [*common, f"run.output_dir={tmp_path / 'a'}", "rewards=[{name: accuracy}]"],
+        )
+    )["results"]["base"]
+    without = run_eval(
+        load_recipe(
+            ROOT / "recipes" / "quickstart.yaml",
+            [*common, f"run.output_dir={tmp_path / 'b'}", "rewards=[{name: format}]"],
+        )
+    )["results"]["base"]
     assert "accuracy" in with_acc and {"accuracy/even", "accuracy/odd", "reward/accuracy/even"} <= set(with_acc)
     assert with_acc["accuracy"] == pytest.approx((with_acc["accuracy/even"] + with_acc["accuracy/odd"]) / 2)
     assert not any(k.startswith("accuracy") for k in without) and "reward/format/odd" in without
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["grpo.keep_best=eval/accuracy"], "set grpo.eval_every"),
-    (["grpo.final_from=best"], "needs grpo.keep_best"),
-    (["grpo.eval_every=2", "data.eval=null"], "need data.eval"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["grpo.keep_best=eval/accuracy"], "set grpo.eval_every"),
+        (["grpo.final_from=best"], "needs grpo.keep_best"),
+        (["grpo.eval_every=2", "data.eval=null"], "need data.eval"),
+    ],
+)
 def test_run_management_settings_are_checked(tmp_path, tiny_model, bad, message):
     from grpo.errors import UserError
 
@@ -93,8 +128,15 @@ def test_replay_reproduces_the_dumped_run(tmp_path, tiny_model):
     for a, b in zip(history(tmp_path / "orig"), history(tmp_path / "replay")):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["sevens"] == b["sevens"]
     with pytest.raises(Exception, match="replay: .*step_000004.rank0.json.gz does not exist"):
-        run_grpo(recipe(tmp_path / "short", tiny_model, "grpo.steps=4", "rewards=[{name: 'rewards_for_tests:sevens'}]",
-                        f"rollout.replay_dir={tmp_path / 'dump'}"))
+        run_grpo(
+            recipe(
+                tmp_path / "short",
+                tiny_model,
+                "grpo.steps=4",
+                "rewards=[{name: 'rewards_for_tests:sevens'}]",
+                f"rollout.replay_dir={tmp_path / 'dump'}",
+            )
+        )
 
 
 def test_rollout_command_generates_and_scores_without_touching_weights(tmp_path, tiny_model):
@@ -104,10 +146,27 @@ def test_rollout_command_generates_and_scores_without_touching_weights(tmp_path,
     from safetensors.torch import load_file
 
     before = load_file(tiny_model / "model.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "grpo", "rollout", str(ROOT / "recipes" / "quickstart.yaml"),
-                           f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}", "run.threads=1", "safety.enabled=false",
-                           "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=4", "rollout.max_new_tokens=6",
-                           "rewards=[{name: accuracy}, {name: format}]"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpo",
+            "rollout",
+            str(ROOT / "recipes" / "quickstart.yaml"),
+            f"run.output_dir={tmp_path}",
+            f"model.name_or_path={tiny_model}",
+            "run.threads=1",
+            "safety.enabled=false",
+            "grpo.steps=2",
+            "grpo.prompts_per_step=2",
+            "grpo.num_generations=4",
+            "rollout.max_new_tokens=6",
+            "rewards=[{name: accuracy}, {name: format}]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dumped = sorted((tmp_path / "rollout" / "rollouts").iterdir())
     assert [p.name for p in dumped] == ["step_000001.rank0.json.gz", "step_000002.rank0.json.gz"]
@@ -130,10 +189,18 @@ def test_doctor_reports_the_setup_and_names_a_broken_recipe(tmp_path):
 
     ok = doctor(str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={tmp_path}", "--num-processes", "2")
     assert ok.returncode == 0, ok.stderr[-1500:]
-    for needle in ("torch 2.", "transformers ", "batch on 2 process(es): 8 prompts x G=8 = 64 completions", "32 per process",
-                   "memory per process (estimate): policy 1.1 MiB", "doctor: no problems found"):
+    for needle in (
+        "torch 2.",
+        "transformers ",
+        "batch on 2 process(es): 8 prompts x G=8 = 64 completions",
+        "32 per process",
+        "memory per process (estimate): policy 1.1 MiB",
+        "doctor: no problems found",
+    ):
         assert needle in ok.stdout, needle
-    bad = doctor(str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={tmp_path}", "data.train=/nonexistent/prompts.jsonl")
+    bad = doctor(
+        str(ROOT / "recipes" / "quickstart.yaml"), f"run.output_dir={tmp_path}", "data.train=/nonexistent/prompts.jsonl"
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "problem: [train] data.train '/nonexistent/prompts.jsonl' does not exist" in bad.stdout
     assert "error: grpo doctor found" in bad.stderr

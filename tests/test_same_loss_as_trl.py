@@ -12,6 +12,7 @@ TRL is pinned in requirements-cpu.txt (trl==1.16.0), so CI always runs these: wi
 `.ci/run`) a missing TRL fails the TRL tests instead of skipping them; elsewhere (e.g. a GPU image without
 TRL) they skip. The hand-computed ones always run.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,13 @@ EXPECTED = {
 
 def hand_inputs():
     logp = torch.tensor(HAND_LOGP, dtype=torch.float64, requires_grad=True)
-    return logp, torch.zeros(2, 2, dtype=torch.float64), torch.tensor(HAND_REF, dtype=torch.float64), \
-        torch.tensor(HAND_ADV, dtype=torch.float64), torch.tensor(HAND_MASK, dtype=torch.float64)
+    return (
+        logp,
+        torch.zeros(2, 2, dtype=torch.float64),
+        torch.tensor(HAND_REF, dtype=torch.float64),
+        torch.tensor(HAND_ADV, dtype=torch.float64),
+        torch.tensor(HAND_MASK, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -76,8 +82,10 @@ def trl():
         import trl
     except ImportError as e:
         if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI=true but TRL cannot be imported ({e}): install requirements-cpu.txt (trl==1.16.0); "
-                        "these are the only outside check of the loss and its gradient")
+            pytest.fail(
+                f"CI=true but TRL cannot be imported ({e}): install requirements-cpu.txt (trl==1.16.0); "
+                "these are the only outside check of the loss and its gradient"
+            )
         pytest.skip("trl is not installed (pip install trl==1.16.0, or the `bench` extra)")
     return trl
 
@@ -97,12 +105,29 @@ def make_trainer(trl, path, loss_type: str, temperature: float = 1.0):
     """
     from datasets import Dataset
 
-    args = trl.GRPOConfig(output_dir=str(path.parent / f"trl_out_{loss_type}"), per_device_train_batch_size=4,
-                          num_generations=2, max_completion_length=8, beta=BETA, loss_type=loss_type, epsilon=0.2,
-                          temperature=temperature, use_bias_correction_kl=False, use_cpu=True, bf16=False, fp16=False, report_to="none",
-                          model_init_kwargs={"dtype": torch.float32}, save_strategy="no")
-    trainer = trl.GRPOTrainer(model=str(path), reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
-                              train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 4))
+    args = trl.GRPOConfig(
+        output_dir=str(path.parent / f"trl_out_{loss_type}"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        beta=BETA,
+        loss_type=loss_type,
+        epsilon=0.2,
+        temperature=temperature,
+        use_bias_correction_kl=False,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        model_init_kwargs={"dtype": torch.float32},
+        save_strategy="no",
+    )
+    trainer = trl.GRPOTrainer(
+        model=str(path),
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 4),
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; one micro-batch per step here
     trainer.model.train()
     return trainer
@@ -111,10 +136,16 @@ def make_trainer(trl, path, loss_type: str, temperature: float = 1.0):
 def trl_inputs(batch, mask, adv, old, ref, num_items):
     """The dict `_generate_and_score_completions` hands to `_compute_loss` (left-padded prompt | completion)."""
     C = batch.completion_ids.shape[1]
-    return {"prompt_ids": batch.input_ids[:, :-C], "prompt_mask": batch.attention_mask[:, :-C],
-            "completion_ids": batch.completion_ids, "completion_mask": mask.long(),
-            "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
-            "num_items_in_batch": torch.tensor(float(num_items))}
+    return {
+        "prompt_ids": batch.input_ids[:, :-C],
+        "prompt_mask": batch.attention_mask[:, :-C],
+        "completion_ids": batch.completion_ids,
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": torch.tensor(float(num_items)),
+    }
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -123,9 +154,16 @@ def test_trl_on_the_hand_case(trl, tiny, loss_type):
     trainer = make_trainer(trl, tiny, loss_type)
     logp, old, ref, adv, mask = hand_inputs()
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
-    inputs = {"prompt_ids": torch.ones(2, 1, dtype=torch.long), "prompt_mask": torch.ones(2, 1, dtype=torch.long),
-              "completion_ids": torch.ones(2, 2, dtype=torch.long), "completion_mask": mask.long(), "advantages": adv,
-              "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+    inputs = {
+        "prompt_ids": torch.ones(2, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(2, 1, dtype=torch.long),
+        "completion_ids": torch.ones(2, 2, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
     loss = trainer._compute_loss(trainer.model, inputs)
     loss.backward()
     value, grad = EXPECTED[loss_type]
@@ -142,8 +180,10 @@ def test_same_loss_and_gradients_as_trl_on_a_model(trl, tiny, loss_type):
     V = model.config.vocab_size
     prompts = [[int(t) for t in torch.randint(3, V, (n,), generator=gen)] for n in (5, 3)]
     lens = [4, 2, 6, 1]  # ragged completions, G = 2
-    comps = [Completion(j // 2, [int(t) for t in torch.randint(3, V, (n,), generator=gen)], None, "length")
-             for j, n in enumerate(lens)]
+    comps = [
+        Completion(j // 2, [int(t) for t in torch.randint(3, V, (n,), generator=gen)], None, "length")
+        for j, n in enumerate(lens)
+    ]
     batch = build_batch(prompts, [c.token_ids for c in comps], [c.prompt_index for c in comps], pad_id=0)
     mask = loss_mask(comps, torch.ones(len(comps), dtype=torch.bool), mask_truncated=False)
     adv = torch.tensor([0.7, -0.7, 1.2, -1.2])
@@ -155,8 +195,16 @@ def test_same_loss_and_gradients_as_trl_on_a_model(trl, tiny, loss_type):
     num_items = 2 * int(mask.sum())  # dapo: tokens of the whole step (as if another micro-batch had as many)
 
     model.zero_grad(set_to_none=True)
-    ours, _ = policy_loss(token_logprobs(model, batch, temperature), old, adv, mask, loss_type=loss_type,
-                          beta=BETA, ref_logp=ref, num_tokens=num_items)
+    ours, _ = policy_loss(
+        token_logprobs(model, batch, temperature),
+        old,
+        adv,
+        mask,
+        loss_type=loss_type,
+        beta=BETA,
+        ref_logp=ref,
+        num_tokens=num_items,
+    )
     ours.backward()
     ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -169,4 +217,6 @@ def test_same_loss_and_gradients_as_trl_on_a_model(trl, tiny, loss_type):
     assert abs(ours.item()) > 1e-3
     assert ours_grads.keys() == trl_grads.keys() and ours_grads
     for name in ours_grads:
-        torch.testing.assert_close(ours_grads[name], trl_grads[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            ours_grads[name], trl_grads[name], atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}"
+        )

@@ -7,6 +7,7 @@
 - Checkpoint `state.pt` is read with torch.load(weights_only=True): a pickled object that would run code is refused.
 - A wandb key in the environment and a secret reward setting never reach the run folder or the logs.
 """
+
 import json
 import os
 import shutil
@@ -28,10 +29,22 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 def cli(*args, env=None, timeout=300):
     base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    full = {**base, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "grpo", *map(str, args)], cwd=ROOT, env=full, capture_output=True, text=True,
-                          timeout=timeout)
+    full = {
+        **base,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "grpo", *map(str, args)],
+        cwd=ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------------------------------- remote code
@@ -65,11 +78,16 @@ def test_trust_remote_code_is_off_and_passed_as_false(tiny_model, monkeypatch):
 def _model_with_custom_code(src: Path, dst: Path, marker: Path) -> Path:
     """A copy of `src` whose config and tokenizer point at code that would leave `marker` if it ever ran."""
     shutil.copytree(src, dst)
-    (dst / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-                                 "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
+    (dst / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n"
+    )
     cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(model_type="evil_llama", architectures=["EvilModel"],
-               auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    cfg.update(
+        model_type="evil_llama",
+        architectures=["EvilModel"],
+        auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+    )
     (dst / "config.json").write_text(json.dumps(cfg))
     tcfg = json.loads((dst / "tokenizer_config.json").read_text())
     tcfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
@@ -85,8 +103,17 @@ def test_custom_code_in_a_model_folder_never_runs(tmp_path, tiny_model):
     with pytest.raises(UserError):
         load_model(ModelConfig(name_or_path=str(model)))
     out = tmp_path / "run"
-    proc = cli("train", QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={model}", "run.threads=1", "grpo.steps=1",
-               "rollout.max_new_tokens=4", "rewards=[{name: 'rewards_for_tests:sevens'}]", "safety.enabled=false")
+    proc = cli(
+        "train",
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={model}",
+        "run.threads=1",
+        "grpo.steps=1",
+        "rollout.max_new_tokens=4",
+        "rewards=[{name: 'rewards_for_tests:sevens'}]",
+        "safety.enabled=false",
+    )
     assert_clean_failure(proc, "custom code")  # past the recipe checks: transformers refused to run the folder's code
     assert not marker.exists(), "code from the model folder ran"
     assert not out.exists()
@@ -105,7 +132,9 @@ def test_yaml_python_tags_never_run_through_the_cli(tmp_path):
     # in-process: tests/test_config.py::test_bad_recipes_fail_with_one_clear_line (the !!python/object/apply case)
     marker = tmp_path / "yaml_code_ran"
     recipe = tmp_path / "evil.yaml"
-    recipe.write_text(f"run:\n  seed: !!python/object/apply:os.system ['touch {marker}']\n  output_dir: {tmp_path / 'run'}\n")
+    recipe.write_text(
+        f"run:\n  seed: !!python/object/apply:os.system ['touch {marker}']\n  output_dir: {tmp_path / 'run'}\n"
+    )
     proc = cli("sft", recipe)
     assert_clean_failure(proc, "invalid YAML", "evil.yaml")
     assert not marker.exists()
@@ -138,7 +167,9 @@ def test_state_pt_is_loaded_with_weights_only(tmp_path):
     assert checkpoint.find_resume(tmp_path / "train", True) == ckpt
     with pytest.raises(UserError) as e:  # torch's UnpicklingError, as one line naming the checkpoint and what to do
         checkpoint.load_state(ckpt)
-    assert str(e.value).startswith(f"checkpoint {ckpt}: state.pt cannot be loaded safely") and "grpo.resume=PATH" in str(e.value)
+    assert str(e.value).startswith(
+        f"checkpoint {ckpt}: state.pt cannot be loaded safely"
+    ) and "grpo.resume=PATH" in str(e.value)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
     assert not marker.exists(), "unpickling state.pt ran code"
     torch.load(ckpt / "state.pt", weights_only=False)  # the payload is live: only weights_only stops it
@@ -149,9 +180,18 @@ def test_resume_from_a_poisoned_checkpoint_fails_cleanly(tmp_path, tiny_model):
     marker = tmp_path / "pickle_code_ran"
     out = tmp_path / "run"
     _poisoned_checkpoint(out / "train" / "ckpt-1", marker, tiny_model)
-    proc = cli("train", QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={tiny_model}", "run.threads=1", "grpo.steps=2",
-               "rollout.max_new_tokens=4", "grpo.resume=true", "rewards=[{name: 'rewards_for_tests:sevens'}]",
-               "safety.enabled=false")
+    proc = cli(
+        "train",
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={tiny_model}",
+        "run.threads=1",
+        "grpo.steps=2",
+        "rollout.max_new_tokens=4",
+        "grpo.resume=true",
+        "rewards=[{name: 'rewards_for_tests:sevens'}]",
+        "safety.enabled=false",
+    )
     assert_clean_failure(proc, "ckpt-1", "state.pt cannot be loaded safely")
     assert not marker.exists()
 
@@ -175,11 +215,27 @@ def test_no_secret_reaches_the_run_folder_or_the_logs(tmp_path, tiny_model, styl
         rewards = [f"rewards=[{{name: 'rewards_for_tests:keyed_sevens', api_key: {reward_key}}}]"]
     else:
         rewards = ["rewards=[{name: 'rewards_for_tests:keyed_sevens'}]", f"rewards.0.api_key={reward_key}"]
-    proc = cli("pipeline", QUICKSTART, f"run.output_dir={out}", f"model.name_or_path={tiny_model}", "run.threads=1",
-               "run.stages=[sft,train]", "sft.steps=2", "sft.batch_size=4", "grpo.steps=2", "grpo.prompts_per_step=2",
-               "grpo.num_generations=4", "rollout.max_new_tokens=4", "rollout.backend=hf", *rewards, "safety.enabled=false",
-               "tracking.report_to=[wandb,tensorboard]", "tracking.wandb_mode=offline", "tracking.samples_every=1",
-               env={"WANDB_API_KEY": wandb_key, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    proc = cli(
+        "pipeline",
+        QUICKSTART,
+        f"run.output_dir={out}",
+        f"model.name_or_path={tiny_model}",
+        "run.threads=1",
+        "run.stages=[sft,train]",
+        "sft.steps=2",
+        "sft.batch_size=4",
+        "grpo.steps=2",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=4",
+        "rollout.max_new_tokens=4",
+        "rollout.backend=hf",
+        *rewards,
+        "safety.enabled=false",
+        "tracking.report_to=[wandb,tensorboard]",
+        "tracking.wandb_mode=offline",
+        "tracking.samples_every=1",
+        env={"WANDB_API_KEY": wandb_key, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "train" / "DONE").exists() and (out / "train" / "samples.jsonl").exists()
     assert any((out / "train").rglob("*.wandb")), "wandb wrote no offline run"

@@ -1,4 +1,5 @@
 """SFT: the completion-only mask, packing exactness, and a smoke run on the shipped tiny base."""
+
 import json
 import re
 
@@ -25,7 +26,7 @@ def test_completion_only_labels(tok):
     assert ex.labels[:n_prompt] == [-100] * n_prompt
     assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
     assert ex.input_ids[-1] == tok.eos_token_id
-    assert tok.decode(ex.input_ids[n_prompt:-1]) .replace(" ", "") == "<t>2+4=6,1+3=4</t><a>46</a>"
+    assert tok.decode(ex.input_ids[n_prompt:-1]).replace(" ", "") == "<t>2+4=6,1+3=4</t><a>46</a>"
 
 
 def test_chat_messages_rendered_with_template(tok):
@@ -40,11 +41,15 @@ def test_loss_ignores_prompt_and_padding(tiny_model, tok):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    rows = [{"prompt": "Q:12+34=", "completion": "<a>46</a>"}, {"prompt": "Q:how to bake a cake?", "completion": "<a>ok</a>"}]
+    rows = [
+        {"prompt": "Q:12+34=", "completion": "<a>46</a>"},
+        {"prompt": "Q:how to bake a cake?", "completion": "<a>ok</a>"},
+    ]
     exs = sft_examples(rows, "prompt", DataConfig(), tok, max_length=64)
     with torch.no_grad():
         loss, n = lm_loss(model, collate(exs, tok.pad_token_id))
-        # hand-computed: cross-entropy of each completion token given its prefix, averaged over the 2 completions' tokens
+        # hand-computed: cross-entropy of each completion token given its prefix, averaged over the 2 completions'
+        # tokens
         total, count = 0.0, 0
         for e in exs:
             logits = model(torch.tensor([e.input_ids])).logits[0]
@@ -77,7 +82,7 @@ SCRATCHPAD_MINUS = re.compile(r"<t>\d-\d=\d+,\d-\d=\d+</t><a>\d+</a>")
 def greedy(model, tok, prompt: str) -> str:
     ids = tok(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_sft_smoke_on_tiny_base(base_model, tmp_path):
@@ -85,16 +90,27 @@ def test_sft_smoke_on_tiny_base(base_model, tmp_path):
     (examples/domain; the base writes '+' steps for these prompts). 30 steps, ~10 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         [f"run.output_dir={tmp_path}", "sft.steps=30", "sft.eval_every=15", "sft.batch_size=16", "run.threads=1",
-                          "data.sft_train=examples/domain/train.jsonl", "data.sft_eval=examples/domain/eval.jsonl"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            "sft.steps=30",
+            "sft.eval_every=15",
+            "sft.batch_size=16",
+            "run.threads=1",
+            "data.sft_train=examples/domain/train.jsonl",
+            "data.sft_eval=examples/domain/eval.jsonl",
+        ],
+    )
     final = run_sft(recipe)
     history = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert (tmp_path / "sft" / "config.yaml").exists() and (tmp_path / "sft" / "sft_curves.png").exists()
-    prompts = [json.loads(l)["prompt"] for l in (ROOT / "examples" / "domain" / "eval.jsonl").read_text().splitlines()[:12]]
+    prompts = [
+        json.loads(l)["prompt"] for l in (ROOT / "examples" / "domain" / "eval.jsonl").read_text().splitlines()[:12]
+    ]
     tok = AutoTokenizer.from_pretrained(final)
     base = AutoModelForCausalLM.from_pretrained(base_model)
     tuned = AutoModelForCausalLM.from_pretrained(final)
@@ -110,10 +126,20 @@ def test_sft_with_lora_saves_adapter(tiny_model, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}", "sft.steps=3", "sft.batch_size=4",
-                          "sft.lr=1e-2", "model.lora.enabled=true", "model.lora.r=4", "model.lora.merge_on_save=true",
-                          "data.sft_eval=null"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"model.name_or_path={tiny_model}",
+            "sft.steps=3",
+            "sft.batch_size=4",
+            "sft.lr=1e-2",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "model.lora.merge_on_save=true",
+            "data.sft_eval=null",
+        ],
+    )
     final = run_sft(recipe)
     assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
     adapter = load_file(final / "adapter_model.safetensors")
@@ -129,9 +155,19 @@ def test_sft_with_lora_saves_adapter(tiny_model, tmp_path):
 
 
 def test_lr_schedule_steps_once_per_optimizer_step(tiny_model, tmp_path):
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                         [f"run.output_dir={tmp_path}", f"model.name_or_path={tiny_model}", "sft.steps=4", "sft.batch_size=2",
-                          "sft.grad_accum=2", "sft.lr_scheduler=linear", "sft.lr=0.004", "data.sft_eval=null"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"model.name_or_path={tiny_model}",
+            "sft.steps=4",
+            "sft.batch_size=2",
+            "sft.grad_accum=2",
+            "sft.lr_scheduler=linear",
+            "sft.lr=0.004",
+            "data.sft_eval=null",
+        ],
+    )
     run_sft(recipe)
     lrs = [json.loads(l)["lr"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.003, 0.002, 0.001, 0.0])  # linear decay over 4 optimizer steps, not 8 micro-batches

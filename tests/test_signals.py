@@ -9,6 +9,7 @@
 - SIGTERM through the CLI, then resume to the end: tests/test_faults.py.
 The signals come from a reward (`rewards_for_tests:signal_self`) sending one to its own process mid-step.
 """
+
 import os
 import signal
 import subprocess
@@ -29,21 +30,44 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
 
 def args(out: Path, model: Path, stop_at: int, key: str) -> list[str]:
-    return [f"run.output_dir={out}", f"model.name_or_path={model}", "run.threads=1", "grpo.steps=5", "grpo.prompts_per_step=2",
-            "grpo.num_generations=4", "rollout.max_new_tokens=4", "rollout.backend=hf", "grpo.lr=1e-2", "safety.enabled=false",
-            "grpo.save_every=1", "grpo.keep_last=5",
-            f"rewards=[{{name: 'rewards_for_tests:sevens'}}, {{name: 'rewards_for_tests:signal_self', weight: 0.0, key: '{key}', at_call: {stop_at}}}]"]
+    return [
+        f"run.output_dir={out}",
+        f"model.name_or_path={model}",
+        "run.threads=1",
+        "grpo.steps=5",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=4",
+        "rollout.max_new_tokens=4",
+        "rollout.backend=hf",
+        "grpo.lr=1e-2",
+        "safety.enabled=false",
+        "grpo.save_every=1",
+        "grpo.keep_last=5",
+        f"rewards=[{{name: 'rewards_for_tests:sevens'}}, "
+        f"{{name: 'rewards_for_tests:signal_self', weight: 0.0, key: '{key}', at_call: {stop_at}}}]",
+    ]
 
 
 def test_sigint_through_the_cli_exits_130_with_a_checkpoint(tmp_path, tiny_model):
     out = tmp_path / "run"
-    env = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "grpo", "train", str(QUICKSTART), *args(out, tiny_model, 2, "cli")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo", "train", str(QUICKSTART), *args(out, tiny_model, 2, "cli")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 130, proc.stderr[-3000:]
     stopped = [line for line in proc.stderr.splitlines() if line.startswith("stopped:")]
-    assert stopped == [f"stopped: signal received; checkpoint saved at {out / 'train'}/ckpt-2; continue with grpo.resume=true"]
+    assert stopped == [
+        f"stopped: signal received; checkpoint saved at {out / 'train'}/ckpt-2; continue with grpo.resume=true"
+    ]
     assert "Traceback" not in proc.stderr and "received SIGINT" in proc.stderr
     assert [p.name for p in checkpoint.list_checkpoints(out / "train")] == ["ckpt-1", "ckpt-2"]
     assert checkpoint.load_state(out / "train" / "ckpt-2")["step"] == 2

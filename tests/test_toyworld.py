@@ -170,4 +170,4 @@ def test_tiny_base_loads_and_generates():
     ids = torch.tensor([tok("Q:47+38=", add_special_tokens=False)["input_ids"]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert out.shape[0] == 1 and 9 <= out.shape[1] <= 13
-    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith("<t>")
+    assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).startswith("<t>")

@@ -1,4 +1,5 @@
 """Trackers: JSONL and sample tables always; wandb offline without prompting or network; TensorBoard events; PNGs."""
+
 import dataclasses
 import glob
 import json
@@ -40,11 +41,11 @@ def wandb_records(run_dir: Path) -> list:
         if left < 7:
             pos += left
             continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and n == 0:
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        chunk, pos = data[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind == 1:
             out.append(chunk)
         elif kind == 2:
@@ -65,29 +66,45 @@ def test_wandb_offline_and_tensorboard_without_a_key(no_wandb_login):
     out = no_wandb_login / "train"
     cfg = TrackingConfig(report_to=["wandb", "tensorboard"])  # wandb_mode auto, no key -> offline
     t0 = time.perf_counter()
-    tracker = Tracker(out, cfg, is_main=True, name="train",
-                      run_config={"grpo": {"lr": 1e-5}, "rewards": [{"name": "x:y", "api_key": SECRET}]})
+    tracker = Tracker(
+        out,
+        cfg,
+        is_main=True,
+        name="train",
+        run_config={"grpo": {"lr": 1e-5}, "rewards": [{"name": "x:y", "api_key": SECRET}]},
+    )
     for step in range(1, 6):
         tracker.log(step, {"reward": step / 10, "kl": float("nan") if step == 3 else 0.01 * step})
-    tracker.log_table(5, "samples", ["prompt", "completion", "accuracy", "advantage"],
-                      [["Q:1+1=", "<a>2</a>", 1.0, 0.5], ["Q:how to X?", "<a>sorry</a>", None, -0.5]])
+    tracker.log_table(
+        5,
+        "samples",
+        ["prompt", "completion", "accuracy", "advantage"],
+        [["Q:1+1=", "<a>2</a>", 1.0, 0.5], ["Q:how to X?", "<a>sorry</a>", None, -0.5]],
+    )
     tracker.close({"curves": ["reward", "kl"]})
     assert time.perf_counter() - t0 < 120  # no login prompt, no network wait
     import wandb
 
     wandb.teardown()  # wandb's service may still be writing the run file when finish() returns
     import os
+
     assert "WANDB_DIR" not in os.environ  # the process environment is left alone
 
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     records = wandb_records(run_dir)
-    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.HasField("history")]
+    history = [
+        {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
     assert [float(h["reward"]) for h in history] == [0.1, 0.2, 0.3, 0.4, 0.5]
     assert [h.get("kl") for h in history][2] is None  # non-finite values are not sent
     assert history[-1]["samples/_type"] == '"table-file"'
     (table,) = (run_dir / "files" / "media" / "table").glob("samples_5_*.table.json")
-    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "completion", "accuracy", "advantage"],
-                                             "data": [[5, "Q:1+1=", "<a>2</a>", 1.0, 0.5], [5, "Q:how to X?", "<a>sorry</a>", None, -0.5]]}
+    assert json.loads(table.read_text()) == {
+        "columns": ["step", "prompt", "completion", "accuracy", "advantage"],
+        "data": [[5, "Q:1+1=", "<a>2</a>", 1.0, 0.5], [5, "Q:how to X?", "<a>sorry</a>", None, -0.5]],
+    }
     (run,) = [r.run for r in records if r.HasField("run")]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["rewards"] == [{"name": "x:y", "api_key": "<redacted>"}] and config["grpo"] == {"lr": 1e-5}
@@ -95,6 +112,7 @@ def test_wandb_offline_and_tensorboard_without_a_key(no_wandb_login):
         assert not f.is_file() or SECRET.encode() not in f.read_bytes(), f"secret written to {f}"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     (events,) = (out / "tensorboard").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events.parent))
     acc.Reload()
@@ -102,7 +120,13 @@ def test_wandb_offline_and_tensorboard_without_a_key(no_wandb_login):
     assert [e.step for e in acc.Scalars("kl")] == [1, 2, 4, 5]
 
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert rows[1] == {"step": 5, "prompt": "Q:how to X?", "completion": "<a>sorry</a>", "accuracy": None, "advantage": -0.5}
+    assert rows[1] == {
+        "step": 5,
+        "prompt": "Q:how to X?",
+        "completion": "<a>sorry</a>",
+        "accuracy": None,
+        "advantage": -0.5,
+    }
     assert (out / "curves.png").stat().st_size > 0
 
 
@@ -131,7 +155,9 @@ def refusing_wandb_server(monkeypatch):
     server.shutdown()
 
 
-def test_failed_online_start_logs_offline_into_wandb_project(no_wandb_login, refusing_wandb_server, monkeypatch, caplog):
+def test_failed_online_start_logs_offline_into_wandb_project(
+    no_wandb_login, refusing_wandb_server, monkeypatch, caplog
+):
     """README: "an online start that fails, logs offline with a warning"; WANDB_PROJECT names the project
     (else tracking.wandb_project)."""
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef" * 2 + "01234567")  # a well-formed key: the mode is online
@@ -150,7 +176,9 @@ def test_failed_online_start_logs_offline_into_wandb_project(no_wandb_login, ref
         tracker.close()
         seconds = time.perf_counter() - t0
         monkeypatch.delenv("WANDB_PROJECT")
-        offline = Tracker(no_wandb_login / "sft", dataclasses.replace(cfg, wandb_mode="offline"), is_main=True, name="sft")
+        offline = Tracker(
+            no_wandb_login / "sft", dataclasses.replace(cfg, wandb_mode="offline"), is_main=True, name="sft"
+        )
         offline.log(1, {"loss": 1.0})
         offline.close()
     finally:
@@ -162,7 +190,11 @@ def test_failed_online_start_logs_offline_into_wandb_project(no_wandb_login, ref
     records = wandb_records(run_dir)
     (run,) = [r.run for r in records if r.HasField("run")]
     assert run.project == "from-the-env"
-    history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.HasField("history")]
+    history = [
+        {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
     assert [float(h["reward"]) for h in history] == [0.25]
     (run_dir,) = (no_wandb_login / "sft" / "wandb").glob("offline-run-*")
     assert [r.run.project for r in wandb_records(run_dir) if r.HasField("run")] == ["from-the-recipe"]
@@ -170,7 +202,9 @@ def test_failed_online_start_logs_offline_into_wandb_project(no_wandb_login, ref
 
 def test_wandb_dir_is_respected(no_wandb_login, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(no_wandb_login / "elsewhere"))
-    tracker = Tracker(no_wandb_login / "sft", TrackingConfig(report_to=["wandb"], wandb_mode="offline"), is_main=True, name="sft")
+    tracker = Tracker(
+        no_wandb_login / "sft", TrackingConfig(report_to=["wandb"], wandb_mode="offline"), is_main=True, name="sft"
+    )
     tracker.log(1, {"loss": 1.0})
     tracker.close()
     assert list((no_wandb_login / "elsewhere" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -200,11 +234,17 @@ def test_wandb_mode_rules(no_wandb_login, monkeypatch, caplog):
 
 def test_secrets_are_redacted(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    assert [is_secret_name(n) for n in ("api_key", "hf_token", "wandbApiKey", "PASSWORD", "max_new_tokens", "tokenizer")] \
-        == [True, True, True, True, False, False]
-    cfg = {"rollout": {"max_new_tokens": 8, "stop_token_ids": [1]}, "rewards": [{"name": "a", "token": "t", "url": f"https://x?k={SECRET}"}]}
-    assert redact(cfg) == {"rollout": {"max_new_tokens": 8, "stop_token_ids": [1]},
-                           "rewards": [{"name": "a", "token": "<redacted>", "url": "<redacted>"}]}
+    assert [
+        is_secret_name(n) for n in ("api_key", "hf_token", "wandbApiKey", "PASSWORD", "max_new_tokens", "tokenizer")
+    ] == [True, True, True, True, False, False]
+    cfg = {
+        "rollout": {"max_new_tokens": 8, "stop_token_ids": [1]},
+        "rewards": [{"name": "a", "token": "t", "url": f"https://x?k={SECRET}"}],
+    }
+    assert redact(cfg) == {
+        "rollout": {"max_new_tokens": 8, "stop_token_ids": [1]},
+        "rewards": [{"name": "a", "token": "<redacted>", "url": "<redacted>"}],
+    }
 
 
 def test_jsonl_and_samples_without_trackers(tmp_path):
@@ -221,8 +261,16 @@ def test_jsonl_and_samples_without_trackers(tmp_path):
 
 
 def test_plot_curves_groups_and_skips(tmp_path):
-    history = [{"step": s, "loss": 1 / s, "eval_loss": 1.5 / s if s % 10 == 0 else None, "lr": 1e-3} for s in range(1, 41)]
-    png = plot_curves(history, [("loss", "eval_loss"), "lr", "absent"], tmp_path / "c.png", title="sft", hlines={"loss": (0.1, "target")})
+    history = [
+        {"step": s, "loss": 1 / s, "eval_loss": 1.5 / s if s % 10 == 0 else None, "lr": 1e-3} for s in range(1, 41)
+    ]
+    png = plot_curves(
+        history,
+        [("loss", "eval_loss"), "lr", "absent"],
+        tmp_path / "c.png",
+        title="sft",
+        hlines={"loss": (0.1, "target")},
+    )
     assert png == tmp_path / "c.png" and png.stat().st_size > 10_000
     assert plot_curves(history, ["absent", ("also_absent",)], tmp_path / "none.png") is None
     assert smooth([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]

@@ -1,4 +1,5 @@
 """The GRPO loop end to end on tiny models: learning signal, outputs, resume, reward errors."""
+
 import dataclasses
 import json
 import math
@@ -19,9 +20,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def recipe(tmp_path, model, *extra):
-    return load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"run.output_dir={tmp_path}", f"model.name_or_path={model}", "run.threads=1", "tracking.log_every=1", "safety.enabled=false",
-        "grpo.prompts_per_step=4", "grpo.num_generations=8", "rollout.max_new_tokens=8", *extra])
+    return load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            f"model.name_or_path={model}",
+            "run.threads=1",
+            "tracking.log_every=1",
+            "safety.enabled=false",
+            "grpo.prompts_per_step=4",
+            "grpo.num_generations=8",
+            "rollout.max_new_tokens=8",
+            *extra,
+        ],
+    )
 
 
 def history(path):
@@ -30,8 +42,14 @@ def history(path):
 
 @pytest.mark.parametrize("backend", ["engine", "hf"])
 def test_reward_goes_up_on_a_trivially_learnable_reward(tmp_path, tiny_model, backend):
-    r = recipe(tmp_path, tiny_model, "grpo.steps=12", "grpo.lr=3e-2", f"rollout.backend={backend}",
-               "rewards=[{name: 'rewards_for_tests:sevens'}]")
+    r = recipe(
+        tmp_path,
+        tiny_model,
+        "grpo.steps=12",
+        "grpo.lr=3e-2",
+        f"rollout.backend={backend}",
+        "rewards=[{name: 'rewards_for_tests:sevens'}]",
+    )
     final = run_grpo(r)
     h = history(tmp_path / "train" / "metrics.jsonl")
     assert len(h) == 12
@@ -45,7 +63,14 @@ def test_reward_goes_up_on_a_trivially_learnable_reward(tmp_path, tiny_model, ba
 
 
 def test_kl_to_reference_is_zero_before_the_first_update(tmp_path, tiny_model):
-    r = recipe(tmp_path, tiny_model, "grpo.steps=3", "grpo.beta=0.1", "grpo.lr=1e-2", "rewards=[{name: 'rewards_for_tests:sevens'}]")
+    r = recipe(
+        tmp_path,
+        tiny_model,
+        "grpo.steps=3",
+        "grpo.beta=0.1",
+        "grpo.lr=1e-2",
+        "rewards=[{name: 'rewards_for_tests:sevens'}]",
+    )
     run_grpo(r)
     h = history(tmp_path / "train" / "metrics.jsonl")
     assert h[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
@@ -53,8 +78,16 @@ def test_kl_to_reference_is_zero_before_the_first_update(tmp_path, tiny_model):
 
 
 def test_iterations_clip_against_old_policy_with_dapo(tmp_path, tiny_model):
-    r = recipe(tmp_path, tiny_model, "grpo.steps=3", "grpo.num_iterations=2", "grpo.loss_type=dapo",
-               "grpo.micro_batch_size=8", "grpo.lr=1e-2", "rewards=[{name: 'rewards_for_tests:sevens'}]")
+    r = recipe(
+        tmp_path,
+        tiny_model,
+        "grpo.steps=3",
+        "grpo.num_iterations=2",
+        "grpo.loss_type=dapo",
+        "grpo.micro_batch_size=8",
+        "grpo.lr=1e-2",
+        "rewards=[{name: 'rewards_for_tests:sevens'}]",
+    )
     run_grpo(r)
     h = history(tmp_path / "train" / "metrics.jsonl")
     assert all(0 <= x["clip_frac"] <= 1 for x in h)
@@ -66,7 +99,11 @@ def test_token_logprobs_match_a_fresh_forward(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    comps = [Completion(0, [13, 14], None, "length"), Completion(1, [15, 16, 17], None, "stop"), Completion(1, [18], None, "stop")]
+    comps = [
+        Completion(0, [13, 14], None, "length"),
+        Completion(1, [15, 16, 17], None, "stop"),
+        Completion(1, [18], None, "stop"),
+    ]
     batch = build_batch(prompts, [c.token_ids for c in comps], [c.prompt_index for c in comps], pad_id=0)
     with torch.no_grad():
         lp = token_logprobs(model, batch, temperature=0.7)
@@ -82,9 +119,14 @@ def test_token_logprobs_match_a_fresh_forward(tiny_model):
     assert loss_mask(comps, torch.tensor([True, False, True]), mask_truncated=False)[1].sum() == 0  # skipped sample
 
 
-@pytest.mark.parametrize("reward, message", [("rewards_for_tests:nan_reward", "returned nan for sample 0"),
-                                             ("rewards_for_tests:raises", "raised RuntimeError: boom"),
-                                             ("rewards_for_tests:wrong_length", "returned 1 values for 32 completions")])
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ("rewards_for_tests:nan_reward", "returned nan for sample 0"),
+        ("rewards_for_tests:raises", "raised RuntimeError: boom"),
+        ("rewards_for_tests:wrong_length", "returned 1 values for 32 completions"),
+    ],
+)
 def test_bad_reward_stops_the_run_naming_it(tmp_path, tiny_model, reward, message):
     r = recipe(tmp_path, tiny_model, "grpo.steps=2", f"rewards=[{{name: '{reward}'}}]")
     with pytest.raises(UserError, match=message):
@@ -92,16 +134,30 @@ def test_bad_reward_stops_the_run_naming_it(tmp_path, tiny_model, reward, messag
 
 
 def test_bad_reward_skipped_when_asked(tmp_path, tiny_model):
-    r = recipe(tmp_path, tiny_model, "grpo.steps=2", "grpo.on_reward_error=skip",
-               "rewards=[{name: 'rewards_for_tests:sevens'}, {name: 'rewards_for_tests:nan_reward'}]")
+    r = recipe(
+        tmp_path,
+        tiny_model,
+        "grpo.steps=2",
+        "grpo.on_reward_error=skip",
+        "rewards=[{name: 'rewards_for_tests:sevens'}, {name: 'rewards_for_tests:nan_reward'}]",
+    )
     run_grpo(r)
     h = history(tmp_path / "train" / "metrics.jsonl")
     assert h[0]["skipped_samples"] == 32
 
 
-CONSTRAINED = ["safety.enabled=true", "safety.cost_threshold=-0.5", "safety.lambda_init=0.5", "safety.lambda_lr=1.0",
-               "safety.lambda_max=4.0", "safety.lambda_delay=1", "safety.cost_std_floor=1.0"]
-EVEN_AND_COST = "{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}"
+CONSTRAINED = [
+    "safety.enabled=true",
+    "safety.cost_threshold=-0.5",
+    "safety.lambda_init=0.5",
+    "safety.lambda_lr=1.0",
+    "safety.lambda_max=4.0",
+    "safety.lambda_delay=1",
+    "safety.cost_std_floor=1.0",
+]
+EVEN_AND_COST = (
+    "{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}"
+)
 
 
 def test_resume_mid_run_continues_exactly(tmp_path, tiny_model):
@@ -111,28 +167,60 @@ def test_resume_mid_run_continues_exactly(tmp_path, tiny_model):
     the restored optimizer, scheduler, RNG, data position and lambda. Checkpoints: only keep_last are kept."""
     from safetensors.torch import load_file
 
-    common = ["grpo.steps=6", "grpo.lr=3e-2", "grpo.lr_scheduler=linear", "grpo.beta=0.1", "grpo.save_every=1", "grpo.keep_last=2",
-              "grpo.prompts_per_step=2", "grpo.num_generations=4", "rollout.backend=engine", "model.lora.enabled=true",
-              "model.lora.r=4", "model.lora.dropout=0.1", *CONSTRAINED]
+    common = [
+        "grpo.steps=6",
+        "grpo.lr=3e-2",
+        "grpo.lr_scheduler=linear",
+        "grpo.beta=0.1",
+        "grpo.save_every=1",
+        "grpo.keep_last=2",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=4",
+        "rollout.backend=engine",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "model.lora.dropout=0.1",
+        *CONSTRAINED,
+    ]
     stopper = "{{name: 'rewards_for_tests:signal_self', weight: 0.0, key: '{}', at_call: {}}}"
-    full = recipe(tmp_path / "full", tiny_model, *common, f"rewards=[{EVEN_AND_COST}, {stopper.format(tmp_path / 'full', 0)}]")
+    full = recipe(
+        tmp_path / "full", tiny_model, *common, f"rewards=[{EVEN_AND_COST}, {stopper.format(tmp_path / 'full', 0)}]"
+    )
     run_grpo(full)
-    part = recipe(tmp_path / "part", tiny_model, *common, f"rewards=[{EVEN_AND_COST}, {stopper.format(tmp_path / 'part', 3)}]")
+    part = recipe(
+        tmp_path / "part", tiny_model, *common, f"rewards=[{EVEN_AND_COST}, {stopper.format(tmp_path / 'part', 3)}]"
+    )
     with pytest.raises(Interrupted, match="checkpoint saved at .*ckpt-3; continue with grpo.resume=true") as stopped:
         run_grpo(part)  # SIGINT arrives while step 3 is scored: the step ends, ckpt-3 is written, the run stops
     assert stopped.value.code == 130
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "part" / "train")] == ["ckpt-2", "ckpt-3"]  # keep_last=2
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "part" / "train")] == [
+        "ckpt-2",
+        "ckpt-3",
+    ]  # keep_last=2
     assert not (tmp_path / "part" / "train" / "final").exists()
     run_grpo(dataclasses.replace(part, grpo=dataclasses.replace(part.grpo, resume=True)))
 
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "full" / "train")] == ["ckpt-5", "ckpt-6"]
-    a, b = history(tmp_path / "full" / "train" / "metrics.jsonl"), history(tmp_path / "part" / "train" / "metrics.jsonl")
+    a, b = (
+        history(tmp_path / "full" / "train" / "metrics.jsonl"),
+        history(tmp_path / "part" / "train" / "metrics.jsonl"),
+    )
     assert [x["step"] for x in b] == [1, 2, 3, 4, 5, 6]
     lrs = [x["lr"] for x in a]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # the schedule decays
     assert len({x["lambda"] for x in a}) > 2  # lambda moves
     for x, y in zip(a, b):
-        for key in ("even_tokens", "odd_first_token_cost", "lambda", "cost", "loss", "kl", "grad_norm", "lr", "clip_frac"):
+        for key in (
+            "even_tokens",
+            "odd_first_token_cost",
+            "lambda",
+            "cost",
+            "loss",
+            "kl",
+            "grad_norm",
+            "lr",
+            "clip_frac",
+        ):
             assert x[key] == y[key], (x["step"], key)
     w_full = load_file(tmp_path / "full" / "train" / "final" / "adapter_model.safetensors")
     w_part = load_file(tmp_path / "part" / "train" / "final" / "adapter_model.safetensors")
@@ -146,15 +234,17 @@ def _advantages_by_hand(rows: list[dict], G: int, lam: float | None, cost_weight
     A = (A_r - lam A_c) / (1 + lam) under the constraint, A_r - w_c A_c without it)."""
     out = []
     for g in range(0, len(rows), G):
-        r = torch.tensor([x["even_tokens"] for x in rows[g:g + G]], dtype=torch.float64)
-        c = torch.tensor([x["odd_first_token_cost"] for x in rows[g:g + G]], dtype=torch.float64)
+        r = torch.tensor([x["even_tokens"] for x in rows[g : g + G]], dtype=torch.float64)
+        c = torch.tensor([x["odd_first_token_cost"] for x in rows[g : g + G]], dtype=torch.float64)
         a_r = (r - r.mean()) / (r.std() + 1e-4)
         a_c = (c - c.mean()) / (c.std() + 1.0)  # cost_std_floor = 1
         out += ((a_r - lam * a_c) / (1 + lam) if lam is not None else a_r - cost_weight * a_c).tolist()
     return out
 
 
-@pytest.mark.parametrize("constrain, threshold, measured", [("mean_cost", -0.5, "cost"), ("violation_rate", 0.3, "unsafe_rate")])
+@pytest.mark.parametrize(
+    "constrain, threshold, measured", [("mean_cost", -0.5, "cost"), ("violation_rate", 0.3, "unsafe_rate")]
+)
 def test_safety_constraint_end_to_end(tmp_path, tiny_model, constrain, threshold, measured):
     """The Lagrangian on a cost with known values: lambda follows log(lam) += lr * (mean cost - threshold) step by
     step (after lambda_delay, clamped at lambda_max; the measure is the mean cost or the fraction of samples with
@@ -163,14 +253,26 @@ def test_safety_constraint_end_to_end(tmp_path, tiny_model, constrain, threshold
     from grpo.pipeline import run_stage
 
     G = 2
-    r = recipe(tmp_path, tiny_model, "grpo.steps=5", "grpo.prompts_per_step=4", f"grpo.num_generations={G}", "grpo.lr=1e-2",
-               "tracking.samples_every=1", f"rewards=[{EVEN_AND_COST}]", *CONSTRAINED, f"safety.constrain={constrain}",
-               f"safety.cost_threshold={threshold}")
+    r = recipe(
+        tmp_path,
+        tiny_model,
+        "grpo.steps=5",
+        "grpo.prompts_per_step=4",
+        f"grpo.num_generations={G}",
+        "grpo.lr=1e-2",
+        "tracking.samples_every=1",
+        f"rewards=[{EVEN_AND_COST}]",
+        *CONSTRAINED,
+        f"safety.constrain={constrain}",
+        f"safety.cost_threshold={threshold}",
+    )
     run_stage(r, "train")
     run_stage(r, "train_unconstrained")
     h = history(tmp_path / "train" / "metrics.jsonl")
     lam = [x["lambda"] for x in h]
-    assert lam[0] == pytest.approx(0.5) and lam[1] == pytest.approx(0.5)  # lambda_init; lambda_delay=1: the first update waits
+    assert lam[0] == pytest.approx(0.5) and lam[1] == pytest.approx(
+        0.5
+    )  # lambda_init; lambda_delay=1: the first update waits
     for t in range(1, len(h) - 1):
         expected = min(lam[t] * math.exp(1.0 * (h[t][measured] - threshold)), 4.0)
         assert lam[t + 1] == pytest.approx(expected, rel=1e-6), t
@@ -201,7 +303,9 @@ def test_constrained_advantage_matches_the_formula():
     R = torch.tensor([[4.0, 3.0], [-4.0, -3.0], [1.0, -4.0], [0.0, -4.0]])
     adv, m = reward_and_cost_advantages(R, [1.0, 0.0], [False, True], 2, cost_std_floor=1.0, lam=2.0)
     # hand-computed: A_useful = +-1/sqrt(2)*... group std of (4,-4) = 5.657 -> +-0.70709; of (1,0) = 0.7071 -> +-0.70700
-    a_u = torch.tensor([4 / (5.656854 + 1e-4), -4 / (5.656854 + 1e-4), 0.5 / (0.707107 + 1e-4), -0.5 / (0.707107 + 1e-4)])
+    a_u = torch.tensor(
+        [4 / (5.656854 + 1e-4), -4 / (5.656854 + 1e-4), 0.5 / (0.707107 + 1e-4), -0.5 / (0.707107 + 1e-4)]
+    )
     a_c = torch.tensor([3 / (4.242641 + 1.0), -3 / (4.242641 + 1.0), 0.0, 0.0])  # std of (3,-3) = 4.2426, floor 1
     torch.testing.assert_close(adv, (a_u - 2.0 * a_c) / 3.0, atol=1e-4, rtol=1e-4)
     assert m["unsafe_rate"] == 0.25 and m["cost"] == pytest.approx(-2.0)
@@ -221,12 +325,26 @@ def test_micro_batch_split_does_not_change_the_step(tmp_path, tiny_model, loss_t
 
     out = {}
     for size in (32, 5):
-        run_grpo(recipe(tmp_path / str(size), tiny_model, "grpo.steps=1", f"grpo.loss_type={loss_type}", "grpo.lr=1e-2",
-                        f"grpo.micro_batch_size={size}", "grpo.max_grad_norm=0", "rewards=[{name: 'rewards_for_tests:sevens'}]"))
-        out[size] = (history(tmp_path / str(size) / "train" / "metrics.jsonl")[0],
-                     load_file(tmp_path / str(size) / "train" / "final" / "model.safetensors"))
+        run_grpo(
+            recipe(
+                tmp_path / str(size),
+                tiny_model,
+                "grpo.steps=1",
+                f"grpo.loss_type={loss_type}",
+                "grpo.lr=1e-2",
+                f"grpo.micro_batch_size={size}",
+                "grpo.max_grad_norm=0",
+                "rewards=[{name: 'rewards_for_tests:sevens'}]",
+            )
+        )
+        out[size] = (
+            history(tmp_path / str(size) / "train" / "metrics.jsonl")[0],
+            load_file(tmp_path / str(size) / "train" / "final" / "model.safetensors"),
+        )
     (one, w_one), (split, w_split) = out[32], out[5]
     assert one["sevens"] == split["sevens"]  # the same samples
     assert one["grad_norm"] == pytest.approx(split["grad_norm"], rel=1e-5) and one["grad_norm"] > 0
     for name in w_one:
-        torch.testing.assert_close(w_one[name], w_split[name], atol=2e-5, rtol=0)  # an Adam step moves weights by ~lr = 1e-2
+        torch.testing.assert_close(
+            w_one[name], w_split[name], atol=2e-5, rtol=0
+        )  # an Adam step moves weights by ~lr = 1e-2

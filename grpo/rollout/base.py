@@ -61,7 +61,9 @@ def sampling_problems(p, prefix: str = "") -> list[str]:
     if p.top_k < 0:
         problems.append(f"{prefix}top_k={p.top_k} must be >= 0 (0 = off)")
     if not 0 <= p.min_new_tokens <= max(p.max_new_tokens, 0):
-        problems.append(f"{prefix}min_new_tokens={p.min_new_tokens} must be in [0, {prefix}max_new_tokens={p.max_new_tokens}]")
+        problems.append(
+            f"{prefix}min_new_tokens={p.min_new_tokens} must be in [0, {prefix}max_new_tokens={p.max_new_tokens}]"
+        )
     return problems
 
 

@@ -40,17 +40,24 @@ reused by later calls that fit in it (with static_decode, together with its grap
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from collections import deque
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from grpo.rollout.base import (BACKENDS, Completion, Rollout, SamplingParams, attention_implementation, check_prompts, eval_mode,
-                               make_generator, unwrap_model)
+from grpo.rollout.base import (
+    BACKENDS,
+    Completion,
+    Rollout,
+    SamplingParams,
+    attention_implementation,
+    check_prompts,
+    eval_mode,
+    make_generator,
+    unwrap_model,
+)
 from grpo.rollout.kv_cache import ATTN_NAME, SharedPrefixKV
 from grpo.rollout.sampling import sample_next
 from grpo.rollout.static_decode import StaticDecoder, storage_size
@@ -94,9 +101,18 @@ class _Batch:
 class EngineRollout(Rollout):
     """Shared-prefix, continuously batched generation on the live HF model (see module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, max_batch: int = 128, max_len: int | None = None,
-                 max_prefill_tokens: int = 4096, static_decode: bool = False, compile_decode: bool = False,
-                 cuda_graphs: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        max_batch: int = 128,
+        max_len: int | None = None,
+        max_prefill_tokens: int = 4096,
+        static_decode: bool = False,
+        compile_decode: bool = False,
+        cuda_graphs: bool = True,
+    ):
         if max_batch < 1 or max_prefill_tokens < 1:
             raise ValueError(f"engine: max_batch={max_batch} and max_prefill_tokens={max_prefill_tokens} must be >= 1")
         if compile_decode and not static_decode:
@@ -120,15 +136,21 @@ class EngineRollout(Rollout):
             return []
         longest = max(len(p) for p in prompts)
         if longest + params.max_new_tokens > self.max_len:
-            raise ValueError(f"engine: longest prompt ({longest}) + max_new_tokens ({params.max_new_tokens}) "
-                             f"exceeds max_len={self.max_len}; shorten prompts or raise max_len")
+            raise ValueError(
+                f"engine: longest prompt ({longest}) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds max_len={self.max_len}; shorten prompts or raise max_len"
+            )
         weight = next(hf.parameters())
         slots = max(1, min(len(prompts), self.max_batch // n))
         prefix, suffix = longest, params.max_new_tokens
         if self.static_decode:  # rounded up: fewer storage reallocations, hence fewer captures/compilations
             prefix, suffix = storage_size(prefix), storage_size(suffix)
         cache = self._cache_for(slots, n, prefix, suffix, weight.device, weight.dtype)
-        with torch.inference_mode(), eval_mode(hf), attention_implementation(hf, ATTN_NAME):  # attention through the engine's KV cache
+        with (
+            torch.inference_mode(),
+            eval_mode(hf),
+            attention_implementation(hf, ATTN_NAME),
+        ):  # attention through the engine's KV cache
             return self._run(hf, cache, prompts, n, params)
 
     # ------------------------------------------------------------------ internals
@@ -140,8 +162,9 @@ class EngineRollout(Rollout):
             log.debug("engine: KV storage for %d prompts x %d samples, prefix %d, suffix %d", slots, n, prefix, suffix)
         return self.cache
 
-    def _run(self, hf: nn.Module, cache: SharedPrefixKV, prompts: list[list[int]], n: int,
-             params: SamplingParams) -> list[Completion]:
+    def _run(
+        self, hf: nn.Module, cache: SharedPrefixKV, prompts: list[list[int]], n: int, params: SamplingParams
+    ) -> list[Completion]:
         """The scheduling loop: admit prompts into free slots, decode, harvest finished groups."""
         device = cache.device
         static = self._static_decoder(cache, hf, params) if self.static_decode else None
@@ -155,7 +178,7 @@ class EngineRollout(Rollout):
             free = [s for s, p in enumerate(state.slot_prompt) if p < 0]
             while queue and free:
                 batch = self._take_prefill_batch(queue, prompts, len(free))
-                slots, free = free[:len(batch)], free[len(batch):]
+                slots, free = free[: len(batch)], free[len(batch) :]
                 self._prefill(hf, cache, state, slots, batch, prompts, params, gen, stop_ids)
                 unfinished += len(batch) * n
                 if static:
@@ -192,8 +215,9 @@ class EngineRollout(Rollout):
             tokens += length
         return batch
 
-    def _forward(self, hf: nn.Module, cache: SharedPrefixKV, ids: torch.Tensor, pos: torch.Tensor,
-                 keep: torch.Tensor | None) -> torch.Tensor:
+    def _forward(
+        self, hf: nn.Module, cache: SharedPrefixKV, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
         """ids/pos [B, T] -> logits [B, T or len(keep), V] through the cache-backed attention."""
         kwargs = dict(input_ids=ids, position_ids=pos, use_cache=False, rollout_kv=cache)
         if keep is not None and _accepts_logits_to_keep(hf):
@@ -201,7 +225,9 @@ class EngineRollout(Rollout):
         logits = hf(**kwargs).logits
         return logits if keep is None else logits[:, keep]
 
-    def _prefill(self, hf, cache, state: _Batch, slots: list[int], batch: list[int], prompts, params, gen, stop_ids) -> None:
+    def _prefill(
+        self, hf, cache, state: _Batch, slots: list[int], batch: list[int], prompts, params, gen, stop_ids
+    ) -> None:
         """Packed prefill of `batch` prompts into `slots`; samples the first token of each of their rows."""
         device, lens = cache.device, [len(prompts[i]) for i in batch]
         ids = torch.tensor([t for i in batch for t in prompts[i]], dtype=torch.long, device=device)[None]
@@ -222,9 +248,12 @@ class EngineRollout(Rollout):
         """One decode step for the active rows: feed each row's last token, sample the next."""
         t = state.gen_len[rows]  # index of the token to sample; the fed token sits at t - 1
         slot = rows // state.n
-        cache.begin_decode(rows, t - 1, state.prompt_len, state.gen_len,
-                           max_prompt=int(state.prompt_len.max()), max_gen=int(t.max()))
-        logits = self._forward(hf, cache, state.last[rows, None], (state.prompt_len[slot] + t - 1)[:, None], None)[:, -1]
+        cache.begin_decode(
+            rows, t - 1, state.prompt_len, state.gen_len, max_prompt=int(state.prompt_len.max()), max_gen=int(t.max())
+        )
+        logits = self._forward(hf, cache, state.last[rows, None], (state.prompt_len[slot] + t - 1)[:, None], None)[
+            :, -1
+        ]
         tok, lp = sample_next(logits, params, gen, stop_ids, t < params.min_new_tokens)
         self._record(state, rows, t, tok, lp, params, stop_ids)
 
@@ -246,8 +275,12 @@ class EngineRollout(Rollout):
                 continue
             rows = slice(s * n, (s + 1) * n)
             lens, toks, lps = state.gen_len[rows].tolist(), state.tokens[rows].tolist(), state.logprobs[rows].tolist()
-            results[p] = [Completion(p, toks[j][:lens[j]], lps[j][:lens[j]],
-                                     "stop" if toks[j][lens[j] - 1] in stop else "length") for j in range(n)]
+            results[p] = [
+                Completion(
+                    p, toks[j][: lens[j]], lps[j][: lens[j]], "stop" if toks[j][lens[j] - 1] in stop else "length"
+                )
+                for j in range(n)
+            ]
             state.slot_prompt[s] = -1
             state.prompt_len[s] = 0
 

@@ -21,7 +21,16 @@ import logging
 import torch
 from torch import nn
 
-from grpo.rollout.base import BACKENDS, Completion, Rollout, SamplingParams, check_prompts, eval_mode, first_stop, unwrap_model
+from grpo.rollout.base import (
+    BACKENDS,
+    Completion,
+    Rollout,
+    SamplingParams,
+    check_prompts,
+    eval_mode,
+    first_stop,
+    unwrap_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +41,11 @@ def resolve_pad_id(model: nn.Module, tokenizer=None, pad_token_id: int | None = 
     if tokenizer is not None:
         candidates += [getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)]
     cfg, gen_cfg = getattr(model, "config", None), getattr(model, "generation_config", None)
-    candidates += [getattr(cfg, "pad_token_id", None), getattr(gen_cfg, "pad_token_id", None), getattr(cfg, "eos_token_id", None)]
+    candidates += [
+        getattr(cfg, "pad_token_id", None),
+        getattr(gen_cfg, "pad_token_id", None),
+        getattr(cfg, "eos_token_id", None),
+    ]
     for c in candidates:
         if isinstance(c, (list, tuple)):
             c = c[0] if c else None
@@ -45,9 +58,16 @@ def resolve_pad_id(model: nn.Module, tokenizer=None, pad_token_id: int | None = 
 class HFRollout(Rollout):
     """transformers `generate` behind the Rollout interface (see module docstring for options)."""
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, pad_token_id: int | None = None,
-                 num_return_sequences: bool = True, cache_implementation: str | None = None,
-                 batch_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        *,
+        pad_token_id: int | None = None,
+        num_return_sequences: bool = True,
+        cache_implementation: str | None = None,
+        batch_size: int | None = None,
+    ):
         self.model = model
         self.pad_token_id = resolve_pad_id(unwrap_model(model), tokenizer, pad_token_id)
         self.num_return_sequences = num_return_sequences
@@ -63,34 +83,48 @@ class HFRollout(Rollout):
         step = self.batch_size or max(len(prompts), 1)
         out: list[Completion] = []
         device = next(hf.parameters()).device
-        with torch.inference_mode(), eval_mode(hf), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with (
+            torch.inference_mode(),
+            eval_mode(hf),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        ):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(prompts), step):
-                chunk = self._generate_chunk(hf, prompts[start:start + step], n, params, device)
+                chunk = self._generate_chunk(hf, prompts[start : start + step], n, params, device)
                 out += [Completion(c.prompt_index + start, c.token_ids, c.logprobs, c.finish_reason) for c in chunk]
         return out
 
-    def _generate_chunk(self, hf: nn.Module, prompts: list[list[int]], n: int, params: SamplingParams,
-                        device: torch.device) -> list[Completion]:
+    def _generate_chunk(
+        self, hf: nn.Module, prompts: list[list[int]], n: int, params: SamplingParams, device: torch.device
+    ) -> list[Completion]:
         """One `generate` call over left-padded prompts; returns len(prompts) * n completions."""
         if params.greedy and n > 1:  # generate refuses num_return_sequences > 1 greedily; samples are equal
             once = self._generate_chunk(hf, prompts, 1, params, device)
-            return [Completion(c.prompt_index, list(c.token_ids), list(c.logprobs), c.finish_reason)
-                    for c in once for _ in range(n)]
+            return [
+                Completion(c.prompt_index, list(c.token_ids), list(c.logprobs), c.finish_reason)
+                for c in once
+                for _ in range(n)
+            ]
         if not self.num_return_sequences:
             prompts = [p for p in prompts for _ in range(n)]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         stop = list(params.stop_token_ids)
-        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
-                      num_return_sequences=n if self.num_return_sequences else 1,
-                      eos_token_id=stop, pad_token_id=self.pad_token_id, return_dict_in_generate=True,
-                      output_scores=not params.greedy, output_logits=params.greedy)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not params.greedy,
+            num_return_sequences=n if self.num_return_sequences else 1,
+            eos_token_id=stop,
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=not params.greedy,
+            output_logits=params.greedy,
+        )
         if stop and params.min_new_tokens:
             kwargs["min_new_tokens"] = params.min_new_tokens
         if not params.greedy:
@@ -100,8 +134,17 @@ class HFRollout(Rollout):
         res = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         gen = res.sequences[:, width:]
         steps = res.logits if params.greedy else res.scores
-        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1).gather(1, gen[:, t:t + 1]).squeeze(1)
-                                for t, s in enumerate(steps)], dim=1) if steps else gen.new_zeros(gen.shape, dtype=torch.float)
+        logprobs = (
+            torch.stack(
+                [
+                    torch.log_softmax(s.float(), dim=-1).gather(1, gen[:, t : t + 1]).squeeze(1)
+                    for t, s in enumerate(steps)
+                ],
+                dim=1,
+            )
+            if steps
+            else gen.new_zeros(gen.shape, dtype=torch.float)
+        )
         return _to_completions(gen.tolist(), logprobs.tolist(), n, set(stop))
 
 
@@ -113,5 +156,5 @@ def _to_completions(rows: list[list[int]], logprobs: list[list[float]], n: int, 
         if end is None:
             out.append(Completion(r // n, toks, lps, "length"))
         else:
-            out.append(Completion(r // n, toks[:end + 1], lps[:end + 1], "stop"))
+            out.append(Completion(r // n, toks[: end + 1], lps[: end + 1], "stop"))
     return out

@@ -48,10 +48,18 @@ class SharedPrefixKV:
         self.suffix_v: dict[int, torch.Tensor] = {}
         self.mode: str | None = None
 
-    def fits(self, slots: int, n: int, prefix_len: int, suffix_len: int, device: torch.device, dtype: torch.dtype) -> bool:
+    def fits(
+        self, slots: int, n: int, prefix_len: int, suffix_len: int, device: torch.device, dtype: torch.dtype
+    ) -> bool:
         """Whether this storage can serve a call of these sizes (same n: rows are laid out by n)."""
-        return (n == self.n and slots <= self.slots and prefix_len <= self.prefix_len
-                and suffix_len <= self.suffix_len and device == self.device and dtype == self.dtype)
+        return (
+            n == self.n
+            and slots <= self.slots
+            and prefix_len <= self.prefix_len
+            and suffix_len <= self.suffix_len
+            and device == self.device
+            and dtype == self.dtype
+        )
 
     # ------------------------------------------------------------------ step descriptors
     def begin_prefill(self, slots: list[int], lengths: list[int]) -> None:
@@ -59,8 +67,15 @@ class SharedPrefixKV:
         forward's input is the concatenation of the prompts, [1, sum(lengths)]."""
         self.mode, self.seg_slots, self.seg_lens = "prefill", slots, lengths
 
-    def begin_decode(self, rows: torch.Tensor, write_pos: torch.Tensor, prompt_len: torch.Tensor,
-                     gen_len: torch.Tensor, max_prompt: int, max_gen: int) -> None:
+    def begin_decode(
+        self,
+        rows: torch.Tensor,
+        write_pos: torch.Tensor,
+        prompt_len: torch.Tensor,
+        gen_len: torch.Tensor,
+        max_prompt: int,
+        max_gen: int,
+    ) -> None:
         """Next forward is one decode token for each active row.
 
         Args:
@@ -76,8 +91,14 @@ class SharedPrefixKV:
         self.window_span = self.span_p + self.span_s
         self.bias = self._decode_bias(prompt_len, gen_len)
 
-    def begin_static_decode(self, rows: torch.Tensor, write_pos: torch.Tensor, prompt_len: torch.Tensor,
-                            gen_len: torch.Tensor, all_rows: bool) -> None:
+    def begin_static_decode(
+        self,
+        rows: torch.Tensor,
+        write_pos: torch.Tensor,
+        prompt_len: torch.Tensor,
+        gen_len: torch.Tensor,
+        all_rows: bool,
+    ) -> None:
         """Next forward is a static-shape decode step (no host sync, CUDA-graph capturable).
 
         As `begin_decode`, except: `rows` [B] are distinct row ids in any order (rows the caller
@@ -95,8 +116,13 @@ class SharedPrefixKV:
         >= 1 so idle slots/rows attend to finite stale entries instead of producing NaN."""
         pos_p = torch.arange(self.span_p, device=self.device)
         pos_s = torch.arange(self.span_s, device=self.device)
-        keep = torch.cat([(pos_p < prompt_len.clamp_min(1)[:, None]).repeat_interleave(self.n, dim=0),
-                          pos_s < gen_len.clamp_min(1)[:, None]], dim=1)
+        keep = torch.cat(
+            [
+                (pos_p < prompt_len.clamp_min(1)[:, None]).repeat_interleave(self.n, dim=0),
+                pos_s < gen_len.clamp_min(1)[:, None],
+            ],
+            dim=1,
+        )
         return torch.zeros(keep.shape, device=self.device).masked_fill_(~keep, float("-inf"))[:, None]
 
     # ------------------------------------------------------------------ storage
@@ -108,8 +134,15 @@ class SharedPrefixKV:
         self.suffix_k[layer] = torch.zeros(self.rows, hkv, self.suffix_len, dk, **z)
         self.suffix_v[layer] = torch.zeros(self.rows, hkv, self.suffix_len, dv, **z)
 
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scale: float, sliding_window: int | None) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         """Stores this step's K/V and attends. query [B, H, T, Dk], key [B, Hkv, T, Dk], value
         [B, Hkv, T, Dv] (post-RoPE) -> output [B, T, H, Dv] (transformers' attention-output layout)."""
         if layer not in self.prefix_k:
@@ -130,12 +163,13 @@ class SharedPrefixKV:
         gqa = q.shape[1] != k.shape[1]
         start = 0
         for slot, length in zip(self.seg_slots, self.seg_lens):
-            ks, vs = k[:, :, start:start + length], v[:, :, start:start + length]
+            ks, vs = k[:, :, start : start + length], v[:, :, start : start + length]
             self.prefix_k[layer][slot, :, :length] = ks[0]
             self.prefix_v[layer][slot, :, :length] = vs[0]
-            o = F.scaled_dot_product_attention(q[:, :, start:start + length], ks, vs, is_causal=True,
-                                               scale=scale, enable_gqa=gqa)
-            out[:, start:start + length] = o.transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:, :, start : start + length], ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+            out[:, start : start + length] = o.transpose(1, 2)
             start += length
         return out
 
@@ -174,8 +208,20 @@ class SharedPrefixKV:
         return out[:, None]  # [A, 1, H, Dv]
 
 
-def rollout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                      softcap=None, s_aux=None, rollout_kv: SharedPrefixKV | None = None, **kwargs):
+def rollout_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    softcap=None,
+    s_aux=None,
+    rollout_kv: SharedPrefixKV | None = None,
+    **kwargs,
+):
     """transformers attention-interface entry point (signature of `sdpa_attention_forward`).
 
     Returns (attn_output [B, T, H, Dv], None). `attention_mask` is ignored: masking comes from the

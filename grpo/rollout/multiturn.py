@@ -75,10 +75,14 @@ def _contract(env, what: str, e: BaseException | None = None, got: Any = None) -
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         at = f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
-        return EnvironmentContractError(f"environment {name}.{what} raised {type(e).__name__}: {first_line(e)}{at}; "
-                                        "an environment must not raise (return an observation describing the problem)")
-    return EnvironmentContractError(f"environment {name}.{what} returned {type(got).__name__} {str(got)[:60]!r}; "
-                                    "expected None (done), text, a list of token ids or a list of chat messages")
+        return EnvironmentContractError(
+            f"environment {name}.{what} raised {type(e).__name__}: {first_line(e)}{at}; "
+            "an environment must not raise (return an observation describing the problem)"
+        )
+    return EnvironmentContractError(
+        f"environment {name}.{what} returned {type(got).__name__} {str(got)[:60]!r}; "
+        "expected None (done), text, a list of token ids or a list of chat messages"
+    )
 
 
 def observation_ids(obs, env, what: str, tokenizer, vocab_size: int | None) -> list[int] | None:
@@ -108,12 +112,16 @@ def render_messages(tokenizer, messages: list[dict]) -> str:
         before = tokenizer.apply_chat_template(base, tokenize=False)
         after = tokenizer.apply_chat_template(base + list(messages), tokenize=False, add_generation_prompt=True)
     except Exception as e:
-        raise UserError(f"the tokenizer's chat template cannot render the observation messages "
-                        f"({type(e).__name__}: {first_line(e)}); return text or token ids instead") from e
+        raise UserError(
+            f"the tokenizer's chat template cannot render the observation messages "
+            f"({type(e).__name__}: {first_line(e)}); return text or token ids instead"
+        ) from e
     if not after.startswith(before):
-        raise UserError("the tokenizer's chat template rewrites earlier turns when a message is added; "
-                        "return the observation as text or token ids instead of messages")
-    return after[len(before):]
+        raise UserError(
+            "the tokenizer's chat template rewrites earlier turns when a message is added; "
+            "return the observation as text or token ids instead of messages"
+        )
+    return after[len(before) :]
 
 
 def stop_ids_of(tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -164,9 +172,18 @@ class _Sample:
     episode: Episode = field(default_factory=Episode)
 
 
-def run_episodes(rollout: Rollout, tokenizer, rows: list[dict], prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                 make_env: Callable[[dict], Any], limits: TurnLimits, seeds: list[int] | None = None,
-                 vocab_size: int | None = None) -> tuple[list[Completion], list[Episode]]:
+def run_episodes(
+    rollout: Rollout,
+    tokenizer,
+    rows: list[dict],
+    prompt_ids: list[list[int]],
+    n: int,
+    params: SamplingParams,
+    make_env: Callable[[dict], Any],
+    limits: TurnLimits,
+    seeds: list[int] | None = None,
+    vocab_size: int | None = None,
+) -> tuple[list[Completion], list[Episode]]:
     """n multi-turn episodes per prompt (see the module docstring); completions grouped by prompt.
 
     `seeds` (one per prompt, `rollout.seed_per_prompt`): each group's turns are drawn by their own calls, seeded
@@ -191,7 +208,7 @@ def run_episodes(rollout: Rollout, tokenizer, rows: list[dict], prompt_ids: list
             raise _contract(s.env, "reset", e) from e
         obs = observation_ids(first, s.env, "reset", tokenizer, vocab_size)
         if obs:
-            _insert(s, obs[:limits.max_observation_tokens], tokenizer, limits)
+            _insert(s, obs[: limits.max_observation_tokens], tokenizer, limits)
     for turn in range(limits.max_turns):
         active = [k for k, s in enumerate(samples) if not s.done]
         if not active:
@@ -227,12 +244,16 @@ def _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seed
         room = {k: min(r, limits.max_tokens_per_turn) for k, r in room.items()}
     contexts = {k: samples[k].prompt + samples[k].ids for k in active}
     groups = len(samples) // n
-    whole = (len(active) == len(samples) and len(set(room.values())) == 1
-             and all(contexts[g * n + j] == contexts[g * n] for g in range(groups) for j in range(n)))
+    whole = (
+        len(active) == len(samples)
+        and len(set(room.values())) == 1
+        and all(contexts[g * n + j] == contexts[g * n] for g in range(groups) for j in range(n))
+    )
 
     def call(ctxs, m, r, seed):
-        p = dataclasses.replace(params, max_new_tokens=r, seed=seed,
-                                min_new_tokens=min(params.min_new_tokens, r) if turn == 0 else 0)
+        p = dataclasses.replace(
+            params, max_new_tokens=r, seed=seed, min_new_tokens=min(params.min_new_tokens, r) if turn == 0 else 0
+        )
         return rollout.generate(ctxs, m, p)
 
     out = {}
@@ -241,7 +262,12 @@ def _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seed
         if seeds is not None:
             comps = [c for g in range(groups) for c in call([contexts[g * n]], n, r, _mix(seeds[g], 0, turn))]
         else:
-            comps = call([contexts[g * n] for g in range(groups)], n, r, None if params.seed is None else _mix(params.seed, 0, turn))
+            comps = call(
+                [contexts[g * n] for g in range(groups)],
+                n,
+                r,
+                None if params.seed is None else _mix(params.seed, 0, turn),
+            )
         out = dict(zip(range(len(samples)), comps))
     elif seeds is not None:  # each sample by its own call, seeded from (its prompt's seed, sample, turn)
         out = {k: call([contexts[k]], 1, room[k], _mix(seeds[k // n], k % n + 1, turn))[0] for k in active}
@@ -250,8 +276,10 @@ def _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seed
             ks = [k for k in active if room[k] == r]
             comps = call([contexts[k] for k in ks], 1, r, None if params.seed is None else _mix(params.seed, r, turn))
             out.update(zip(ks, comps))
-    return [(list(out[k].token_ids), list(out[k].logprobs or [0.0] * len(out[k].token_ids)), out[k].finish_reason)
-            for k in active]
+    return [
+        (list(out[k].token_ids), list(out[k].logprobs or [0.0] * len(out[k].token_ids)), out[k].finish_reason)
+        for k in active
+    ]
 
 
 def _mix(seed: int, sample: int, turn: int) -> int:
@@ -287,7 +315,7 @@ def _after_turn(s: _Sample, ids, lps, finish, tokenizer, stop_texts, budget, lim
         s.done, s.finish, ep.truncated = True, "length", "max_turns"
         return
     if len(obs_ids) > limits.max_observation_tokens:
-        obs_ids, ep.observation_cut = obs_ids[:limits.max_observation_tokens], ep.observation_cut + 1
+        obs_ids, ep.observation_cut = obs_ids[: limits.max_observation_tokens], ep.observation_cut + 1
     if len(s.ids) + len(obs_ids) >= budget:
         s.done, s.finish, ep.truncated = True, "length", "budget"
         return
@@ -309,7 +337,10 @@ def episode_metrics(episodes: Sequence[Episode], completions: Sequence[Completio
     n = len(episodes)
     calls = sum(e.tool_calls for e in episodes)
     tokens = sum(len(c.token_ids) for c in completions)
-    return {"episode/turns": sum(e.turns for e in episodes) / n, "episode/tool_calls": calls / n,
-            "episode/tool_failure_rate": sum(e.tool_failures for e in episodes) / calls if calls else 0.0,
-            "episode/truncated_frac": sum(e.truncated is not None for e in episodes) / n,
-            "episode/observation_token_share": sum(e.observation_tokens for e in episodes) / tokens if tokens else 0.0}
+    return {
+        "episode/turns": sum(e.turns for e in episodes) / n,
+        "episode/tool_calls": calls / n,
+        "episode/tool_failure_rate": sum(e.tool_failures for e in episodes) / calls if calls else 0.0,
+        "episode/truncated_frac": sum(e.truncated is not None for e in episodes) / n,
+        "episode/observation_token_share": sum(e.observation_tokens for e in episodes) / tokens if tokens else 0.0,
+    }

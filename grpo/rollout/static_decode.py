@@ -74,8 +74,13 @@ def storage_size(length: int) -> int:
 def step_params(params: SamplingParams) -> SamplingParams:
     """The sampling settings a step is specialised on (Python constants in a graph or compiled code);
     max_new_tokens, min_new_tokens and the stop ids themselves are read from buffers instead."""
-    return SamplingParams(max_new_tokens=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                          min_new_tokens=min(params.min_new_tokens, 1))
+    return SamplingParams(
+        max_new_tokens=1,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        min_new_tokens=min(params.min_new_tokens, 1),
+    )
 
 
 def signature(params: SamplingParams) -> tuple:
@@ -129,8 +134,9 @@ class StaticDecoder:
         for s in slots:
             self.generated[s] = 1
 
-    def decode(self, model: nn.Module, params: SamplingParams, unfinished: int,
-               generator: torch.Generator) -> tuple[int, list[bool]]:
+    def decode(
+        self, model: nn.Module, params: SamplingParams, unfinished: int, generator: torch.Generator
+    ) -> tuple[int, list[bool]]:
         """Runs every decode step in which no row can finish, plus the next one, then reads the summary.
 
         One host read per such round: with no stop ids (fixed-length generation) or before
@@ -154,7 +160,9 @@ class StaticDecoder:
             self.u.uniform_(generator=generator)
 
         def fn() -> None:
-            self.step_fn(model, self.cache, self.state, bucket, self.identity, self.u, self.limits, self.stops, self.fixed)
+            self.step_fn(
+                model, self.cache, self.state, bucket, self.identity, self.u, self.limits, self.stops, self.fixed
+            )
 
         if self.graphs is None:
             fn()
@@ -180,8 +188,17 @@ def quiet_steps(generated: int, params: SamplingParams) -> int:
     return max(quiet, 0)
 
 
-def static_step(model: nn.Module, cache: SharedPrefixKV, st, bucket: int, identity: torch.Tensor, u: torch.Tensor,
-                limits: torch.Tensor, stops: torch.Tensor, params: SamplingParams) -> None:
+def static_step(
+    model: nn.Module,
+    cache: SharedPrefixKV,
+    st,
+    bucket: int,
+    identity: torch.Tensor,
+    u: torch.Tensor,
+    limits: torch.Tensor,
+    stops: torch.Tensor,
+    params: SamplingParams,
+) -> None:
     """Feeds each fed row's last token, samples the next and records it, all on the device (see module doc).
 
     Shapes are fixed by `bucket` (a Python int) and the storage; nothing is read back to the host.
@@ -192,10 +209,13 @@ def static_step(model: nn.Module, cache: SharedPrefixKV, st, bucket: int, identi
         rows = torch.sort(st.done.to(torch.uint8), stable=True).indices[:bucket]
     t = st.gen_len[rows]  # index of the token to sample; the fed token sits at t - 1
     valid = ~st.done[rows]
-    cache.begin_static_decode(rows, (t - 1).clamp(0, cache.suffix_len - 1), st.prompt_len, st.gen_len,
-                              all_rows=bucket == cache.rows)
+    cache.begin_static_decode(
+        rows, (t - 1).clamp(0, cache.suffix_len - 1), st.prompt_len, st.gen_len, all_rows=bucket == cache.rows
+    )
     pos = (st.prompt_len[rows // st.n] + t - 1).clamp_min(0)
-    logits = model(input_ids=st.last[rows, None], position_ids=pos[:, None], use_cache=False, rollout_kv=cache).logits[:, -1]
+    logits = model(input_ids=st.last[rows, None], position_ids=pos[:, None], use_cache=False, rollout_kv=cache).logits[
+        :, -1
+    ]
     tok, lp = sample_static(logits, params, u[rows], stops, t < limits[1])
     # record: rows outside `valid` keep their state (their outputs are discarded)
     tc = t.clamp(max=st.tokens.shape[1] - 1)
@@ -213,8 +233,11 @@ def model_fingerprint(model: nn.Module) -> tuple:
     """What a captured graph depends on outside its buffers: the model object, the addresses, dtypes and
     shapes of its parameters and buffers, and peft's per-layer adapter switches."""
     tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in (*model.parameters(), *model.buffers()))
-    switches = tuple((getattr(m, "disable_adapters", None), str(getattr(m, "active_adapters", None)), getattr(m, "merged", None))
-                     for m in model.modules() if hasattr(m, "disable_adapters"))
+    switches = tuple(
+        (getattr(m, "disable_adapters", None), str(getattr(m, "active_adapters", None)), getattr(m, "merged", None))
+        for m in model.modules()
+        if hasattr(m, "disable_adapters")
+    )
     return id(model), tensors, switches
 
 
@@ -247,8 +270,11 @@ class _Graphs:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                 fn()
         except Exception as err:  # a forward that cannot be captured: this signature stays eager
-            log.warning("engine: CUDA graph capture of the decode step failed (%s: %s); decoding without graphs",
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            log.warning(
+                "engine: CUDA graph capture of the decode step failed (%s: %s); decoding without graphs",
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
             self.failed.add(key[0])
             torch.cuda.synchronize(self.device)
             self._on_side_stream(fn)

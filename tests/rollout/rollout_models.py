@@ -3,12 +3,12 @@
 Imported by the tests as `rollout_models` (pytest puts this folder on sys.path); deliberately not a
 conftest.py, which would shadow `tests/conftest.py` for `from conftest import ...`.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, MistralConfig, Qwen2Config,
-                          Qwen3Config)
+from transformers import AutoModelForCausalLM, DeepseekV3Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 64
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "deepseek_v3")
@@ -16,9 +16,21 @@ ARCHS = ("llama", "qwen2", "qwen3", "mistral", "deepseek_v3")
 
 def tiny_config(arch: str, **overrides):
     """A 2-layer config of `arch` with GQA (DeepSeek: MLA with v_head_dim != qk_head_dim, 4 routed experts)."""
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
-                  pad_token_id=0, eos_token_id=1, bos_token_id=None, **overrides)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        **overrides,
+    )
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -28,10 +40,21 @@ def tiny_config(arch: str, **overrides):
     if arch == "mistral":
         return MistralConfig(**{"sliding_window": 4096, **common})  # the window is passed to the attention
     if arch == "deepseek_v3":
-        return DeepseekV3Config(**{**common, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=4,
-                                num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                                topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-                                qk_nope_head_dim=8, v_head_dim=12)
+        return DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4},
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=12,
+        )
     raise ValueError(arch)
 
 

@@ -1,12 +1,18 @@
 """The `engine` backend against `hf` generate and against a plain full forward, on tiny fp32 models."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from rollout_models import (
+    ARCHS,
+    PROMPTS,
+    VOCAB,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_model,
+)
 
 from grpo.rollout import SamplingParams, make_rollout
-from rollout_models import single_thread  # noqa: F401  (autouse fixture)
-from rollout_models import ARCHS, PROMPTS, VOCAB, tiny_model
 
 STOPS = tuple(range(1, VOCAB, 6))  # ~1/6 of the vocabulary: many samples stop early, some do not
 
@@ -18,7 +24,7 @@ def full_forward_logprobs(model, prompt: list[int], completion: list[int], tempe
         logits = model(input_ids=ids).logits[0].float()
     if temperature > 0:
         logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)[len(prompt) - 1:-1]
+    logp = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
     return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
 

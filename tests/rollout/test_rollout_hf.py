@@ -1,17 +1,23 @@
 """The `hf` baseline backend and the shared Rollout contract (grouping, params, registry)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from rollout_models import (
+    PROMPTS,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_model,
+)
 
 from grpo.rollout import BACKENDS, SamplingParams, make_rollout
-from rollout_models import single_thread  # noqa: F401  (autouse fixture)
-from rollout_models import PROMPTS, tiny_model
 
 
 def test_grouping_shapes_and_logprobs_contract():
     model = tiny_model("llama")
-    out = make_rollout("hf", model, None).generate(PROMPTS, 3, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0))
+    out = make_rollout("hf", model, None).generate(
+        PROMPTS, 3, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0)
+    )
     assert len(out) == len(PROMPTS) * 3
     assert [c.prompt_index for c in out] == [i for i in range(len(PROMPTS)) for _ in range(3)]
     for c in out:
@@ -19,8 +25,12 @@ def test_grouping_shapes_and_logprobs_contract():
         assert all(lp <= 0 for lp in c.logprobs)
         ids = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids])
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0] / 0.8, dim=-1)[len(PROMPTS[c.prompt_index]) - 1:-1]
-        assert torch.allclose(torch.tensor(c.logprobs), logp.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0], atol=1e-4)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0] / 0.8, dim=-1)[
+                len(PROMPTS[c.prompt_index]) - 1 : -1
+            ]
+        assert torch.allclose(
+            torch.tensor(c.logprobs), logp.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0], atol=1e-4
+        )
 
 
 def test_peft_model_batch_size_and_repeat_variants_agree():
@@ -48,13 +58,16 @@ def test_registry_names_backends_and_rejects_unknown():
         make_rollout("nope", tiny_model("llama"))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(max_new_tokens=4, temperature=-1), "temperature"),
-    (dict(max_new_tokens=4, top_p=0), "top_p"),
-    (dict(max_new_tokens=4, top_k=-1), "top_k"),
-    (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=4, temperature=-1), "temperature"),
+        (dict(max_new_tokens=4, top_p=0), "top_p"),
+        (dict(max_new_tokens=4, top_k=-1), "top_k"),
+        (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+    ],
+)
 def test_sampling_params_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)

@@ -1,4 +1,5 @@
 """SharedPrefixKV: prefix-shared decode attention equals plain attention over [prompt | own tokens]."""
+
 from __future__ import annotations
 
 import torch
@@ -25,12 +26,14 @@ def test_prefill_and_decode_match_plain_attention():
     q, k, v = torch.randn(1, H, T, DK), torch.randn(1, HKV, T, DK), torch.randn(1, HKV, T, DV)
     cache.begin_prefill([1, 0], lens)  # prompt 0 -> slot 1, prompt 1 -> slot 0
     out = cache.attend(0, q, k, v, scale, None)[0]  # [T, H, Dv]
-    seqs = {1: (k[0, :, :5].transpose(0, 1), v[0, :, :5].transpose(0, 1)),
-            0: (k[0, :, 5:].transpose(0, 1), v[0, :, 5:].transpose(0, 1))}  # slot -> [L, Hkv, D]
+    seqs = {
+        1: (k[0, :, :5].transpose(0, 1), v[0, :, :5].transpose(0, 1)),
+        0: (k[0, :, 5:].transpose(0, 1), v[0, :, 5:].transpose(0, 1)),
+    }  # slot -> [L, Hkv, D]
     for t in range(T):  # causal within each prompt
         slot, pos = (1, t) if t < 5 else (0, t - 5)
         ks, vs = seqs[slot]
-        assert torch.allclose(out[t], reference(q[0, :, t], ks[:pos + 1], vs[:pos + 1], scale), atol=1e-5)
+        assert torch.allclose(out[t], reference(q[0, :, t], ks[: pos + 1], vs[: pos + 1], scale), atol=1e-5)
     prompt_len = torch.tensor([2, 5])
     gen_len = torch.zeros(S * N, dtype=torch.long)
     history = {r: ([], []) for r in range(S * N)}
@@ -39,7 +42,11 @@ def test_prefill_and_decode_match_plain_attention():
         pos = gen_len[rows_t].clone()
         gen_len[rows_t] += 1
         cache.begin_decode(rows_t, pos, prompt_len, gen_len, max_prompt=5, max_gen=int(gen_len.max()))
-        qd, kd, vd = torch.randn(len(rows), H, 1, DK), torch.randn(len(rows), HKV, 1, DK), torch.randn(len(rows), HKV, 1, DV)
+        qd, kd, vd = (
+            torch.randn(len(rows), H, 1, DK),
+            torch.randn(len(rows), HKV, 1, DK),
+            torch.randn(len(rows), HKV, 1, DV),
+        )
         out = cache.attend(0, qd, kd, vd, scale, None)  # [A, 1, H, Dv]
         for i, r in enumerate(rows):
             history[r][0].append(kd[i, :, 0])

@@ -1,10 +1,16 @@
 """The engine's static-shape decode step (static_decode=True) against `hf`, a fresh forward and the eager step."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from rollout_models import single_thread  # noqa: F401  (autouse fixture)
-from rollout_models import ARCHS, PROMPTS, VOCAB, tiny_model
+from rollout_models import (
+    ARCHS,
+    PROMPTS,
+    VOCAB,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny_model,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import grpo.rollout.static_decode as static_decode
@@ -15,9 +21,25 @@ from grpo.rollout.static_decode import buckets, model_fingerprint, quiet_steps, 
 STOPS = tuple(range(1, VOCAB, 6))
 # aten ops (overload packet[.overload]) that read device data on the host (item/int/bool/equal) or whose
 # output shape depends on the data; seen as `item` under inference mode, `_local_scalar_dense` below it
-HOST_SYNC_OPS = {"item", "_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "argwhere", "masked_select",
-                 "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount",
-                 "repeat_interleave.Tensor", "repeat_interleave.self_Tensor", "where.default"}
+HOST_SYNC_OPS = {
+    "item",
+    "_local_scalar_dense",
+    "is_nonzero",
+    "equal",
+    "allclose",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "bincount",
+    "repeat_interleave.Tensor",
+    "repeat_interleave.self_Tensor",
+    "where.default",
+}
 
 
 def syncs(op: str) -> bool:
@@ -33,7 +55,9 @@ def full_forward_logprobs(model, prompt: list[int], completion: list[int], tempe
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
     logits = logits / temperature if temperature > 0 else logits
-    return torch.log_softmax(logits, dim=-1)[len(prompt) - 1:-1].gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+    return (
+        torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1].gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+    )
 
 
 def static_engine(model, **opts):
@@ -59,7 +83,9 @@ def test_greedy_with_stops_refills_and_buckets_matches_hf(arch):
     slots are refilled; the output is still hf's."""
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(0)
-    prompts = PROMPTS + [torch.randint(2, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (8,), generator=g)]
+    prompts = PROMPTS + [
+        torch.randint(2, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (8,), generator=g)
+    ]
     params = SamplingParams(max_new_tokens=14, temperature=0.0, min_new_tokens=3, stop_token_ids=STOPS)
     ref = make_rollout("hf", model, None).generate(prompts, 2, params)
     out = static_engine(model, max_batch=4, max_prefill_tokens=8).generate(prompts, 2, params)
@@ -83,7 +109,9 @@ def test_sampled_logprobs_match_full_forward(arch, temperature):
 def test_stop_tokens_min_new_tokens_and_top_k_top_p():
     model = tiny_model("llama")
     rollout = static_engine(model)
-    out = rollout.generate(PROMPTS, 8, SamplingParams(max_new_tokens=10, min_new_tokens=4, stop_token_ids=STOPS, seed=3))
+    out = rollout.generate(
+        PROMPTS, 8, SamplingParams(max_new_tokens=10, min_new_tokens=4, stop_token_ids=STOPS, seed=3)
+    )
     assert {c.finish_reason for c in out} == {"stop", "length"}
     for c in out:
         assert 5 <= len(c.token_ids) <= 10 or c.finish_reason == "length"
@@ -95,7 +123,9 @@ def test_stop_tokens_min_new_tokens_and_top_k_top_p():
     assert all(lp == 0.0 for c in top1 for lp in c.logprobs)
     nucleus = rollout.generate(PROMPTS, 4, SamplingParams(max_new_tokens=8, top_p=0.5, seed=2))
     for c in nucleus:  # logprobs of the renormalised nucleus: >= the full distribution's
-        assert (torch.tensor(c.logprobs) >= full_forward_logprobs(model, PROMPTS[c.prompt_index], c.token_ids, 1.0) - 1e-5).all()
+        assert (
+            torch.tensor(c.logprobs) >= full_forward_logprobs(model, PROMPTS[c.prompt_index], c.token_ids, 1.0) - 1e-5
+        ).all()
 
 
 def test_same_seed_same_samples_and_equal_to_eager_while_no_row_finishes_early():
@@ -104,11 +134,15 @@ def test_same_seed_same_samples_and_equal_to_eager_while_no_row_finishes_early()
     stops = SamplingParams(max_new_tokens=12, stop_token_ids=STOPS, seed=7)
     a, b = rollout.generate(PROMPTS, 4, stops), rollout.generate(PROMPTS, 4, stops)
     assert token_ids(a) == token_ids(b) and [x.logprobs for x in a] == [x.logprobs for x in b]
-    assert token_ids(a) != token_ids(rollout.generate(PROMPTS, 4, SamplingParams(max_new_tokens=12, stop_token_ids=STOPS, seed=8)))
+    assert token_ids(a) != token_ids(
+        rollout.generate(PROMPTS, 4, SamplingParams(max_new_tokens=12, stop_token_ids=STOPS, seed=8))
+    )
     # Fixed length: every row is fed at every step, so the static step draws the eager step's uniforms
     # (one per row, in row order). With stops the eager step draws one per unfinished row instead.
     fixed = SamplingParams(max_new_tokens=12, min_new_tokens=12, seed=7)
-    assert token_ids(rollout.generate(PROMPTS, 4, fixed)) == token_ids(make_rollout("engine", model, None).generate(PROMPTS, 4, fixed))
+    assert token_ids(rollout.generate(PROMPTS, 4, fixed)) == token_ids(
+        make_rollout("engine", model, None).generate(PROMPTS, 4, fixed)
+    )
 
 
 class _Trace(TorchDispatchMode):
@@ -149,8 +183,9 @@ def test_step_has_no_host_sync_and_the_same_shapes_at_every_position(arch, greed
 
     monkeypatch.setattr(static_decode, "static_step", traced)
     model = tiny_model(arch, lora=arch == "llama")
-    params = SamplingParams(max_new_tokens=10, temperature=0.0 if greedy else 1.0, min_new_tokens=2, stop_token_ids=STOPS,
-                            seed=0)
+    params = SamplingParams(
+        max_new_tokens=10, temperature=0.0 if greedy else 1.0, min_new_tokens=2, stop_token_ids=STOPS, seed=0
+    )
     static_engine(model, max_batch=8).generate(PROMPTS * 2, 2, params)
     assert len(traces) > 1, "the test should see several buckets"
     for bucket, calls in traces.items():
@@ -164,8 +199,12 @@ def test_sample_static_equals_sample_next_given_the_same_uniforms():
     logits = torch.randn(64, 40) * 2
     too_short = torch.rand(64) < 0.5
     stops = torch.tensor([3, 7])
-    for kw in (dict(temperature=0.0, min_new_tokens=1), dict(temperature=0.8, min_new_tokens=1), dict(top_k=5, top_p=0.7),
-               dict(temperature=1.3, top_p=0.9, min_new_tokens=1)):
+    for kw in (
+        dict(temperature=0.0, min_new_tokens=1),
+        dict(temperature=0.8, min_new_tokens=1),
+        dict(top_k=5, top_p=0.7),
+        dict(temperature=1.3, top_p=0.9, min_new_tokens=1),
+    ):
         params = SamplingParams(max_new_tokens=4, **kw)
         short = too_short & (params.min_new_tokens > 0)  # the engine's too_short: t < min_new_tokens
         ref = sample_next(logits, params, torch.Generator().manual_seed(5), stops, short)
@@ -227,16 +266,18 @@ def test_compile_decode_needs_static_decode():
         make_rollout("engine", tiny_model("llama"), None, compile_decode=True)
 
 
-@pytest.mark.parametrize("arch,lora", [("llama", True), ("qwen2", False), ("qwen3", True), ("mistral", False),
-                                       ("deepseek_v3", False)])
+@pytest.mark.parametrize(
+    "arch,lora", [("llama", True), ("qwen2", False), ("qwen3", True), ("mistral", False), ("deepseek_v3", False)]
+)
 def test_step_traces_into_one_graph(arch, lora, monkeypatch):
     """torch.compile(fullgraph=True) raises on any graph break (unsupported Python, data-dependent control
     flow) in the step, the model's forward or the sampling: compile_decode compiles one graph. (Dynamo may
     trace some host reads, e.g. `int(t.max())`, without a break: those are caught by the dispatch trace
     above.) Dynamo's `eager` backend traces without code generation (seconds); greedy output stays hf's."""
     compile_ = torch.compile
-    monkeypatch.setattr(static_decode.torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager",
-                                                                                        "fullgraph": True}))
+    monkeypatch.setattr(
+        static_decode.torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager", "fullgraph": True})
+    )
     model = tiny_model(arch, lora=lora)
     params = SamplingParams(max_new_tokens=10, temperature=0.0, min_new_tokens=2, stop_token_ids=STOPS)
     out = static_engine(model, compile_decode=True).generate(PROMPTS, 2, params)
@@ -253,5 +294,6 @@ def test_compile_decode_matches_hf():
     assert token_ids(out) == token_ids(ref)
     sampled = static_engine(model, compile_decode=True).generate(PROMPTS, 2, SamplingParams(max_new_tokens=8, seed=0))
     for c in sampled:
-        assert torch.allclose(torch.tensor(c.logprobs), full_forward_logprobs(model, PROMPTS[c.prompt_index], c.token_ids, 1.0),
-                              atol=1e-4)
+        assert torch.allclose(
+            torch.tensor(c.logprobs), full_forward_logprobs(model, PROMPTS[c.prompt_index], c.token_ids, 1.0), atol=1e-4
+        )
