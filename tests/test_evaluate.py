@@ -114,6 +114,7 @@ def test_models_checkpoints_and_limit(tmp_path, base_model, tiny_model):
         "run.threads=1",
         "rollout.max_new_tokens=24",
         "rewards=[{name: accuracy}, {name: format}]",
+        "safety.enabled=false",  # no safety reward here
         "eval.limit=40",
         "eval.batch_size=16",
     ]
