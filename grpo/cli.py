@@ -140,7 +140,7 @@ def _stop_on_sigterm():
     import signal
     import threading
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or threading.current_thread() is not threading.main_thread():
+    if _env_int("WORLD_SIZE", 1) != 1 or threading.current_thread() is not threading.main_thread():
         return None
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
@@ -149,6 +149,12 @@ def _stop_on_sigterm():
         raise ForcedStop("received SIGTERM", code=128 + signum)
 
     return signal.signal(signal.SIGTERM, stop)
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable; `default` when unset, -1 when malformed (preflight reports that one)."""
+    raw = os.environ.get(name, "").strip()
+    return default if not raw else int(raw) if raw.isdigit() else -1
 
 
 def _release_locks() -> None:
@@ -164,8 +170,7 @@ def _fail(message: str) -> int:
     failure summary names it instead of "To enable traceback see ..."; the launcher itself still raises
     (a non-zero exit of any worker is its failure; the exit code must stay non-zero).
     """
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank == 0:
+    if _env_int("RANK", 0) <= 0:  # rank 0, or no launcher (a malformed RANK included: say it rather than nothing)
         print("error: " + message, file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:

@@ -155,7 +155,7 @@ def _check_values(rows: list[dict], fmt: str, cfg: DataConfig, spec: str, what: 
         field = cfg.messages_field if fmt == "messages" else cfg.prompt_field
         messages = row.get(field)
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list)) for m in messages):
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list, type(None))) for m in messages):
             bad(i, field, messages, "a non-empty list of {role, content} messages")
     return fmt
 

@@ -147,7 +147,7 @@ def lock_stage(out: Path) -> None:
     """
     import fcntl
 
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if os.environ.get("RANK", "0").strip() not in ("0", ""):
         return
     key = Path(out).expanduser().resolve()
     if key in _HELD:
