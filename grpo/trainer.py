@@ -428,7 +428,8 @@ def update(s: TrainState, micro: list[MicroBatch], mask: torch.Tensor, step: int
                     if acc.sync_gradients:  # once per optimizer step (the scheduler is not prepared: see setup)
                         s.scheduler.step()
                 s.optimizer.zero_grad()
-            loss_metrics.append({"loss": loss.item(), **mismatch, **m})
+            # each micro-batch's loss is its share of the step's: x the count, so their mean is the step loss
+            loss_metrics.append({"loss": loss.item() * len(micro), **mismatch, **m})
     return loss_metrics, grad_norm, nonfinite
 
 

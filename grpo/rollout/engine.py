@@ -146,8 +146,10 @@ class EngineRollout(Rollout):
         if self.static_decode:  # rounded up: fewer storage reallocations, hence fewer captures/compilations
             prefix, suffix = storage_size(prefix), storage_size(suffix)
         cache = self._cache_for(slots, n, prefix, suffix, weight.device, weight.dtype)
+        # no_grad, not inference_mode: under ZeRO-3 the parameters gathered here must stay ordinary tensors (peft's
+        # disable_adapter later sets requires_grad on them, which an inference tensor refuses)
         with (
-            torch.inference_mode(),
+            torch.no_grad(),
             eval_mode(hf),
             attention_implementation(hf, ATTN_NAME),
         ):  # attention through the engine's KV cache

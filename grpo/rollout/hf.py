@@ -84,7 +84,7 @@ class HFRollout(Rollout):
         out: list[Completion] = []
         device = next(hf.parameters()).device
         with (
-            torch.inference_mode(),
+            torch.no_grad(),  # not inference_mode: see grpo.rollout.engine (ZeRO-3 gathered parameters)
             eval_mode(hf),
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         ):
