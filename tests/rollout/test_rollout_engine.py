@@ -124,11 +124,22 @@ def test_top_k_1_equals_greedy():
 
 
 def test_top_p_logprobs_are_of_the_filtered_distribution():
+    """Each returned logprob is exactly log softmax over transformers' top-p nucleus (TopPLogitsWarper) of a
+    fresh forward, not of the full distribution."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
     model = tiny_model("llama")
     out = make_rollout("engine", model, None).generate(PROMPTS, 4, SamplingParams(max_new_tokens=8, top_p=0.5, seed=2))
+    warp, renormalised = TopPLogitsWarper(top_p=0.5), 0
     for c in out:
+        ids = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()[len(PROMPTS[c.prompt_index]) - 1 : -1]
+        nucleus = torch.log_softmax(warp(ids, logits), dim=-1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
         full = full_forward_logprobs(model, PROMPTS[c.prompt_index], c.token_ids, 1.0)
-        assert (torch.tensor(c.logprobs) >= full - 1e-5).all()  # renormalised over the nucleus
+        torch.testing.assert_close(torch.tensor(c.logprobs), nucleus, atol=1e-5, rtol=0)
+        renormalised += int((nucleus - full > 1e-3).sum())
+    assert renormalised > 0  # the nucleus really differs from the full distribution here
 
 
 def test_continuous_batching_matches_one_batch():
