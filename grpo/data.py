@@ -43,22 +43,33 @@ def load_rows(spec: str, what: str) -> list[dict]:
         if path.exists():
             files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in FILE_TYPES)
             if not files or files[0].suffix not in FILE_TYPES:
-                raise UserError(f"{what} '{spec}': no {'/'.join(FILE_TYPES)} file found (convert your data to JSONL, one object per line)")
+                raise UserError(
+                    f"{what} '{spec}': no {'/'.join(FILE_TYPES)} file found "
+                    "(convert your data to JSONL, one object per line)"
+                )
             if all(f.stat().st_size == 0 or not f.read_text(errors="ignore").strip() for f in files):
                 raise UserError(f"{what} '{spec}' is empty (it needs at least one row)")
             if datasets is None:
                 return _read_jsonl(files, spec, what)
             try:
                 with _quiet("datasets"):  # it logs its own error before raising; ours names the file and line
-                    rows = datasets.load_dataset(FILE_TYPES[files[0].suffix], data_files=[str(f) for f in files], split="train").to_list()
+                    rows = datasets.load_dataset(
+                        FILE_TYPES[files[0].suffix], data_files=[str(f) for f in files], split="train"
+                    ).to_list()
             except Exception:  # datasets names neither the file nor the line: find them, then fall back to its message
                 _locate_jsonl_problem(files, spec, what)
                 raise
         elif spec.startswith((".", "/", "~")) or Path(spec).suffix in FILE_TYPES:
-            raise UserError(f"{what} '{spec}' does not exist (check data.* paths in the recipe; relative paths start at the current directory)")
+            raise UserError(
+                f"{what} '{spec}' does not exist (check data.* paths in the recipe; "
+                "relative paths start at the current directory)"
+            )
         else:
             if datasets is None:
-                raise UserError(f"{what} '{spec}': hub datasets need the `datasets` package (pip install datasets), or give a local .jsonl file")
+                raise UserError(
+                    f"{what} '{spec}': hub datasets need the `datasets` package (pip install datasets), "
+                    "or give a local .jsonl file"
+                )
             name, _, split = spec.partition(":")
             name, _, config = name.partition("@")
             rows = datasets.load_dataset(name, config or None, split=split or "train").to_list()
@@ -76,8 +87,10 @@ def _read_jsonl(files: list[Path], spec: str, what: str) -> list[dict]:
     import json
 
     if any(f.suffix != ".jsonl" for f in files):
-        raise UserError(f"{what} '{spec}': reading {files[0].suffix} files needs the `datasets` package (pip install datasets), "
-                        "or convert the data to JSONL")
+        raise UserError(
+            f"{what} '{spec}': reading {files[0].suffix} files needs the `datasets` package (pip install datasets), "
+            "or convert the data to JSONL"
+        )
     _locate_jsonl_problem(files, spec, what)
     rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -109,22 +122,29 @@ def _locate_jsonl_problem(files: list[Path], spec: str, what: str) -> None:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{where} is not UTF-8 text (byte {e.start + 1} of the line: {raw[e.start:e.start + 1]!r}); "
-                                    "save the file as UTF-8 or fix that line") from None
+                    raise UserError(
+                        f"{where} is not UTF-8 text (byte {e.start + 1} of the line: {raw[e.start : e.start + 1]!r}); "
+                        "save the file as UTF-8 or fix that line"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{where} is not JSON ({e.msg}, column {e.colno}); one JSON object per line") from None
+                    raise UserError(
+                        f"{where} is not JSON ({e.msg}, column {e.colno}); one JSON object per line"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise UserError(f"{where} is a JSON {type(row).__name__}, not an object; one {{\"column\": value, ...}} object per line")
+                    raise UserError(
+                        f"{where} is a JSON {type(row).__name__}, not an object; "
+                        'one {"column": value, ...} object per line'
+                    )
 
 
 def check_columns(rows: list[dict], cfg: DataConfig, spec: str, what: str, need_completion: bool) -> str:
     """Return the row format ('messages' or 'prompt'); fail naming the missing fields."""
     first = rows[0]
-    if cfg.messages_field in first and not (cfg.prompt_field in first):
+    if cfg.messages_field in first and cfg.prompt_field not in first:
         return _check_values(rows, "messages", cfg, spec, what, need_completion)
     if isinstance(first.get(cfg.prompt_field), list):  # TRL-style conversational prompts: a list of messages
         return _check_values(rows, "prompt_messages", cfg, spec, what, need_completion)
@@ -133,17 +153,22 @@ def check_columns(rows: list[dict], cfg: DataConfig, spec: str, what: str, need_
     if missing:
         raise UserError(
             f"{what} '{spec}' has no {' / '.join(repr(m) for m in missing)} field (columns: {', '.join(first)}); "
-            f"rename the columns or set data.prompt_field / data.completion_field / data.messages_field")
+            f"rename the columns or set data.prompt_field / data.completion_field / data.messages_field"
+        )
     _check_values(rows, "prompt", cfg, spec, what, need_completion)
     return "prompt"
 
 
 def _check_values(rows: list[dict], fmt: str, cfg: DataConfig, spec: str, what: str, need_completion: bool) -> str:
-    """Every row's prompt (and completion) has the type its format needs; one line naming the first row that does not."""
+    """Every row's prompt (and completion) has the type its format needs; one line naming the first row that
+    does not."""
+
     def bad(i: int, field: str, value, expected: str):
         shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
-        raise UserError(f"{what} '{spec}': row {i + 1} has {field!r} = {shown} ({type(value).__name__}); it must be {expected}; "
-                        "fix or remove that row")
+        raise UserError(
+            f"{what} '{spec}': row {i + 1} has {field!r} = {shown} ({type(value).__name__}); it must be {expected}; "
+            "fix or remove that row"
+        )
 
     for i, row in enumerate(rows):
         if fmt == "prompt":
@@ -154,20 +179,30 @@ def _check_values(rows: list[dict], fmt: str, cfg: DataConfig, spec: str, what: 
             continue
         field = cfg.messages_field if fmt == "messages" else cfg.prompt_field
         messages = row.get(field)
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list, type(None))) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), (str, list, type(None)))
+                for m in messages
+            )
+        ):
             bad(i, field, messages, "a non-empty list of {role, content} messages")
     return fmt
 
 
 def empty_completions(rows: list[dict], fmt: str, cfg: DataConfig) -> int:
     """How many SFT rows have an empty (or whitespace-only, or null) completion: only the eos token would be learned."""
+
     def completion(row) -> str:
         if fmt == "prompt":
             return row.get(cfg.completion_field) or ""
         messages = row.get(cfg.messages_field if fmt == "messages" else cfg.prompt_field) or []
         last = messages[-1] if messages else {}
         return (last.get("content") or "") if last.get("role") == "assistant" else ""
+
     return sum(not completion(r).strip() for r in rows)
 
 
@@ -176,20 +211,24 @@ def empty_completion_problem(rows: list[dict], fmt: str, cfg: DataConfig, what: 
     n = empty_completions(rows, fmt, cfg)
     if n and n == len(rows):
         field = repr(cfg.completion_field) if fmt == "prompt" else "last (assistant) message"
-        return (f"{what}: all {n} rows have an empty {field}, so SFT would only teach the model to stop at once; "
-                "check data.completion_field / data.messages_field, or the data itself")
+        return (
+            f"{what}: all {n} rows have an empty {field}, so SFT would only teach the model to stop at once; "
+            "check data.completion_field / data.messages_field, or the data itself"
+        )
     return None
 
 
 @dataclass
 class Example:
     """One tokenized SFT example: labels are -100 on prompt tokens (completion-only loss)."""
+
     input_ids: list[int]
     labels: list[int]
 
 
-def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool,
-           tools: list[dict] | None = None) -> tuple[str, str]:
+def render(
+    row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool, tools: list[dict] | None = None
+) -> tuple[str, str]:
     """(prompt_text, completion_text) of a row; completion is '' when not requested. `tools`: JSON schemas the chat
     template renders through its ``tools=`` argument (multi-turn tool use, grpo.environments.tool_schemas)."""
     if fmt == "prompt" and not cfg.apply_chat_template:
@@ -203,9 +242,14 @@ def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: 
     if cfg.system_prompt and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"a '{cfg.messages_field}' entry is not a non-empty list of {{role, content}} messages: {str(messages)[:80]}")
+        raise UserError(
+            f"a '{cfg.messages_field}' entry is not a non-empty list of {{role, content}} messages: "
+            f"{str(messages)[:80]}"
+        )
     if getattr(tokenizer, "chat_template", None) is None:
-        raise UserError("chat-message data needs a tokenizer with a chat_template (set model.tokenizer to one that has it)")
+        raise UserError(
+            "chat-message data needs a tokenizer with a chat_template (set model.tokenizer to one that has it)"
+        )
     if messages[-1].get("role") == "assistant":
         history, last = messages[:-1], messages[-1]
     else:
@@ -217,10 +261,12 @@ def render(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: 
     full = tokenizer.apply_chat_template(history + [last], tokenize=False, **extra)
     if not full.startswith(prompt):  # templates that rewrite history: fall back to the raw content
         return prompt, last["content"]
-    return prompt, full[len(prompt):].rstrip()  # templates often end a turn with "<eos>\n": end on the eos
+    return prompt, full[len(prompt) :].rstrip()  # templates often end a turn with "<eos>\n": end on the eos
 
 
-def prompt_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None) -> tuple[str, list[int]]:
+def prompt_tokens(
+    row: dict, fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None
+) -> tuple[str, list[int]]:
     """A row's prompt text and token ids, exactly as every stage (and preflight's length checks) sees them.
 
     Chat-rendered text already holds the template's special tokens, so the tokenizer adds none there.
@@ -248,8 +294,12 @@ def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_len
         raise UserError(problem)
     n_empty = empty_completions(rows, fmt, cfg)
     if n_empty:
-        log.warning("the SFT data: %d of %d rows have an empty completion (only the end-of-sequence token is learned from them)",
-                    n_empty, len(rows))
+        log.warning(
+            "the SFT data: %d of %d rows have an empty completion "
+            "(only the end-of-sequence token is learned from them)",
+            n_empty,
+            len(rows),
+        )
     out = []
     for row in rows:
         p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer)
@@ -258,11 +308,15 @@ def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_len
         if any(l != -100 for l in labels):
             out.append(Example(ids, labels))
     if not out:
-        raise UserError(f"no SFT example has completion tokens within sft.max_length={max_length}; raise sft.max_length")
+        raise UserError(
+            f"no SFT example has completion tokens within sft.max_length={max_length}; raise sft.max_length"
+        )
     return out
 
 
-def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None) -> tuple[list[dict], int]:
+def prompt_records(
+    rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None
+) -> tuple[list[dict], int]:
     """GRPO/eval prompts: each row gains `prompt_text` and `prompt_ids`; returns (records, n_dropped).
 
     Prompts longer than data.max_prompt_length are truncated on the left, dropped, or an error, per
@@ -280,7 +334,10 @@ def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, tools
         text, ids = prompt_tokens(row, fmt, cfg, tokenizer, tools)
         if len(ids) > limit:
             if cfg.prompt_overflow == "error":
-                raise UserError(f"prompt {i} has {len(ids)} tokens > data.max_prompt_length={limit}; raise it or set data.prompt_overflow=truncate_left|drop")
+                raise UserError(
+                    f"prompt {i} has {len(ids)} tokens > data.max_prompt_length={limit}; raise it or set "
+                    "data.prompt_overflow=truncate_left|drop"
+                )
             longest = max(longest, len(ids))
             if cfg.prompt_overflow == "drop":
                 dropped += 1
@@ -291,8 +348,16 @@ def prompt_records(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, tools
     if not out:
         raise UserError(f"every prompt is longer than data.max_prompt_length={limit}; raise it")
     if truncated:
-        log.warning("truncated %d of %d prompts to their last %d tokens (data.max_prompt_length=%d, data.prompt_overflow=truncate_left; "
-                    "the longest had %s tokens)", truncated, len(rows), limit, limit, f"{longest:,}")
+        log.warning(
+            "truncated %d of %d prompts to their last %d tokens "
+            "(data.max_prompt_length=%d, data.prompt_overflow=truncate_left; "
+            "the longest had %s tokens)",
+            truncated,
+            len(rows),
+            limit,
+            limit,
+            f"{longest:,}",
+        )
     return out, dropped
 
 
@@ -312,4 +377,4 @@ class Sampler:
             self.order += perm
             self.epoch += 1
         chunk, self.order = self.order[:need], self.order[need:]
-        return chunk[self.rank::self.world]
+        return chunk[self.rank :: self.world]
