@@ -108,7 +108,7 @@ def test_eval_reports_accuracy_only_with_an_accuracy_reward_and_per_source(tmp_p
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (["grpo.keep_best=eval/accuracy"], "set grpo.eval_every"),
+        (["grpo.keep_best=eval/accuracy", "grpo.eval_every=0"], "set grpo.eval_every"),
         (["grpo.final_from=best"], "needs grpo.keep_best"),
         (["grpo.eval_every=2", "data.eval=null"], "need data.eval"),
     ],
