@@ -207,9 +207,8 @@ class ConstraintSpec:
     """One constraint: E[c] <= threshold (kind mean) or P(c > 0) <= threshold (kind rate), c the value of the reward it
     names (a cost: higher is worse; it leaves the reward sum). Each has its own Lagrange multiplier."""
 
-    reward: str = (
-        ""  # the constrained reward: its name in `rewards`, as written or as logged (e.g. safety, completion_tokens)
-    )
+    # the constrained reward: its name in `rewards`, as written or as logged (e.g. safety, completion_tokens)
+    reward: str = ""
     threshold: float = 0.0  # the budget d
     kind: Literal["mean", "rate"] = "mean"  # mean: E[c] <= d; rate: P(c > 0) <= d (a chance constraint)
     # what enters the advantage: auto = the indicator c > 0 for kind rate (how far below 0 a safe sample's cost lies
@@ -219,8 +218,10 @@ class ConstraintSpec:
     lambda_lr: float = 0.05  # each step: log(lambda) += lambda_lr * (measured - threshold)
     lambda_max: float = 20.0  # upper clamp of lambda
     delay: int = 0  # steps before lambda starts to move
-    # grpo.constraint_scheme separate: the cost's advantage is (c - group mean) / (group std + std_floor)
-    std_floor: float = 1.0
+    # grpo.constraint_scheme separate: the cost's advantage is (c - group mean) / (group std + std_floor); null = 1.0
+    # for the cost (damps a cost model's noise where every sample is safe), 0 for the indicator (exact 0/1: nothing to
+    # damp, and a floor of 1 shrank its signal ~3x: too weak to enforce a rate on the quickstart, README)
+    std_floor: float | None = None
     name: str | None = None  # in metrics (lambda/<name>), the report and eval; default: the reward's logged name
 
 
@@ -370,6 +371,11 @@ def constraint_rewards(rewards: list[RewardSpec], ref: str) -> list[int]:
 def cost_signal_of(c: ConstraintSpec) -> str:
     """What a constraint puts into the advantage (grpo.advantages.cost_signal): "cost" or "indicator"."""
     return c.signal if c.signal != "auto" else "indicator" if c.kind == "rate" else "cost"
+
+
+def std_floor_of(c: ConstraintSpec) -> float:
+    """The floor added to a cost's group std in the separate scheme (`ConstraintSpec.std_floor`, null resolved)."""
+    return c.std_floor if c.std_floor is not None else 0.0 if cost_signal_of(c) == "indicator" else 1.0
 
 
 def resolved_constraints(recipe: Recipe) -> list[tuple[str, ConstraintSpec, int]]:

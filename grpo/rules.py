@@ -168,7 +168,7 @@ def constraints(recipe) -> list[str]:
         if not 0 < c.lambda_init <= c.lambda_max:
             p.append(f"{at}: lambda_init={c.lambda_init} must be > 0 and <= lambda_max={c.lambda_max}")
         for key in ("lambda_lr", "delay", "std_floor"):
-            if getattr(c, key) < 0:
+            if (getattr(c, key) or 0) < 0:
                 p.append(f"{at}: {key}={getattr(c, key)} must be >= 0")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -46,7 +46,7 @@ from grpo.batch import (
     split_rows,
     split_to_count,
 )
-from grpo.config import Recipe, cost_signal_of, resolved_constraints
+from grpo.config import Recipe, cost_signal_of, resolved_constraints, std_floor_of
 from grpo.environments import episode_columns, rollout_episodes
 from grpo.errors import Interrupted, UserError
 from grpo.generation import decode_and_score, generate, sampling_params
@@ -294,7 +294,7 @@ def step_advantages(s: TrainState, r: Rollouts) -> tuple[torch.Tensor, dict]:
         scheme=cfg.constraint_scheme,
         lam=lam + [None] * len(cols.free),
         signals=[cost_signal_of(c) for _, c, _ in cons] + ["cost"] * len(cols.free),
-        cost_std_floor=[c.std_floor for _, c, _ in cons] + [s.recipe.safety.cost_std_floor] * len(cols.free),
+        cost_std_floor=[std_floor_of(c) for _, c, _ in cons] + [s.recipe.safety.cost_std_floor] * len(cols.free),
     )
     stats = {key: v for key, v in m.items() if key.startswith(("cost", "rate", "unsafe_rate"))}
     metrics = {key: v for key, v in m.items() if key not in stats}

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT
 from grpo import checkpoint, rules
-from grpo.config import constraint_list, load_recipe, resolved_constraints, unconstrained
+from grpo.config import constraint_list, load_recipe, resolved_constraints, std_floor_of, unconstrained
 from grpo.errors import Interrupted, UserError
 from grpo.trainer import run_grpo
 
@@ -64,6 +64,11 @@ def test_constraints_section_loads(tmp_path):
     ]
     assert r.constraints[1].std_floor == 2.0 and r.constraints[0].delay == 1 and r.constraints[0].signal == "auto"
     assert [(name, col) for name, _, col in resolved_constraints(r)] == [("unsafe", 1), ("length", 2)]
+    # the separate scheme's std floor: as given, else 0 for the 0/1 indicator of a rate, 1 for a cost itself
+    assert [std_floor_of(c) for c in r.constraints] == [0.0, 2.0]
+    both = "constraints=[{reward: completion_tokens}, {reward: odd_first_token_cost, kind: rate, signal: cost}]"
+    r2 = recipe(tmp_path, None, REWARDS, both)
+    assert [std_floor_of(c) for c in r2.constraints] == [1.0, 1.0]
     assert problems(tmp_path, REWARDS, TWO) == []
     with pytest.raises(
         UserError, match=r"unknown key 'constraints.0.lamda_lr'; valid keys in constraints.0: reward, threshold"
@@ -173,16 +178,15 @@ def test_completion_tokens_reward():
 # ------------------------------------------------------------------------------------- end to end
 def _by_hand(rows: list[dict], G: int, lam: list[float], scheme: str) -> list[float]:
     """Each sample's advantage from its logged rewards: A = (A_r - l1 A_1 - l2 A_2) / (1 + l1 + l2) (separate; A_1 from
-    the
-    indicator cost > 0 with std floor 1, A_2 from the token count with std floor 2) or the group-normalised
-    (r - l1 [c > 0] - l2 tokens) / (1 + l1 + l2) (scalarized)."""
+    the indicator cost > 0 with the indicator's default std floor 0, A_2 from the token count with std floor 2) or the
+    group-normalised (r - l1 [c > 0] - l2 tokens) / (1 + l1 + l2) (scalarized)."""
     out = []
     for g in range(0, len(rows), G):
         col = lambda k: torch.tensor([x[k] for x in rows[g : g + G]], dtype=torch.float64)  # noqa: E731
         r, unsafe, tokens = col("even_tokens"), (col("odd_first_token_cost") > 0).double(), col("completion_tokens")
-        norm = lambda x, floor: (x - x.mean()) / (x.std() + floor)  # noqa: E731
+        norm = lambda x, floor: (x - x.mean()) / (x.std() + floor) if x.std() + floor > 0 else 0 * x  # noqa: E731
         if scheme == "separate":
-            a = (norm(r, 1e-4) - lam[0] * norm(unsafe, 1.0) - lam[1] * norm(tokens, 2.0)) / (1 + sum(lam))
+            a = (norm(r, 1e-4) - lam[0] * norm(unsafe, 0.0) - lam[1] * norm(tokens, 2.0)) / (1 + sum(lam))
         else:
             a = norm((r - lam[0] * unsafe - lam[1] * tokens) / (1 + sum(lam)), 1e-4)
         out += a.tolist()
