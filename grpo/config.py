@@ -185,9 +185,13 @@ class GRPOConfig:
 
 @dataclass
 class SafetyConfig:
-    """Safe-RLHF's Lagrangian constraint on GRPO advantages (critic-free): E[cost] <= cost_threshold."""
+    """The switch of the constraints, and the one safety constraint of recipes written before `constraints:`
+    (Safe-RLHF's Lagrangian on GRPO advantages, critic-free: E[cost] <= cost_threshold on the role: safety reward).
+    With a `constraints:` list the keys below `enabled` stay unset: each constraint has its own."""
 
-    enabled: bool = False  # constrain the mean cost of the role: safety reward
+    # true: the safety constraint is on (a role: safety reward is needed; without a constraints: list the keys below
+    # define it); false: every constraint is off (a baseline); null: on when constraints: lists any
+    enabled: bool | None = None
     cost_threshold: float = 0.0  # the budget d in E[cost] <= d (0 = the cost model's safety boundary)
     lambda_init: float = 1.0  # initial Lagrange multiplier
     lambda_lr: float = 0.05  # step size of log(lambda) per step: log_lam += lambda_lr * (mean_cost - d)
@@ -338,13 +342,16 @@ def reward_label(name: str) -> str:
 
 
 def constraint_list(recipe: Recipe) -> list[ConstraintSpec]:
-    """The run's constraints: `constraints`, or the old `safety` section (when enabled) as one constraint named
-    safety on the role: safety reward (constrain: violation_rate = kind rate, mean_cost = kind mean; the cost itself
-    enters
-    the advantage in both, as it always did there)."""
+    """The run's constraints: none when safety.enabled is false; else `constraints`, or without that list the `safety`
+    section (when enabled) as one constraint named safety on the role: safety reward (constrain: violation_rate = kind
+    rate, mean_cost = kind mean; the cost itself enters the advantage in both, as it always did there)."""
     sc = recipe.safety
-    if not sc.enabled or recipe.constraints:
+    if sc.enabled is False:  # every constraint off
+        return []
+    if recipe.constraints:
         return list(recipe.constraints)
+    if not sc.enabled:
+        return []
     cost = next((r.name for r in recipe.rewards if r.role == "safety"), "")
     return [
         ConstraintSpec(

@@ -8,6 +8,8 @@ differently.
 
 from __future__ import annotations
 
+import dataclasses
+
 from grpo.config import constraint_list, constraint_rewards, reward_label
 from grpo.environments import environment_problems
 from grpo.errors import UserError
@@ -130,13 +132,15 @@ def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
 
 def constraints(recipe) -> list[str]:
     """Each constraint names exactly one reward and has settings in range; names are distinct; the old `safety`
-    section and `constraints` are not mixed; the scalarized scheme combines raw rewards (reward_mode sum)."""
+    section's settings and `constraints` are not mixed; the scalarized scheme combines raw rewards (reward_mode sum)."""
     p = []
-    if recipe.safety.enabled and recipe.constraints:
+    legacy = [f.name for f in dataclasses.fields(recipe.safety) if f.name != "enabled"]
+    changed = [k for k in legacy if getattr(recipe.safety, k) != getattr(type(recipe.safety)(), k)]
+    if recipe.constraints and changed and recipe.safety.enabled is not False:
         p.append(
-            "safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, "
-            "e.g. "
-            "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section"
+            f"safety.{changed[0]} is set and a constraints: list is given: the safety section's settings define the "
+            "one constraint of recipes without constraints:; set them on the constraint instead, e.g. constraints: "
+            "[{reward: safety, kind: rate, threshold: 0.02, lambda_lr: 0.2}]"
         )
         return p
     names, rewards = [], recipe.rewards

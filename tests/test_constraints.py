@@ -39,7 +39,8 @@ def recipe(tmp_path, model=None, *extra):
         f"run.output_dir={tmp_path}",
         "run.threads=1",
         "tracking.log_every=1",
-        "safety.enabled=false",
+        "safety.enabled=null",  # the constraints: a test gives are on
+        "constraints=[]",
         "grpo.prompts_per_step=4",
         "grpo.num_generations=2",
         "rollout.max_new_tokens=8",
@@ -77,9 +78,17 @@ def test_constraints_section_loads(tmp_path):
 
 
 def test_old_safety_section_is_one_constraint(tmp_path):
-    """quickstart.yaml's `safety:` section: one constraint named safety on the role: safety reward; the cost itself
-    enters the advantage (as it always did there), whatever it constrains."""
-    r = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}"])
+    """A recipe written before constraints: (its safety section's settings): one constraint named safety on the role:
+    safety reward; the cost itself enters the advantage (as it always did there), whatever it constrains."""
+    old = [
+        "constraints=[]",
+        "safety.enabled=true",
+        "safety.constrain=violation_rate",
+        "safety.cost_threshold=0.02",
+        "safety.lambda_lr=0.2",
+        "safety.lambda_max=10.0",
+    ]
+    r = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}", *old])
     (c,) = constraint_list(r)
     assert (c.reward, c.kind, c.signal, c.threshold, c.lambda_lr, c.lambda_max, c.name) == (
         "{output_dir}/rm/safety",
@@ -91,16 +100,29 @@ def test_old_safety_section_is_one_constraint(tmp_path):
         "safety",
     )
     assert [(name, col) for name, _, col in resolved_constraints(r)] == [("safety", 3)]
-    mean = load_recipe(
-        QUICKSTART, [f"run.output_dir={tmp_path}", "safety.constrain=mean_cost", "safety.lambda_delay=3"]
-    )
+    mean = load_recipe(QUICKSTART, [*old, "safety.constrain=mean_cost", "safety.lambda_delay=3"])
     assert [(c.kind, c.delay) for c in constraint_list(mean)] == [("mean", 3)]
+    assert rules.constraints(r) == []
+
+
+def test_safety_enabled_switches_every_constraint(tmp_path):
+    """safety.enabled: false turns every constraint off (a baseline); null (unset) leaves a constraints: list on; the
+    old section's settings next to a constraints: list are refused (they would be ignored)."""
+    quick = load_recipe(QUICKSTART, [f"run.output_dir={tmp_path}"])
+    assert [c.name or c.reward for c in constraint_list(quick)] == ["safety"] and quick.safety.enabled
     assert constraint_list(load_recipe(QUICKSTART, ["safety.enabled=false"])) == []
-    both = rules.constraints(load_recipe(QUICKSTART, ["constraints=[{reward: safety, kind: rate, threshold: 0.02}]"]))
-    assert both == [
-        "safety.enabled=true and a constraints: list given together: write the safety constraint as one entry, e.g. "
-        "constraints: [{reward: safety, kind: rate, threshold: 0.02}], and drop the safety section"
+    assert [c.reward for c in constraint_list(recipe(tmp_path, None, REWARDS, TWO, "safety.enabled=null"))] == [
+        "odd_first_token_cost",
+        "completion_tokens",
     ]
+    assert constraint_list(recipe(tmp_path, None, REWARDS, "safety.enabled=null")) == []
+    mixed = rules.constraints(load_recipe(QUICKSTART, ["safety.cost_threshold=0.1"]))
+    assert mixed == [
+        "safety.cost_threshold is set and a constraints: list is given: the safety section's settings define "
+        "the one constraint of recipes without constraints:; set them on the constraint instead, e.g. "
+        "constraints: [{reward: safety, kind: rate, threshold: 0.02, lambda_lr: 0.2}]"
+    ]
+    assert rules.constraints(load_recipe(QUICKSTART, ["safety.cost_threshold=0.1", "safety.enabled=false"])) == []
 
 
 def test_unconstrained_baseline_drops_every_constraint(tmp_path):
@@ -318,7 +340,7 @@ def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
         str(QUICKSTART),
         "run.threads=1",
         "tracking.log_every=1",
-        "safety.enabled=false",
+        "safety.enabled=null",
         "grpo.steps=3",
         "grpo.prompts_per_step=4",
         "grpo.num_generations=4",

@@ -146,7 +146,8 @@ def test_bad_reward_skipped_when_asked(tmp_path, tiny_model):
     assert h[0]["skipped_samples"] == 32
 
 
-CONSTRAINED = [
+CONSTRAINED = [  # the old safety section (quickstart.yaml's constraints: list dropped): one constraint, as before
+    "constraints=[]",
     "safety.enabled=true",
     "safety.cost_threshold=-0.5",
     "safety.lambda_init=0.5",
