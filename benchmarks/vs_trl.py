@@ -15,7 +15,13 @@ advantages, num_iterations 1 (no old-logprob pass on either side), and TRL's
 `use_bias_correction_kl=False` (its 1.16 default multiplies the KL by the ratio; ours is
 DeepSeekMath's plain k3 term; tests/test_same_loss_as_trl.py checks the losses agree).
 
-Runners, each in its own subprocess (peak RSS = that process's ru_maxrss):
+At the Qwen vocabulary (issue #14): `--vocab 151936 --hidden 512 --ffn 1376 --layers 2 --prompts 2
+--new-tokens 256 --prompt-len 64 --loss-types grpo --runners trl ours`. `--micro-batch-tokens N` makes
+ours pack each step into micro-batches of at most N tokens (`grpo.micro_batch_tokens`; TRL keeps one).
+
+Runners, each in its own subprocess (peak RSS = that process's ru_maxrss; for ours, the largest
+high-water mark of its phases, `PhasePeaks`, which also reports each phase's peak: rollout,
+reference log-probs, update):
   trl          TRL's GRPOTrainer (transformers `generate`, its chunked lm-head logprobs).
   ours         grpo.trainer.run_grpo with its defaults: `engine` rollout, `grpo.shared_prefix: true`
                (each group's prompt computed once in the reference and policy passes, grpo/prefix.py).
