@@ -181,6 +181,11 @@ def eval_section(evals: dict, samples: list[dict]) -> list[str]:
     if models:
         out.append("Models: " + "; ".join(f"**{m.get('label')}** = `{m.get('path')}`" for m in models) + ".\n")
     notes = [f"`{k}`: {v}" for k, v in EVAL_NOTES.items() if any(k in m for m in results.values())]
+    if any(k.startswith("constraint/") for m in results.values() for k in m):
+        notes.append(
+            "`constraint/<name>`: each constraint's measure on these prompts (its cost's mean, or the fraction "
+            "with cost > 0); `constraint/<name>_ok`: within its threshold"
+        )
     if notes:
         out.append("\n".join(f"- {n}" for n in notes) + "\n")
     if samples:
@@ -293,18 +298,19 @@ def constraint_lines(train: list[dict], cfg: dict) -> list[str]:
 
 
 def constraint_figures(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
-    """One panel per constraint (its measure against the threshold) and one with every constraint's lambda."""
+    """Two panels per constraint: its measure against the threshold, its multiplier against lambda_max (each on its
+    own scale: a length budget's lambda may be 1000x smaller than a safety one)."""
     cons = [c for c in constraints_of(cfg) if _values(train, f"constraint/{c['name']}")]
-    if not cons:
-        return []
-    panels = [f"constraint/{c['name']}" for c in cons] + [tuple(f"lambda/{c['name']}" for c in cons)]
-    titles = {
-        f"constraint/{c['name']}": f"{c['name']}: {'fraction with cost > 0' if c['kind'] == 'rate' else 'mean cost'}"
-        for c in cons
-    }
-    titles[f"lambda/{cons[0]['name']}"] = "Lagrange multipliers λ"
-    hlines = {f"constraint/{c['name']}": (float(c["threshold"]), "threshold") for c in cons if _is_num(c["threshold"])}
-    return figures(run_dir, "constraints", train, panels, "GRPO constraints", titles, hlines)
+    panels = [key for c in cons for key in (f"constraint/{c['name']}", f"lambda/{c['name']}")]
+    titles, hlines = {}, {}
+    for c in cons:
+        measure = "fraction with cost > 0" if c["kind"] == "rate" else "mean cost"
+        titles.update({f"constraint/{c['name']}": f"{c['name']}: {measure}", f"lambda/{c['name']}": f"{c['name']}: λ"})
+        if _is_num(c["threshold"]):
+            hlines[f"constraint/{c['name']}"] = (float(c["threshold"]), "threshold")
+        if _is_num(c["lambda_max"]):
+            hlines[f"lambda/{c['name']}"] = (float(c["lambda_max"]), "lambda_max")
+    return figures(run_dir, "constraints", train, panels, "GRPO constraints", titles, hlines) if cons else []
 
 
 def train_section(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
