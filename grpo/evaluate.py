@@ -106,7 +106,7 @@ def constraint_metrics(recipe: Recipe, R: torch.Tensor, first: list[int]) -> dic
     """Each constraint held out: `constraint/<name>` (its cost's mean, or the fraction of samples with cost > 0, over
     the first sample of every prompt; NaN counts as 0, as in training) and `constraint/<name>_ok` (<= its threshold)."""
     m = {}
-    if R.shape[1] != len(recipe.rewards):  # evaluated without the recipe's rewards (none scored): no constraint to measure
+    if R.shape[1] != len(recipe.rewards):  # evaluated without the recipe's rewards: no constraint to measure
         return m
     for name, c, col in resolved_constraints(recipe):
         cost = torch.nan_to_num(R[first, col].double(), nan=0.0)
