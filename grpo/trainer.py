@@ -112,27 +112,10 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
             t4 = time.perf_counter()
 
             # Log
-            n_tok = sum(len(c.token_ids) for c in rollouts.completions)
-            metrics.update(episode_metrics(rollouts.episodes or [], rollouts.completions))
             metrics.update(
                 {
-                    **reward_metrics(rollouts.rewards, s.rewards),
                     **adv_metrics,
-                    **mean_dicts(loss_metrics),
-                    **token_means(loss_metrics, s.accelerator),
-                    "completion_len": n_tok / len(rollouts.completions),
-                    "truncated_frac": sum(c.finish_reason == "length" for c in rollouts.completions)
-                    / len(rollouts.completions),
-                    "skipped_samples": float((~rollouts.ok).sum()),
-                    "lr": s.scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "tokens_per_s": n_tok / max(t1 - t0, 1e-9),
-                    "time_rollout": t1 - t0,
-                    "time_score": t2 - t1,
-                    "time_logprobs": t3 - t2,
-                    "time_train": t4 - t3,
-                    "time_step": t4 - t0,
-                    "adv_abs_mean": float((advantages.abs()[:, None] * mask).sum() / mask.sum().clamp(min=1)),
+                    **step_metrics(s, rollouts, advantages, mask, loss_metrics, grad_norm, (t0, t1, t2, t3, t4)),
                 }
             )
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -472,6 +455,31 @@ def evaluate_live(s: TrainState) -> dict:
     s.policy.train(was_training)
     out = {f"eval/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "n"}
     return {**out, "time_eval": time.perf_counter() - t}
+
+
+def step_metrics(s: TrainState, r: Rollouts, advantages, mask, loss_metrics: list[dict], grad_norm, t: tuple) -> dict:
+    """This process's metrics of a step: rewards, losses (token-weighted over micro-batches and ranks), lengths, the
+    policy-gradient signal |A|, speed, and where the time went (t = the step's five clock readings)."""
+    t0, t1, t2, t3, t4 = t
+    n_tok = sum(len(c.token_ids) for c in r.completions)
+    return {
+        **episode_metrics(r.episodes or [], r.completions),
+        **reward_metrics(r.rewards, s.rewards),
+        **mean_dicts(loss_metrics),
+        **token_means(loss_metrics, s.accelerator),
+        "completion_len": n_tok / len(r.completions),
+        "truncated_frac": sum(c.finish_reason == "length" for c in r.completions) / len(r.completions),
+        "skipped_samples": float((~r.ok).sum()),
+        "lr": s.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "tokens_per_s": n_tok / max(t1 - t0, 1e-9),
+        "time_rollout": t1 - t0,
+        "time_score": t2 - t1,
+        "time_logprobs": t3 - t2,
+        "time_train": t4 - t3,
+        "time_step": t4 - t0,
+        "adv_abs_mean": float((advantages.abs()[:, None] * mask).sum() / mask.sum().clamp(min=1)),
+    }
 
 
 def _skip_nonfinite(step: int, loss, grad_norm, count: int) -> int:
