@@ -217,6 +217,9 @@ def step_sweep(a) -> list[dict]:
             flush=True,
         )
         out.append(r)
+        print(step_report(out, a).splitlines()[-1], flush=True)
+        if a.json:  # after every length: a later one may not fit
+            Path(a.json).write_text(json.dumps({"args": vars(a), "results": out}, indent=1))
     return out
 
 

@@ -89,7 +89,7 @@ def build_assets(folder: Path, a) -> Path:
         num_hidden_layers=a.layers,
         num_attention_heads=a.heads,
         num_key_value_heads=a.heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=max(1024, a.prompt_len + a.new_tokens),  # the engine refuses longer sequences
         tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=1,
