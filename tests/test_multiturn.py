@@ -63,7 +63,11 @@ def params(tok, max_new_tokens=40, seed=3):
 
 
 # ------------------------------------------------------------------------------------- token-exactness
-@pytest.mark.parametrize("backend", ["engine", "hf"])
+# engine: continuation on the KV cache (the default); engine-reprefill: the history prefilled again every turn
+BACKENDS = {"engine": ("engine", None), "engine-reprefill": ("engine", False), "hf": ("hf", None)}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
 @pytest.mark.parametrize("shared_prefix", [True, False])
 def test_trainer_scores_exactly_the_sampled_and_inserted_ids(toy, backend, shared_prefix):
     model, tok = toy
@@ -74,8 +78,9 @@ def test_trainer_scores_exactly_the_sampled_and_inserted_ids(toy, backend, share
         made.append(envs.ScriptedEnv(row, obs=obs, answers=2))
         return made[-1]
 
+    name, kv = BACKENDS[backend]
     comps, episodes = run_episodes(
-        make_rollout(backend, model, tok),
+        make_rollout(name, model, tok),
         tok,
         rows,
         [r["prompt_ids"] for r in rows],
@@ -83,6 +88,7 @@ def test_trainer_scores_exactly_the_sampled_and_inserted_ids(toy, backend, share
         params(tok, 54),
         make_env,
         TurnLimits(max_turns=4),
+        kv_continuation=kv,
     )
     assert len(comps) == len(rows) * G and [c.prompt_index for c in comps] == [0, 0, 0, 1, 1, 1]
     for c, env, ep in zip(comps, made, episodes):
@@ -137,7 +143,46 @@ def test_trainer_scores_exactly_the_sampled_and_inserted_ids(toy, backend, share
         assert torch.allclose(trained[i, : len(c.token_ids)][sampled], fresh[sampled], atol=1e-4)
 
 
-def test_same_seed_same_trajectories_and_groups_may_take_different_turns(toy):
+@pytest.mark.parametrize("stop_strings", [(), ("+1",)], ids=["stop-ids", "stop-string-cuts"])
+def test_greedy_trajectories_are_the_same_on_every_path(toy, stop_strings):
+    """Continuing on the KV cache samples what prefilling the whole history samples (engine and hf), with a first
+    observation from reset, turns cut at a multi-token stop string (the engine rewinds the row's KV) and samples
+    that end at different turns."""
+    model, tok = toy
+    rows = prompt_rows(tok, ("Q:12+34=", "Q:5+7=", "Q:99+1="))
+
+    def make_env(row):  # prompt i takes i + 1 turns
+        return envs.ScriptedEnv(row, obs=[7, 8, 9], answers=rows.index(row), first=[5, 6])
+
+    out, logprobs, texts = {}, {}, {}
+    for backend, (name, kv) in BACKENDS.items():
+        p = SamplingParams(max_new_tokens=50, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
+        limits = TurnLimits(max_turns=4, stop_strings=stop_strings)
+        comps, eps = run_episodes(
+            make_rollout(name, model, tok),
+            tok,
+            rows,
+            [r["prompt_ids"] for r in rows],
+            2,
+            p,
+            make_env,
+            limits,
+            kv_continuation=kv,
+        )
+        out[backend] = [
+            (c.token_ids, c.sampled_mask, c.finish_reason, e.turns, e.truncated) for c, e in zip(comps, eps)
+        ]
+        logprobs[backend] = torch.tensor(sum((c.logprobs for c in comps), []))
+        texts[backend] = [e.turn_texts for e in eps]
+    assert out["engine"] == out["engine-reprefill"] == out["hf"]
+    assert torch.allclose(logprobs["engine"], logprobs["hf"], atol=1e-4)
+    assert sorted({turns for *_, turns, _ in out["engine"]}) == [1, 2, 3]
+    if stop_strings:  # some turn was cut at the stop string and the episode went on after it
+        assert any(t.endswith("+1") for turns in texts["engine"] for t in turns[:-1])
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_same_seed_same_trajectories_and_groups_may_take_different_turns(toy, backend):
     model, tok = toy
     rows = prompt_rows(tok)
 
@@ -146,9 +191,10 @@ def test_same_seed_same_trajectories_and_groups_may_take_different_turns(toy):
             self.steps.append(list(ids))
             return [11, 12] if len(self.steps) == 1 and len(ids) % 2 == 0 else None
 
-    def run():
+    def run(rows, seeds):
+        name, kv = BACKENDS[backend]
         return run_episodes(
-            make_rollout("engine", model, tok),
+            make_rollout(name, model, tok),
             tok,
             rows,
             [r["prompt_ids"] for r in rows],
@@ -156,12 +202,16 @@ def test_same_seed_same_trajectories_and_groups_may_take_different_turns(toy):
             params(tok),
             Coin,
             TurnLimits(max_turns=3),
-            seeds=[5, 6],
+            seeds=seeds,
+            kv_continuation=kv,
         )
 
-    (a, ea), (b, _) = run(), run()
+    (a, ea), (b, _) = run(rows, [5, 6]), run(rows, [5, 6])
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
     assert {e.turns for e in ea} == {1, 2}  # samples of one step took different numbers of turns
+    # rollout.seed_per_prompt: a group samples the same alone as beside other prompts (so any process count does)
+    alone, _ = run(rows[1:], [6])
+    assert [c.token_ids for c in alone] == [c.token_ids for c in a[8:]]
 
 
 def test_stop_string_cuts_the_turn_after_the_token_that_completes_it(toy):

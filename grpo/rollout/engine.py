@@ -58,6 +58,7 @@ from grpo.rollout.base import (
     make_generator,
     unwrap_model,
 )
+from grpo.rollout.continuation import EngineEpisodes
 from grpo.rollout.kv_cache import ATTN_NAME, SharedPrefixKV
 from grpo.rollout.sampling import sample_next
 from grpo.rollout.static_decode import StaticDecoder, storage_size
@@ -72,6 +73,8 @@ class _Batch:
     prompt_len: [slots] long, prompt length per slot (0 when free).
     gen_len: [rows] long, tokens generated so far; done: [rows] bool (finished or idle).
     last: [rows] long, the last generated token; tokens/logprobs: [rows, max_new_tokens].
+    limit: [rows] long, a row is done once gen_len reaches it (max_new_tokens; a turn's end in a multi-turn session).
+    start: [rows] long, where the row's current turn began (min_new_tokens counts from there; 0 in one-turn calls).
     """
 
     def __init__(self, slots: int, n: int, max_new: int, device: torch.device):
@@ -83,6 +86,8 @@ class _Batch:
         self.last = torch.zeros(rows, dtype=torch.long, device=device)
         self.tokens = torch.zeros(rows, max_new, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        self.limit = torch.full((rows,), max_new, dtype=torch.long, device=device)
+        self.start = torch.zeros(rows, dtype=torch.long, device=device)
 
     def reset(self) -> None:
         """Back to all slots free, in place (the static decoder's buffers keep their addresses)."""
@@ -123,6 +128,7 @@ class EngineRollout(Rollout):
         self.static_decode, self.compile_decode, self.cuda_graphs = static_decode, compile_decode, cuda_graphs
         self.cache: SharedPrefixKV | None = None
         self.static: StaticDecoder | None = None
+        self.session: EngineEpisodes | None = None  # an open multi-turn session holds the KV storage
 
     def sync_weights(self, model: nn.Module) -> None:
         """The engine reads the live parameters: nothing to copy. Follows `model` if it is a new object."""
@@ -130,6 +136,8 @@ class EngineRollout(Rollout):
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[Completion]:
+        if self.session is not None and not self.session.closed:
+            raise RuntimeError("engine: generate() while a multi-turn session is open on this engine; close it first")
         hf = unwrap_model(self.model)
         prompts = check_prompts(prompts, n, getattr(hf.config, "vocab_size", None))
         if not prompts:
@@ -154,6 +162,35 @@ class EngineRollout(Rollout):
             attention_implementation(hf, ATTN_NAME),
         ):  # attention through the engine's KV cache
             return self._run(hf, cache, prompts, n, params)
+
+    def open_episodes(self, prompts: list[list[int]], n: int, params: SamplingParams) -> EngineEpisodes:
+        """A multi-turn session (`grpo.rollout.continuation`): prefills each prompt once, then each `turn` continues
+        the n samples on their own KV. `params.max_new_tokens` is the whole trajectory's budget; use it as a
+        context manager (it holds this engine's KV storage until closed)."""
+        if self.session is not None and not self.session.closed:
+            raise RuntimeError("engine: a multi-turn session is still open on this engine; close it first")
+        hf = unwrap_model(self.model)
+        prompts = check_prompts(prompts, n, getattr(hf.config, "vocab_size", None))
+        if not prompts:
+            raise ValueError("engine: a multi-turn session needs at least one prompt")
+        longest = max(len(p) for p in prompts)
+        if longest + params.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"engine: longest prompt ({longest}) + token budget ({params.max_new_tokens}) "
+                f"exceeds max_len={self.max_len}; shorten prompts or raise max_len"
+            )
+        weight = next(hf.parameters())
+        prefix, suffix = longest, params.max_new_tokens
+        if self.static_decode:
+            prefix, suffix = storage_size(prefix), storage_size(suffix)
+        cache = self._cache_for(len(prompts), n, prefix, suffix, weight.device, weight.dtype)
+        if self.static_decode:
+            static = self._static_decoder(cache, hf, params)
+            state = static.state
+        else:
+            static, state = None, _Batch(cache.slots, n, params.max_new_tokens, cache.device)
+        self.session = EngineEpisodes(self, hf, cache, state, static, prompts, n, params)
+        return self.session
 
     # ------------------------------------------------------------------ internals
     def _cache_for(self, slots: int, n: int, prefix: int, suffix: int, device, dtype) -> SharedPrefixKV:
@@ -242,6 +279,8 @@ class EngineRollout(Rollout):
             state.slot_prompt[s] = i
             state.prompt_len[s] = length
         state.gen_len[rows] = 0
+        state.limit[rows] = params.max_new_tokens
+        state.start[rows] = 0
         too_short = torch.full((rows.numel(),), params.min_new_tokens > 0, device=device)
         tok, lp = sample_next(logits.repeat_interleave(state.n, dim=0), params, gen, stop_ids, too_short)
         self._record(state, rows, torch.zeros_like(rows), tok, lp, params, stop_ids)
@@ -256,17 +295,17 @@ class EngineRollout(Rollout):
         logits = self._forward(hf, cache, state.last[rows, None], (state.prompt_len[slot] + t - 1)[:, None], None)[
             :, -1
         ]
-        tok, lp = sample_next(logits, params, gen, stop_ids, t < params.min_new_tokens)
+        tok, lp = sample_next(logits, params, gen, stop_ids, (t - state.start[rows]) < params.min_new_tokens)
         self._record(state, rows, t, tok, lp, params, stop_ids)
 
     @staticmethod
     def _record(state: _Batch, rows, t, tok, lp, params: SamplingParams, stop_ids) -> None:
-        """Stores token index t of each row and marks rows that stopped or reached max_new_tokens."""
+        """Stores token index t of each row and marks rows that stopped or reached their limit (max_new_tokens)."""
         state.tokens[rows, t] = tok
         state.logprobs[rows, t] = lp
         state.last[rows] = tok
         state.gen_len[rows] = t + 1
-        state.done[rows] = torch.isin(tok, stop_ids) | (t + 1 >= params.max_new_tokens)
+        state.done[rows] = torch.isin(tok, stop_ids) | (t + 1 >= state.limit[rows])
 
     @staticmethod
     def _harvest(state: _Batch, results: list, stop: set[int], slot_done: list[bool]) -> None:

@@ -67,6 +67,15 @@ class SharedPrefixKV:
         forward's input is the concatenation of the prompts, [1, sum(lengths)]."""
         self.mode, self.seg_slots, self.seg_lens = "prefill", slots, lengths
 
+    def begin_extend(self, rows: list[int], starts: list[int], lengths: list[int], prompt_lens: list[int]) -> None:
+        """Next forward appends tokens to rows' own sequences (multi-turn continuation, `grpo.rollout.continuation`).
+
+        The forward's input is the concatenation of the chunks, [1, sum(lengths)]; chunk i goes to row rows[i] at
+        suffix positions [starts[i], starts[i] + lengths[i]) (the row's KV before starts[i] is kept) and attends to
+        its slot's whole prompt (prompt_lens[i] tokens) plus its own suffix up to itself (causal)."""
+        self.mode = "extend"
+        self.seg_rows, self.seg_starts, self.seg_lens, self.seg_plens = rows, starts, lengths, prompt_lens
+
     def begin_decode(
         self,
         rows: torch.Tensor,
@@ -151,11 +160,16 @@ class SharedPrefixKV:
             if sliding_window is not None and max(self.seg_lens) > sliding_window:
                 raise NotImplementedError(f"engine: sequences longer than the sliding window ({sliding_window})")
             return self._prefill(layer, query, key, value, scale)
+        if self.mode == "extend":
+            longest = max(p + s + n for p, s, n in zip(self.seg_plens, self.seg_starts, self.seg_lens))
+            if sliding_window is not None and longest > sliding_window:
+                raise NotImplementedError(f"engine: sequences longer than the sliding window ({sliding_window})")
+            return self._extend(layer, query, key, value, scale)
         if self.mode == "decode":
             if sliding_window is not None and self.window_span > sliding_window:
                 raise NotImplementedError(f"engine: sequences longer than the sliding window ({sliding_window})")
             return self._decode(layer, query, key, value, scale)
-        raise RuntimeError("SharedPrefixKV: call begin_prefill/begin_decode before the forward")
+        raise RuntimeError("SharedPrefixKV: call begin_prefill/begin_extend/begin_decode before the forward")
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Packed prompts [1, *, T, *]: causal attention within each prompt; stores its KV in its slot."""
@@ -171,6 +185,29 @@ class SharedPrefixKV:
             )
             out[:, start : start + length] = o.transpose(1, 2)
             start += length
+        return out
+
+    def _extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Packed per-row chunks [1, *, T, *]: each stored in its row's suffix, attending over [prompt | own suffix]
+        with a causal mask inside the chunk. One attention call per chunk (once per turn, not per token)."""
+        out = q.new_empty(1, q.shape[2], q.shape[1], v.shape[-1])  # [1, T, H, Dv]
+        gqa = q.shape[1] != k.shape[1]
+        sk, sv = self.suffix_k[layer], self.suffix_v[layer]
+        off = 0
+        for row, start, length, plen in zip(self.seg_rows, self.seg_starts, self.seg_lens, self.seg_plens):
+            end, slot = start + length, row // self.n
+            sk[row, :, start:end] = k[0, :, off : off + length]
+            sv[row, :, start:end] = v[0, :, off : off + length]
+            keys = torch.cat([self.prefix_k[layer][slot, :, :plen], sk[row, :, :end]], dim=1)[None]
+            values = torch.cat([self.prefix_v[layer][slot, :, :plen], sv[row, :, :end]], dim=1)[None]
+            # query i (suffix position start + i) sees the prompt and suffix positions <= start + i
+            i = torch.arange(length, device=q.device)[:, None]
+            visible = torch.arange(plen + end, device=q.device)[None] <= plen + start + i
+            o = F.scaled_dot_product_attention(
+                q[:, :, off : off + length], keys, values, attn_mask=visible, scale=scale, enable_gqa=gqa
+            )
+            out[:, off : off + length] = o.transpose(1, 2)
+            off += length
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

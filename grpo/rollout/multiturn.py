@@ -20,10 +20,14 @@ episode whose environment still answers after the last turn is truncated), the t
 does not fit truncates the episode), and the per-turn `max_tokens_per_turn`. Truncated episodes finish
 with ``"length"``; finished ones with their last turn's reason.
 
-This version prefills ``prompt + trajectory`` again for every turn through the backend's `generate`
-(any backend, unchanged; the ids are the same as continuing on the KV cache, only slower). Samples of a
-group may take different numbers of turns. Cutting a sampled turn at a stop string or a budget keeps a
-prefix of an autoregressive sample, itself a sample: the logprobs stay exact.
+Two ways to sample a turn, the same ids under greedy decoding (tests/test_multiturn.py):
+- continuation (backends with `open_episodes`, i.e. ``engine``; the default there): one session per chunk of
+  prompts keeps every sample's KV between turns; a turn feeds only the previous turn's last token and the
+  inserted observation (`grpo.rollout.continuation`), nothing of the history is prefilled again;
+- re-prefill (any backend, ``hf``, or ``kv_continuation=False``): ``prompt + trajectory`` goes through the
+  backend's `generate` again every turn.
+Samples of a group may take different numbers of turns. Cutting a sampled turn at a stop string or a budget
+keeps a prefix of an autoregressive sample, itself a sample: the logprobs stay exact.
 """
 
 from __future__ import annotations
@@ -183,12 +187,15 @@ def run_episodes(
     limits: TurnLimits,
     seeds: list[int] | None = None,
     vocab_size: int | None = None,
+    kv_continuation: bool | None = None,
 ) -> tuple[list[Completion], list[Episode]]:
     """n multi-turn episodes per prompt (see the module docstring); completions grouped by prompt.
 
-    `seeds` (one per prompt, `rollout.seed_per_prompt`): each group's turns are drawn by their own calls, seeded
-    from (seed, sample, turn), so samples do not depend on the batch; else one call per turn seeded from
-    (params.seed, turn).
+    `seeds` (one per prompt, `rollout.seed_per_prompt`): each group is drawn by its own calls (re-prefill: seeded
+    from (seed, sample, turn); continuation: one session seeded from the prompt's seed), so samples do not depend
+    on the batch; else one call per turn seeded from (params.seed, turn), or one session per chunk of prompts.
+    `kv_continuation`: continue on the backend's KV cache (`open_episodes`, the engine); None = when the backend
+    offers it, False = re-prefill the history every turn (any backend).
     """
     stop_ids, stop_texts = stop_ids_of(tokenizer, limits.stop_strings)
     params = dataclasses.replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *stop_ids])))
@@ -209,13 +216,23 @@ def run_episodes(
         obs = observation_ids(first, s.env, "reset", tokenizer, vocab_size)
         if obs:
             _insert(s, obs[: limits.max_observation_tokens], tokenizer, limits)
-    for turn in range(limits.max_turns):
-        active = [k for k, s in enumerate(samples) if not s.done]
-        if not active:
-            break
-        outs = _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seeds)
-        for k, (ids, lps, finish) in zip(active, outs):
-            _after_turn(samples[k], ids, lps, finish, tokenizer, stop_texts, budget, limits, turn, vocab_size)
+    offered = hasattr(rollout, "open_episodes")
+    if kv_continuation and not offered:
+        raise ValueError(f"kv_continuation=True: backend {type(rollout).__name__} has no open_episodes")
+
+    def after(k: int, out: tuple, turn: int) -> None:
+        _after_turn(samples[k], *out, tokenizer, stop_texts, budget, limits, turn, vocab_size)
+
+    if offered if kv_continuation is None else kv_continuation:
+        _continue_episodes(rollout, samples, n, params, limits, budget, seeds, after)
+    else:
+        for turn in range(limits.max_turns):
+            active = [k for k, s in enumerate(samples) if not s.done]
+            if not active:
+                break
+            outs = _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seeds)
+            for k, out in zip(active, outs):
+                after(k, out, turn)
     comps, episodes = [], []
     for k, s in enumerate(samples):
         ep = s.episode
@@ -239,9 +256,7 @@ def _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seed
     Samples are generated together where they share their room (so no context + room exceeds prompt + budget);
     on the first turn each group shares its context too, and the backend's shared prefix computes it once.
     """
-    room = {k: budget - len(samples[k].ids) for k in active}
-    if limits.max_tokens_per_turn:
-        room = {k: min(r, limits.max_tokens_per_turn) for k, r in room.items()}
+    room = dict(zip(active, _rooms(samples, active, limits, budget)))
     contexts = {k: samples[k].prompt + samples[k].ids for k in active}
     groups = len(samples) // n
     whole = (
@@ -280,6 +295,41 @@ def _sample_turn(rollout, samples, active, n, params, limits, budget, turn, seed
         (list(out[k].token_ids), list(out[k].logprobs or [0.0] * len(out[k].token_ids)), out[k].finish_reason)
         for k in active
     ]
+
+
+def _rooms(samples, active, limits, budget) -> list[int]:
+    room = [budget - len(samples[k].ids) for k in active]
+    return [min(r, limits.max_tokens_per_turn) for r in room] if limits.max_tokens_per_turn else room
+
+
+def _continue_episodes(rollout, samples, n, params, limits, budget, seeds, after) -> None:
+    """Every turn of every sample on the backend's KV (`open_episodes`): one session per chunk of prompts (per
+    prompt with `seeds`), each prompt prefilled once; a turn feeds only the last token and the new observation."""
+    groups = len(samples) // n
+    if seeds is not None:
+        chunks = [([g], _mix(seeds[g], 0, 0)) for g in range(groups)]
+    else:
+        per = max(1, getattr(rollout, "max_batch", groups * n) // n)
+        chunks = [
+            (list(range(g, min(g + per, groups))), None if params.seed is None else _mix(params.seed, 0, c))
+            for c, g in enumerate(range(0, groups, per))
+        ]
+    for gs, seed in chunks:
+        first = gs[0] * n
+        ks = list(range(first, (gs[-1] + 1) * n))
+        with rollout.open_episodes([samples[g * n].prompt for g in gs], n, dataclasses.replace(params, seed=seed)) as e:
+            for turn in range(limits.max_turns):
+                active = [k for k in ks if not samples[k].done]
+                if not active:
+                    break
+                comps = e.turn(
+                    [k - first for k in active],
+                    [samples[k].ids for k in active],
+                    _rooms(samples, active, limits, budget),
+                    params.min_new_tokens if turn == 0 else 0,
+                )
+                for k, c in zip(active, comps):
+                    after(k, (list(c.token_ids), list(c.logprobs), c.finish_reason), turn)
 
 
 def _mix(seed: int, sample: int, turn: int) -> int:

@@ -216,14 +216,14 @@ def static_step(
     logits = model(input_ids=st.last[rows, None], position_ids=pos[:, None], use_cache=False, rollout_kv=cache).logits[
         :, -1
     ]
-    tok, lp = sample_static(logits, params, u[rows], stops, t < limits[1])
+    tok, lp = sample_static(logits, params, u[rows], stops, (t - st.start[rows]) < limits[1])
     # record: rows outside `valid` keep their state (their outputs are discarded)
     tc = t.clamp(max=st.tokens.shape[1] - 1)
     st.tokens[rows, tc] = torch.where(valid, tok, st.tokens[rows, tc])
     st.logprobs[rows, tc] = torch.where(valid, lp, st.logprobs[rows, tc])
     st.last[rows] = torch.where(valid, tok, st.last[rows])
     st.gen_len[rows] = t + valid.long()
-    finished = t + 1 >= limits[0]
+    finished = (t + 1 >= limits[0]) | (t + 1 >= st.limit[rows])
     if stops.numel():
         finished = finished | (tok[:, None] == stops).any(dim=1)
     st.done[rows] = st.done[rows] | (valid & finished)
