@@ -12,6 +12,8 @@ How it works (pure PyTorch, CPU or CUDA, on the training model's own parameters,
   completions are harvested and the next queued prompt is prefilled into the slot.
 - Sampling (temperature, top-k, top-p, min_new_tokens, stop ids) is vectorised over rows and drawn
   from one torch.Generator seeded with `params.seed`, so a call is reproducible.
+- Multi-turn: `open_episodes` keeps each sample's KV between turns; a turn appends the observation's ids
+  to the sample and continues decoding (`grpo.rollout.continuation`), nothing of the history is prefilled again.
 
 Why drive the HF forward instead of a re-implemented decoder: it runs every architecture whose
 attention goes through transformers' AttentionInterface (tested: Llama, Qwen2, Qwen3, Mistral,
