@@ -234,6 +234,8 @@ def lock_holder(out: Path) -> str | None:
     """Who holds a stage folder's lock, if another process does (for preflight's early refusal); None if free."""
     import fcntl
 
+    if os.environ.get("RANK", "0").strip() not in ("0", ""):
+        return None  # a worker of a launch: its rank 0 holds (or takes) the lock for the whole launch
     key = Path(out).expanduser().resolve()
     if key in _HELD or not (key / LOCK).is_file():
         return None
