@@ -76,7 +76,8 @@ def test_packing_is_exact(tiny_model, tok):
     assert loss_packed.item() == pytest.approx(loss_plain.item(), abs=1e-5)
 
 
-SCRATCHPAD_MINUS = re.compile(r"<t>\d-\d=\d+,\d-\d=\d+</t><a>\d+</a>")
+# examples/domain: 12-8=4,5-3-1=1 when the units borrow
+SCRATCHPAD_MINUS = re.compile(r"<t>1?\d-\d=\d+,\d-\d(-1)?=\d+</t><a>\d+</a>")
 
 
 def greedy(model, tok, prompt: str) -> str:
@@ -87,15 +88,15 @@ def greedy(model, tok, prompt: str) -> str:
 
 def test_sft_smoke_on_tiny_base(base_model, tmp_path):
     """SFT teaches the shipped base a format it does not have: 2-digit subtraction with a '-' scratchpad
-    (examples/domain; the base writes '+' steps for these prompts). 30 steps, ~10 s."""
+    (examples/domain; the base writes '+' steps for these prompts). 60 steps, ~10 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe(
         ROOT / "recipes" / "quickstart.yaml",
         [
             f"run.output_dir={tmp_path}",
-            "sft.steps=30",
-            "sft.eval_every=15",
+            "sft.steps=60",
+            "sft.eval_every=30",
             "sft.batch_size=16",
             "run.threads=1",
             "data.sft_train=examples/domain/train.jsonl",
@@ -104,7 +105,7 @@ def test_sft_smoke_on_tiny_base(base_model, tmp_path):
     )
     final = run_sft(recipe)
     history = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+    assert len(history) == 60 and history[-1]["loss"] < history[0]["loss"]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert (tmp_path / "sft" / "config.yaml").exists() and (tmp_path / "sft" / "sft_curves.png").exists()
