@@ -385,6 +385,11 @@ def std_floor_of(c: ConstraintSpec) -> float:
     return c.std_floor if c.std_floor is not None else 0.0 if cost_signal_of(c) == "indicator" else 1.0
 
 
+def constraint_names(recipe: Recipe) -> list[str]:
+    """The names the run's constraints log under (`lambda/<name>`, `constraint/<name>`)."""
+    return [name for name, _, _ in resolved_constraints(recipe)]
+
+
 def resolved_constraints(recipe: Recipe) -> list[tuple[str, ConstraintSpec, int]]:
     """(name, constraint, index of its reward in `rewards`) for every constraint of the run (grpo.rules.constraints
     has checked that each names exactly one reward)."""

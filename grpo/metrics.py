@@ -10,14 +10,16 @@ import torch
 from grpo import runtime
 
 
-def curves(rewards) -> dict[str, list[str]]:
-    """The PNG the tracker draws at the end of a run: its name and the metrics plotted in it."""
+def curves(rewards, constraints=()) -> dict[str, list[str]]:
+    """The PNG the tracker draws at the end of a run: its name and the metrics plotted in it (`constraints`: the
+    names of the run's constraints, each drawn as its measured value and its multiplier)."""
     return {
         "reward_curves": [
             "reward",
             *[x.name for x in rewards],
             "kl",
             "lambda",
+            *[k for name in constraints for k in (f"constraint/{name}", f"lambda/{name}")],
             "cost",
             "unsafe_rate",
             "completion_len",
@@ -29,6 +31,7 @@ def curves(rewards) -> dict[str, list[str]]:
             "eval/accuracy",
             "eval/unsafe_compliance",
             "eval/over_refusal",
+            *[f"eval/constraint/{name}" for name in constraints],
             *[f"eval/reward/{x.name}" for x in rewards],
             "eval/completion_len",
         ],

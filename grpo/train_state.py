@@ -19,7 +19,7 @@ from pathlib import Path
 
 from grpo import checkpoint, rules, runtime
 from grpo.advantages import LagrangeMultiplier, load_multipliers, multipliers_state_dict
-from grpo.config import Recipe, recipe_to_dict, resolved_constraints, save_recipe
+from grpo.config import Recipe, constraint_names, recipe_to_dict, resolved_constraints, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.environments import tool_schemas
 from grpo.errors import UserError
@@ -372,7 +372,7 @@ def finish(s: TrainState) -> Path:
             )
         else:
             save_model(s.policy, s.tok, final, merge=s.recipe.model.lora.merge_on_save, state_dict=weights)
-        pngs = s.tracker.close(curves(s.rewards))
+        pngs = s.tracker.close(curves(s.rewards, constraint_names(s.recipe)))
         # parameter elements this rank holds for the reference: 0 without one, < total when ZeRO-3 shards it
         ref_local = local_parameter_count(s.ref) if s.ref is not None else 0
         (s.out / "run_info.json").write_text(

@@ -46,7 +46,7 @@ from grpo.batch import (
     split_rows,
     split_to_count,
 )
-from grpo.config import Recipe, cost_signal_of, resolved_constraints, std_floor_of
+from grpo.config import Recipe, constraint_names, cost_signal_of, resolved_constraints, std_floor_of
 from grpo.environments import episode_columns, rollout_episodes
 from grpo.errors import Interrupted, UserError
 from grpo.generation import decode_and_score, generate, sampling_params
@@ -126,7 +126,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
                 state_io.save_best(s, step + 1, metrics[cfg.keep_best])
             if stop.any_rank(s.accelerator):
                 state_io.save(s, step + 1)
-                s.tracker.close(curves(s.rewards))
+                s.tracker.close(curves(s.rewards, constraint_names(s.recipe)))
                 raise Interrupted(
                     f"signal received; checkpoint saved at {s.out}/ckpt-{step + 1}; continue with grpo.resume=true",
                     code=128 + int(stop.signal or 15),
@@ -160,7 +160,7 @@ def run_rollout(recipe: Recipe, model_path: str | None = None):
         )
         s.tracker.log(step + 1, reduce_metrics(metrics, s.accelerator))
     if s.is_main:
-        s.tracker.close(curves(s.rewards))
+        s.tracker.close(curves(s.rewards, constraint_names(s.recipe)))
         runtime.mark_done(s.out)
         log.info(
             "rollout: %d steps of rollouts in %s (replay: grpo train RECIPE --replay %s)",

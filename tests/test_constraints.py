@@ -251,6 +251,14 @@ def test_two_constraints_end_to_end(tmp_path, tiny_model, scheme):
     assert "lambda" not in h[0] and h[0]["reward"] == pytest.approx(
         h[0]["even_tokens"]
     )  # the costs leave the reward sum
+    from grpo.config import constraint_names
+    from grpo.metrics import curves
+
+    drawn = curves(r.rewards, constraint_names(r))["reward_curves"]  # the tracker's reward_curves.png
+    per_constraint = [k for k in h[0] if k.startswith(("lambda/", "constraint/"))]
+    assert sorted(per_constraint) == ["constraint/length", "constraint/unsafe", "lambda/length", "lambda/unsafe"]
+    assert set(per_constraint) <= set(drawn), drawn
+    assert (tmp_path / "train" / "reward_curves.png").is_file()
     samples = history(tmp_path / "train" / "samples.jsonl")
     assert len(samples) == steps * 4 * G
     for step in range(1, steps + 1):
