@@ -148,8 +148,8 @@ def environment_factory(cfg) -> Callable[[dict], Any]:
     except UserError as e:
         raise UserError(f"environment: {e}") from None
     tools = build_tools(cfg.tools)
-    if factory is ToolEnv:
-        return functools.partial(ToolEnv, tools=tools, timeout_s=cfg.tool_timeout_s, **cfg.kwargs)
+    if isinstance(factory, type) and issubclass(factory, ToolEnv):  # the built-in, or a subclass (another call syntax)
+        return functools.partial(factory, tools=tools, timeout_s=cfg.tool_timeout_s, **cfg.kwargs)
     if tools:
         raise UserError(
             f"{where}: environment.tools is read by the built-in 'tools' environment only; "
