@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+FILES = ("train", "prompts", "eval")  # SFT demos, GRPO prompts, held-out; each also as <name>_chat.jsonl
 
 
 def solve(a: int, b: int, forget_borrow: bool = False) -> tuple[str, str]:
