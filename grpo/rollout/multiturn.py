@@ -89,8 +89,11 @@ def _contract(env, what: str, e: BaseException | None = None, got: Any = None) -
     )
 
 
-def observation_ids(obs, env, what: str, tokenizer, vocab_size: int | None) -> list[int] | None:
-    """The token ids of an observation (text, ids or chat messages); None stays None."""
+def observation_ids(
+    obs, env, what: str, tokenizer, vocab_size: int | None, turn_text: str | None = None
+) -> list[int] | None:
+    """The token ids of an observation (text, ids or chat messages; `turn_text`: the turn it answers, see
+    `render_messages`); None stays None."""
     if obs is None:
         return None
     if isinstance(obs, str):
@@ -101,15 +104,19 @@ def observation_ids(obs, env, what: str, tokenizer, vocab_size: int | None) -> l
             raise _contract(env, what, got=f"token ids outside [0, {vocab_size})")
         return ids
     if isinstance(obs, (list, tuple)) and obs and all(isinstance(m, dict) and "role" in m for m in obs):
-        return list(tokenizer.encode(render_messages(tokenizer, list(obs)), add_special_tokens=False))
+        return list(tokenizer.encode(render_messages(tokenizer, list(obs), turn_text), add_special_tokens=False))
     raise _contract(env, what, got=obs)
 
 
-def render_messages(tokenizer, messages: list[dict]) -> str:
+def render_messages(tokenizer, messages: list[dict], turn_text: str | None = None) -> str:
     """The text the chat template adds for `messages` after an assistant turn, ending with the generation prompt.
 
     Rendered as the difference between a short conversation with and without them (templates add a system
-    prompt or BOS at the start, which must not be inserted mid-trajectory).
+    prompt or BOS at the start, which must not be inserted mid-trajectory). With `turn_text` (the sampled turn
+    the messages answer), the text starts right after the assistant's content instead, so it closes the assistant
+    message as the template does (Qwen2.5: ``<|im_end|>\n``), less what the turn already ended with: a turn
+    that stopped at the end-of-message token gets ``\n<|im_start|>user...``, one cut at ``</tool_call>`` gets
+    ``<|im_end|>\n<|im_start|>user...``; either way the trajectory reads as the template renders it.
     """
     base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     try:
@@ -125,7 +132,12 @@ def render_messages(tokenizer, messages: list[dict]) -> str:
             "the tokenizer's chat template rewrites earlier turns when a message is added; "
             "return the observation as text or token ids instead of messages"
         )
-    return after[len(before) :]
+    if turn_text is None or "y" not in before:
+        return after[len(before) :]
+    rendered = after[before.rindex("y") + 1 :]  # the assistant message's end, the messages, the generation prompt
+    closing = len(before) - before.rindex("y") - 1
+    overlap = next((k for k in range(closing, 0, -1) if turn_text.endswith(rendered[:k])), 0)
+    return rendered[overlap:]
 
 
 def stop_ids_of(tokenizer, stop_strings: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -357,7 +369,7 @@ def _after_turn(s: _Sample, ids, lps, finish, tokenizer, stop_texts, budget, lim
         if isinstance(e, EnvironmentContractError):
             raise
         raise _contract(s.env, "step", e) from e
-    obs_ids = observation_ids(obs, s.env, "step", tokenizer, vocab_size)
+    obs_ids = observation_ids(obs, s.env, "step", tokenizer, vocab_size, turn_text=text)
     if obs_ids is None:
         s.done = True
         return
