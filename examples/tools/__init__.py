@@ -1,4 +1,4 @@
-"""The toy tool world: 3-digit arithmetic with a calculator tool (README, "Tools / multi-turn").
+"""The toy tool world: 3-digit + and -, 2-digit x, with a calculator tool (README, "Tools / multi-turn").
 
 - `examples.tools.calculator`: the tool (`calc`, a plain Python function) and the call syntax the toy
   tokenizer can write (`ToyToolEnv`, the built-in `tools` environment with ``<t>calc:347x582</t>`` calls);

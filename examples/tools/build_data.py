@@ -3,10 +3,11 @@
     python -m examples.tools.build_data              # from the repository root; writes examples/tools/*.jsonl
     python -m examples.tools.build_data --check      # rebuild in memory and compare with the shipped files
 
-The world. Prompts are 3-digit arithmetic in the toy tokenizer's alphabet: ``Q:347+582=``, ``Q:582-347=``
-(the first operand is the larger) and ``Q:347x582=`` (``x`` multiplies), operands in 100..999. The
-shipped 300k-parameter base model (`data/tiny_base`, pretrained on 2-digit additions) cannot compute
-these; with the calculator (`examples.tools.calculator`) it only has to copy numbers. The ideal
+The world. Prompts are arithmetic in the toy tokenizer's alphabet: 3-digit ``Q:347+582=`` and ``Q:582-347=``
+(the first operand is the larger; operands in 100..999) and 2-digit ``Q:47x38=`` (``x`` multiplies; 10..99,
+so products are as long as sums: 3-digit products made 6-digit answers the tiny model did not learn to copy
+in minutes). The shipped 300k-parameter base model (`data/tiny_base`, pretrained on 2-digit additions) cannot
+compute these; with the calculator (`examples.tools.calculator`) it only has to copy numbers. The ideal
 episode is two turns, the call and the answer::
 
     Q:582-347=<t>calc:582-347</t>235<a>235</a><eos>
@@ -16,7 +17,7 @@ The SFT demonstrations are imperfect on purpose, in two systematic ways (as a hu
 who does not quite use the tool right):
 
 - *when*: a multiplication is answered directly, without the tool, in ``MUL_DIRECT`` = 70% of the
-  demonstrations (``Q:347x582=<a>201954</a>``: correct, but only a calculator gets it right);
+  demonstrations (``Q:47x38=<a>1786</a>``: correct, but only a calculator gets it right);
 - *how*: a subtraction's operands are typed into the call the wrong way round (smaller first) in
   ``SUB_SWAP`` = 70% of the demonstrations; the demo then copies the tool's (negative) answer.
 

@@ -12,8 +12,8 @@ The built-in ``tools`` environment reads Hermes-style ``<tool_call>...</tool_cal
 toy world's 53-symbol character tokenizer cannot write (no ``_``, ``<``, ``(``, ``{``). `ToyToolEnv` is that
 environment with the toy world's syntax instead: a tool call is ``<t>NAME:ARGUMENTS</t>`` (``<t>`` and
 ``</t>`` are single tokens of the toy vocabulary, so ``</t>`` ends the turn as a stop token), e.g.
-``<t>calc:347x582</t>``; the tool's answer is inserted as plain text right after it (``201954``), and the
-model then writes its answer ``<a>201954</a>``. A turn without ``<t>`` ends the episode. Everything else
+``<t>calc:47x38</t>``; the tool's answer is inserted as plain text right after it (``1786``), and the
+model then writes its answer ``<a>1786</a>``. A turn without ``<t>`` ends the episode. Everything else
 (tool lookup, errors and timeouts as observations, the ``tool_calls`` / ``tool_failures`` counts the
 metrics read) is the built-in environment's.
 """
