@@ -20,6 +20,7 @@ Reported: sampled (completion) tokens per second, and ratios against `hf` and `e
     python benchmarks/multiturn_rollout.py                  # default shape, ~2-4 minutes on 2 cores
     python benchmarks/multiturn_rollout.py --turns 6 --turn-tokens 16 --rounds 3
     python benchmarks/multiturn_rollout.py --hidden 128 --layers 2 --calls 2   # seconds
+    python benchmarks/multiturn_rollout.py --device cuda --dtype bfloat16 --backends engine,engine_static,hf
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def build(args):
         bos_token_id=None,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).float().eval(), tok, rows
+    return LlamaForCausalLM(cfg).to(args.device, getattr(torch, args.dtype)).eval(), tok, rows
 
 
 def budget(args) -> int:
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3, help="calls per round (different prompts)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     names = args.backends.split(",")
     unknown = set(names) - set(BACKENDS)
@@ -138,8 +141,8 @@ def main() -> None:
     calls = [rows[i * args.prompts : (i + 1) * args.prompts] for i in range(args.calls)]
     print(
         f"model hidden {args.hidden} x {args.layers} layers ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"params, fp32) | {args.prompts} prompts x G={args.group} | {args.turns} turns x {args.turn_tokens} tokens "
-        f"+ observations | {args.calls} calls x {args.rounds} rounds | {args.threads} threads",
+        f"params, {args.dtype}, {args.device}) | {args.prompts} prompts x G={args.group} | {args.turns} turns x "
+        f"{args.turn_tokens} tokens + obs. | {args.calls} calls x {args.rounds} rounds | threads {args.threads}",
         flush=True,
     )
     greedy = {n: [c.token_ids for c in runs[n](calls[0][:2], 0, temperature=0.0)] for n in names}  # also a warm-up
@@ -151,6 +154,8 @@ def main() -> None:
             for i, call in enumerate(calls):
                 t = time.perf_counter()
                 comps = runs[n](call, 1000 * r + i)
+                if args.device != "cpu":
+                    torch.cuda.synchronize()
                 walls[n].append(time.perf_counter() - t)
                 sampled[n] += sum(sum(c.sampled_mask) for c in comps)
                 trajectory[n] += sum(len(c.token_ids) for c in comps)
