@@ -25,12 +25,12 @@ With --step: whole GRPO steps of the real trainer instead (benchmarks/vs_trl.py'
 `grpo.trainer.run_grpo`: engine rollout, reference pass with beta 0.04, shared-prefix policy
 forward/backward, AdamW step), Llama-shaped, --prompts x --G completions of exactly C tokens, at a
 fixed token budget per micro-batch (`grpo.micro_batch_tokens` = --micro-batch-tokens), one
-subprocess per length. Reported per length: the micro-batches of a step and their largest packed
-size, and per phase of the step (rollout, reference log-probs, policy update) the RSS at its start
-and the peak during it (the kernel's high-water mark reset before each phase, vs_trl.PhasePeaks),
-the largest over the steps after the first (whose update allocates AdamW's state); and the
-process's peak RSS. The "logprob part" is the reference and update phases' growth over the RSS
-at their start.
+subprocess per length. Reported per length, the largest over the steps after the first (whose update
+allocates AdamW's state), with the kernel's high-water mark reset before each measured call
+(vs_trl.PhasePeaks): the micro-batches of a step and their largest packed size; the RSS between
+steps; the growth over the RSS at its start of each reference forward, of each micro-batch's policy
+forward+backward (the "logprob part", with the gradients the step's first backward allocates), and
+of the AdamW step; and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -223,26 +223,42 @@ def step_sweep(a) -> list[dict]:
     return out
 
 
+def growth(result: dict, warmup: int = 1) -> dict[str, float]:
+    """Largest RSS growth (MB) over the steps after `warmup`: "ref": a reference forward over the RSS at its start;
+    "fwd+bwd": a micro-batch's policy forward and backward over the RSS at the forward's start (the step's first
+    backward also allocates the gradients); "adamw": the optimizer step over the RSS at its start."""
+    out = {"ref": 0.0, "fwd+bwd": 0.0, "adamw": 0.0}
+    updates, forward = 0, None
+    for c in result.get("phases", []):
+        if c["name"] == "forward":
+            forward = c
+        if updates >= warmup:
+            if c["name"] == "ref_forward":
+                out["ref"] = max(out["ref"], c["peak_mb"] - c["rss_mb"])
+            elif c["name"] == "backward" and forward is not None:
+                out["fwd+bwd"] = max(out["fwd+bwd"], max(forward["peak_mb"], c["peak_mb"]) - forward["rss_mb"])
+            elif c["name"] == "optimizer":
+                out["adamw"] = max(out["adamw"], c["peak_mb"] - c["rss_mb"])
+        updates += c["name"] == "update"
+    return out
+
+
 def step_report(results: list[dict], a) -> str:
     lines = [
         f"GRPO steps (grpo.trainer.run_grpo), Llama-shaped fp32: vocab {a.vocab}, hidden {a.hidden}, ffn {a.ffn}, "
         f"{a.layers} layers; {a.prompts} prompts x G={a.G}, {a.prompt_len} prompt + C completion tokens, beta 0.04, "
-        f"grpo.micro_batch_tokens={a.micro_batch_tokens}, {a.threads} threads; phases: RSS at start -> peak (MB), "
-        f"largest over {a.steps} step(s) after 1 warm-up",
-        f"{'C':>5} {'micro-batches':>13} {'max tokens':>10} {'rollout':>16} {'reference':>22} {'update':>22} "
-        f"{'step peak MB':>12} {'s/step':>7}",
+        f"grpo.micro_batch_tokens={a.micro_batch_tokens}, {a.threads} threads; RSS MB, largest over {a.steps} step(s) "
+        "after 1 warm-up: between steps (at the rollout's start), growth of a reference forward, of a micro-batch's "
+        "policy forward+backward, of the AdamW step; the process's peak",
+        f"{'C':>5} {'micro-batches':>13} {'max tokens':>10} {'between steps':>13} {'ref fwd +':>9} {'fwd+bwd +':>9} "
+        f"{'AdamW +':>7} {'step peak':>9} {'s/step':>7}",
     ]
     for r in results:
-        sizes = r["micro_tokens"][-1]
-        ph = r["phase_peaks"]
-        cell = {
-            k: f"{ph[k][0]:.0f} -> {ph[k][1]:.0f}" + (f" (+{ph[k][1] - ph[k][0]:.0f})" if k != "rollout" else "")
-            for k in ("rollout", "ref", "train")
-        }
+        sizes, g = r["micro_tokens"][-1], growth(r)
         lines.append(
-            f"{r['length']:>5} {len(sizes):>13} {max(sizes):>10} {cell['rollout']:>16} {cell['ref']:>22} "
-            f"{cell['train']:>22} "
-            f"{r['peak_rss_mb']:>12.0f} {r['summary']['step']:>7.1f}"
+            f"{r['length']:>5} {len(sizes):>13} {max(sizes):>10} {r['phase_peaks']['rollout'][0]:>13.0f} "
+            f"{g['ref']:>9.0f} {g['fwd+bwd']:>9.0f} {g['adamw']:>7.0f} {r['peak_rss_mb']:>9.0f} "
+            f"{r['summary']['step']:>7.1f}"
         )
     return "\n".join(lines)
 

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -324,10 +325,13 @@ def run_trl(folder: Path, a) -> dict:
 
 
 def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
+    import torch
     import yaml
+    from accelerate import Accelerator
 
     sys.path.insert(0, str(HERE))  # rewards: "vs_trl:toy_reward"
     import grpo.trainer
+    from grpo.batch import MicroBatch
     from grpo.config import load_recipe
     from grpo.tracking import Tracker
 
@@ -362,6 +366,11 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
     phases = PhasePeaks()
     for name in ("collect_rollouts", "old_and_reference_logprobs", "update"):
         setattr(grpo.trainer, name, phases.wrap(getattr(grpo.trainer, name), name))
+    # inside them: each micro-batch's forward (policy with grad, reference without), backward, and the AdamW step
+    mode = lambda: "forward" if torch.is_grad_enabled() else "ref_forward"  # noqa: E731
+    MicroBatch.logprobs = phases.wrap(MicroBatch.logprobs, mode)
+    Accelerator.backward = phases.wrap(Accelerator.backward, "backward")
+    torch.optim.AdamW.step = phases.wrap(torch.optim.AdamW.step, "optimizer")
     micro_tokens: list[list[int]] = []  # per step: packed tokens of each micro-batch (each distinct prompt once)
     row_splits = grpo.trainer.row_splits
 
@@ -400,14 +409,16 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
 
 class PhasePeaks:
     """Peak RSS of each call of some functions: the kernel's high-water mark (VmHWM) is reset to the current RSS
-    before each call (`/proc/self/clear_refs`, Linux) and read after it.
+    before each call (`/proc/self/clear_refs`, Linux) and read after it. Calls may nest: each reset folds the
+    mark read just before it into every call still open.
 
-    `calls`: per call {name, rss_mb (at its start), peak_mb (during it)}, in order. The reset also resets
-    ru_maxrss, so the process's peak is `peak()` (the largest mark read, between calls included).
+    `calls`: per call {name, rss_mb (at its start), peak_mb (during it)}, in the order they END (an inner call
+    before the call around it). The reset also resets ru_maxrss, so the process's peak is `peak()`.
     """
 
     def __init__(self):
         self.calls: list[dict] = []
+        self.open: list[dict] = []
         self.marks: list[float] = []
 
     @staticmethod
@@ -418,20 +429,27 @@ class PhasePeaks:
             }
 
     def _reset(self) -> float:
-        self.marks.append(self._status()["VmHWM"])  # the peak since the last reset (between calls)
+        hwm = self._status()["VmHWM"]  # the peak since the last reset
+        self.marks.append(hwm)
+        for call in self.open:
+            call["peak_mb"] = max(call["peak_mb"], hwm)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return self._status()["VmRSS"]
 
-    def wrap(self, f, name: str):
+    def wrap(self, f, name: str | Callable[[], str]):
+        """`f` measured; `name` may be a function of the moment of the call (e.g. of the grad mode)."""
+
         def wrapper(*args, **kwargs):
-            rss = self._reset()
+            call = {"name": name() if callable(name) else name, "rss_mb": self._reset()}
+            call["peak_mb"] = call["rss_mb"]
+            self.open.append(call)
             try:
                 return f(*args, **kwargs)
             finally:
-                peak = self._status()["VmHWM"]
-                self.calls.append({"name": name, "rss_mb": rss, "peak_mb": peak})
                 self._reset()
+                self.open.remove(call)
+                self.calls.append(call)
 
         return wrapper
 
@@ -561,19 +579,28 @@ def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
     )
 
 
-PHASES = {"collect_rollouts": "rollout", "old_and_reference_logprobs": "ref", "update": "train"}
+PHASES = {
+    "collect_rollouts": "rollout",
+    "old_and_reference_logprobs": "ref",
+    "update": "train",
+    "ref_forward": "ref fwd",
+    "forward": "fwd",
+    "backward": "bwd",
+    "optimizer": "adamw",
+}
 
 
 def phase_peaks(result: dict, warmup: int) -> dict:
-    """{phase: (RSS MB at its start, peak RSS MB during it)}, the largest over the steps after the warm-up ones."""
+    """{phase: (RSS MB at its start, peak RSS MB during it)}, the largest over the steps after the warm-up ones
+    (calls end in order, inner ones first: a step's calls are those before its `update` call ends)."""
     out: dict[str, tuple[float, float]] = {}
-    seen: dict[str, int] = {}
+    updates = 0
     for c in result.get("phases", []):
-        seen[c["name"]] = seen.get(c["name"], 0) + 1
-        if seen[c["name"]] > warmup:
+        if updates >= warmup and c["name"] in PHASES:
             rss, peak = out.get(PHASES[c["name"]], (0.0, 0.0))
             out[PHASES[c["name"]]] = (max(rss, c["rss_mb"]), max(peak, c["peak_mb"]))
-    return out
+        updates += c["name"] == "update"
+    return {k: out[k] for k in PHASES.values() if k in out}
 
 
 def summarize(result: dict, warmup: int) -> dict:
