@@ -23,6 +23,25 @@ TINY_BASE = ROOT / "data" / "tiny_base"
 TOYWORLD = ROOT / "data" / "toyworld"
 
 
+def run_in_fresh_layout(root: Path, commands: list[list[str]]) -> None:
+    """Run `commands` as a user would in a fresh checkout: the shipped folders (data, recipes, examples) linked into
+    `root` (no runs/), offline, one thread; each must exit 0 without a traceback."""
+    import subprocess
+
+    for name in ("data", "recipes", "examples"):
+        (root / name).symlink_to(ROOT / name)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    for cmd in commands:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{cmd}\n{proc.stderr[-3000:]}"
+
+
 def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, hidden: int = 32) -> Path:
     """Save a random-init tiny causal LM (of `arch`) with the toy tokenizer into `path`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, LlamaConfig, Qwen2Config

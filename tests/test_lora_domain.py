@@ -14,9 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -147,19 +145,10 @@ def measured(run: Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """The README's command in a fresh checkout's layout (shipped folders linked, no runs/)."""
+    from conftest import run_in_fresh_layout
+
     root = tmp_path_factory.mktemp("lora_domain")
-    for name in ("data", "recipes", "examples"):
-        (root / name).symlink_to(ROOT / name)
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    cmd = [sys.executable, "-m", "grpo", "pipeline", "recipes/lora_domain.yaml"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_in_fresh_layout(root, [[sys.executable, "-m", "grpo", "pipeline", "recipes/lora_domain.yaml"]])
     return root / "runs" / "lora_domain"
 
 

@@ -13,9 +13,7 @@ README's table says (issue 15).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -219,19 +217,10 @@ def readme_commands() -> list[list[str]]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """The README's commands in a fresh checkout's layout (shipped folders linked, no runs/)."""
+    from conftest import run_in_fresh_layout
+
     root = tmp_path_factory.mktemp("tools_demo")
-    for name in ("data", "recipes", "examples"):
-        (root / name).symlink_to(ROOT / name)
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    for cmd in readme_commands():
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{cmd}\n{proc.stderr[-3000:]}"
+    run_in_fresh_layout(root, readme_commands())
     return root / "runs"
 
 

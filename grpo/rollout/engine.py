@@ -144,18 +144,8 @@ class EngineRollout(Rollout):
         prompts = check_prompts(prompts, n, getattr(hf.config, "vocab_size", None))
         if not prompts:
             return []
-        longest = max(len(p) for p in prompts)
-        if longest + params.max_new_tokens > self.max_len:
-            raise ValueError(
-                f"engine: longest prompt ({longest}) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds max_len={self.max_len}; shorten prompts or raise max_len"
-            )
-        weight = next(hf.parameters())
         slots = max(1, min(len(prompts), self.max_batch // n))
-        prefix, suffix = longest, params.max_new_tokens
-        if self.static_decode:  # rounded up: fewer storage reallocations, hence fewer captures/compilations
-            prefix, suffix = storage_size(prefix), storage_size(suffix)
-        cache = self._cache_for(slots, n, prefix, suffix, weight.device, weight.dtype)
+        cache = self._storage_for(hf, prompts, n, params, slots, "max_new_tokens")
         # no_grad, not inference_mode: under ZeRO-3 the parameters gathered here must stay ordinary tensors (peft's
         # disable_adapter later sets requires_grad on them, which an inference tensor refuses)
         with (
@@ -175,17 +165,7 @@ class EngineRollout(Rollout):
         prompts = check_prompts(prompts, n, getattr(hf.config, "vocab_size", None))
         if not prompts:
             raise ValueError("engine: a multi-turn session needs at least one prompt")
-        longest = max(len(p) for p in prompts)
-        if longest + params.max_new_tokens > self.max_len:
-            raise ValueError(
-                f"engine: longest prompt ({longest}) + token budget ({params.max_new_tokens}) "
-                f"exceeds max_len={self.max_len}; shorten prompts or raise max_len"
-            )
-        weight = next(hf.parameters())
-        prefix, suffix = longest, params.max_new_tokens
-        if self.static_decode:
-            prefix, suffix = storage_size(prefix), storage_size(suffix)
-        cache = self._cache_for(len(prompts), n, prefix, suffix, weight.device, weight.dtype)
+        cache = self._storage_for(hf, prompts, n, params, len(prompts), "token budget")
         if self.static_decode:
             static = self._static_decoder(cache, hf, params)
             state = static.state
@@ -195,6 +175,23 @@ class EngineRollout(Rollout):
         return self.session
 
     # ------------------------------------------------------------------ internals
+    def _storage_for(
+        self, hf: nn.Module, prompts: list[list[int]], n: int, params: SamplingParams, slots: int, budget: str
+    ) -> SharedPrefixKV:
+        """The KV storage for `slots` prompts x n samples of these prompts and params (`budget`: what the error calls
+        params.max_new_tokens); refuses a call longer than max_len."""
+        longest = max(len(p) for p in prompts)
+        if longest + params.max_new_tokens > self.max_len:
+            raise ValueError(
+                f"engine: longest prompt ({longest}) + {budget} ({params.max_new_tokens}) "
+                f"exceeds max_len={self.max_len}; shorten prompts or raise max_len"
+            )
+        weight = next(hf.parameters())
+        prefix, suffix = longest, params.max_new_tokens
+        if self.static_decode:  # rounded up: fewer storage reallocations, hence fewer captures/compilations
+            prefix, suffix = storage_size(prefix), storage_size(suffix)
+        return self._cache_for(slots, n, prefix, suffix, weight.device, weight.dtype)
+
     def _cache_for(self, slots: int, n: int, prefix: int, suffix: int, device, dtype) -> SharedPrefixKV:
         """Reuses the KV storage when it fits this call, else allocates one sized for it."""
         if self.cache is None or not self.cache.fits(slots, n, prefix, suffix, device, dtype):
