@@ -147,6 +147,7 @@ def demo_run(tmp_path_factory) -> Path:
     """The README's command in a fresh checkout's layout (shipped folders linked, no runs/)."""
     from conftest import run_in_fresh_layout
 
+    assert "\npython -m grpo pipeline recipes/lora_domain.yaml" in lora_section()  # the README's line, run as written
     root = tmp_path_factory.mktemp("lora_domain")
     run_in_fresh_layout(root, [[sys.executable, "-m", "grpo", "pipeline", "recipes/lora_domain.yaml"]])
     return root / "runs" / "lora_domain"
