@@ -23,22 +23,34 @@ TINY_BASE = ROOT / "data" / "tiny_base"
 TOYWORLD = ROOT / "data" / "toyworld"
 
 
-def run_in_fresh_layout(root: Path, commands: list[list[str]]) -> None:
-    """Run `commands` as a user would in a fresh checkout: the shipped folders (data, recipes, examples) linked into
-    `root` (no runs/), offline, one thread; each must exit 0 without a traceback."""
-    import subprocess
-
-    for name in ("data", "recipes", "examples"):
-        (root / name).symlink_to(ROOT / name)
-    env = {
+def fresh_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell for a CLI subprocess: no launcher variables, the repository importable,
+    one thread, offline; `extra` on top."""
+    return {
         **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
+        **extra,
     }
+
+
+def fresh_layout(root: Path) -> Path:
+    """`root` laid out as a fresh checkout: the shipped folders (data, recipes, examples) linked, no runs/."""
+    for name in ("data", "recipes", "examples"):
+        (root / name).symlink_to(ROOT / name)
+    return root
+
+
+def run_in_fresh_layout(root: Path, commands: list[list[str]]) -> None:
+    """Run `commands` as a user would in a fresh checkout (`fresh_layout`, `fresh_env`); each must exit 0 without a
+    traceback."""
+    import subprocess
+
+    fresh_layout(root)
     for cmd in commands:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, cwd=root, env=fresh_env(), capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, f"{cmd}\n{proc.stderr[-3000:]}"
 
 

@@ -16,7 +16,6 @@ Lines not run, and why (`NOT_RUN`):
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -83,22 +82,15 @@ def plan(line: str):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A fresh checkout's layout: the shipped folders linked, no runs/."""
-    root = tmp_path_factory.mktemp("readme")
-    for name in ("data", "recipes", "examples"):
-        (root / name).symlink_to(ROOT / name)
-    return root
+    from conftest import fresh_layout
+
+    return fresh_layout(tmp_path_factory.mktemp("readme"))
 
 
 def run(words, env, cwd, timeout=900):
-    full = {
-        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PYTHONPATH")},
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        **env,
-    }
-    return subprocess.run(words, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    from conftest import fresh_env
+
+    return subprocess.run(words, cwd=cwd, env=fresh_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_readme_line_is_run_or_says_why_not():
