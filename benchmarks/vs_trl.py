@@ -127,13 +127,15 @@ def trl_config(
     min_new_tokens: int = 0,
     temperature: float = 1.0,
     seed: int = 0,
+    optim: str = "adamw",
     **overrides,
 ):
     """TRL's `GRPOConfig` for one CPU process in fp32, set as `our_recipe` sets ours (also used by time_to_accuracy.py).
 
     `prompts` x `G` completions per optimizer step in one micro-batch, num_iterations 1, top-p 1, top-k 0,
     AdamW with a constant lr, clip 0.2, group-scaled advantages, DeepSeekMath's k3 KL term
-    (`use_bias_correction_kl=False`; TRL 1.16 multiplies it by the ratio by default).
+    (`use_bias_correction_kl=False`; TRL 1.16 multiplies it by the ratio by default). `optim` is our name
+    (`grpo.optim`): adamw -> transformers' "adamw_torch", adamw_fused -> "adamw_torch_fused" (its default).
     """
     import torch
     from trl import GRPOConfig
@@ -154,7 +156,7 @@ def trl_config(
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        optim={"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused"}[optim],
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,
@@ -197,6 +199,7 @@ def our_recipe(
     min_new_tokens: int = 0,
     temperature: float = 1.0,
     seed: int = 0,
+    optim: str = "adamw",
     grpo: dict | None = None,
 ) -> dict:
     """Our recipe (as a dict) with the settings of `trl_config`: `engine` rollout, the trainer's defaults otherwise.
@@ -228,6 +231,7 @@ def our_recipe(
             "micro_batch_size": prompts * G,
             "num_iterations": 1,
             "lr": lr,
+            "optim": optim,
             "weight_decay": 0.0,
             "lr_scheduler": "constant",
             "warmup_steps": 0,
@@ -268,6 +272,7 @@ def run_trl(folder: Path, a) -> dict:
         beta=a.beta,
         loss_type=a.loss_type,
         steps=a.warmup + a.steps,
+        optim=a.optim,
     )
     tok = AutoTokenizer.from_pretrained(folder / "model")
     trainer = GRPOTrainer(
@@ -351,6 +356,7 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
         steps=a.warmup + a.steps,
         threads=a.threads,
         max_prompt_length=a.prompt_len + 8,
+        optim=a.optim,
         grpo={"shared_prefix": shared_prefix, **micro_batch(a)},
     )
     path = folder / f"recipe_{out.name}.yaml"
@@ -615,7 +621,7 @@ def report(results: dict, a) -> str:
     lines = [
         f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
         f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens; beta {a.beta}, "
-        f"lr {a.lr}; {a.threads} threads; median of {a.steps} steps after {a.warmup} warm-up",
+        f"lr {a.lr}, {a.optim}; {a.threads} threads; median of {a.steps} steps after {a.warmup} warm-up",
         "",
     ]
     for loss_type, by_runner in results.items():
@@ -701,6 +707,12 @@ def parse(argv=None):
     )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument(
+        "--optim",
+        default="adamw",
+        choices=["adamw", "adamw_fused"],
+        help="both sides: torch's default AdamW kernel, or the fused one (TRL: adamw_torch / adamw_torch_fused)",
+    )
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--child", choices=(*RUNNERS, "assets"), help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)

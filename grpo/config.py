@@ -94,6 +94,9 @@ class SFTConfig:
     grad_accum: int = 1  # micro-batches accumulated per optimizer step
     lr: float = 1e-3  # peak learning rate (AdamW)
     weight_decay: float = 0.0  # AdamW weight decay (not on biases and norms)
+    # adamw: torch's default AdamW kernel; adamw_fused: one fused kernel per step, no step-sized temporaries
+    # (README "Optimizer"; results differ from adamw in the last bits)
+    optim: Literal["adamw", "adamw_fused"] = "adamw"
     warmup_steps: int = 0  # linear warmup steps
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # decay after warmup
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
@@ -144,6 +147,9 @@ class GRPOConfig:
     num_iterations: int = 1  # passes over each batch (mu); old logprobs are computed only if > 1
     lr: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
+    # adamw: torch's default AdamW kernel; adamw_fused: one fused kernel per step, no step-sized temporaries
+    # (README "Optimizer"; results differ from adamw in the last bits)
+    optim: Literal["adamw", "adamw_fused"] = "adamw"
     warmup_steps: int = 0  # linear warmup steps
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"  # decay after warmup
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
@@ -283,6 +289,7 @@ class RMConfig:
     batch_size: int = 32  # preference pairs per optimizer step per process
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optim: Literal["adamw", "adamw_fused"] = "adamw"  # as sft.optim
     warmup_steps: int = 0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # decay after warmup
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)

@@ -266,7 +266,7 @@ def train_one(kind: str, recipe: Recipe, out: Path) -> dict:
     )
     evaluate_now = (lambda: evaluate(scorer, kind, erows, eval_c, eval_r)) if erows else dict
 
-    optimizer = runtime.build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = runtime.build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim)
     scheduler = runtime.build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.steps)
     # the scheduler stays unprepared: accelerate's wrapper steps it once per process per step
     zero_stage = runtime.configure_deepspeed(accelerator, cfg.batch_size, 1, cfg.max_grad_norm)

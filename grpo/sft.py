@@ -123,7 +123,7 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
 
     model = load_model(model_cfg, model_path)
     trainable, total = count_parameters(model)
-    optimizer = runtime.build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = runtime.build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optim)
     scheduler = runtime.build_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_steps, cfg.steps)
     # the scheduler stays outside prepare(): accelerate would step it once per process per step
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -148,7 +148,7 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
         for m in (model, ref) if ref is not None else (model,):
             fp32_output_layer(m)
     trainable, total = count_parameters(model)
-    optimizer = runtime.build_optimizer(model, g.lr, g.weight_decay)
+    optimizer = runtime.build_optimizer(model, g.lr, g.weight_decay, g.optim)
     scheduler = runtime.build_scheduler(optimizer, g.lr_scheduler, g.warmup_steps, g.steps * g.num_iterations)
     gen_model = (
         runtime.rollout_copy(model) if accelerator.is_fsdp2 else None

@@ -32,14 +32,14 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("min_new_tokens", [0, 40])
-def test_trl_config_and_our_recipe_agree(tmp_path, min_new_tokens):
-    trl = vs_trl.trl_config(tmp_path / "trl", min_new_tokens=min_new_tokens, **SETTINGS)
+@pytest.mark.parametrize("min_new_tokens,optim", [(0, "adamw"), (40, "adamw_fused")])
+def test_trl_config_and_our_recipe_agree(tmp_path, min_new_tokens, optim):
+    trl = vs_trl.trl_config(tmp_path / "trl", min_new_tokens=min_new_tokens, optim=optim, **SETTINGS)
     path = tmp_path / "recipe.yaml"
     rewards = [{"name": "accuracy", "weight": 1.0}]
     recipe = vs_trl.our_recipe(
         tmp_path / "ours", ROOT / "data" / "tiny_base", ROOT / "data" / "toyworld" / "grpo_train.jsonl", rewards,
-        threads=1, max_prompt_length=24, min_new_tokens=min_new_tokens, **SETTINGS,
+        threads=1, max_prompt_length=24, min_new_tokens=min_new_tokens, optim=optim, **SETTINGS,
     )  # fmt: skip
     path.write_text(yaml.safe_dump(recipe))
     ours = load_recipe(path)  # a valid recipe: unknown or mistyped keys would raise
@@ -64,11 +64,13 @@ def test_trl_config_and_our_recipe_agree(tmp_path, min_new_tokens):
     assert trl.importance_sampling_level == g.importance_level == "token"
     assert trl.scale_rewards == g.scale == "group" and trl.mask_truncated_completions == g.mask_truncated_completions
     # the optimizer: AdamW, constant lr, no warmup, no weight decay, the same clip, betas and eps
-    assert trl.learning_rate == g.lr == 2e-5 and trl.optim == "adamw_torch"
+    assert trl.learning_rate == g.lr == 2e-5 and g.optim == optim
+    assert trl.optim == {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused"}[optim]
     assert trl.lr_scheduler_type == g.lr_scheduler == "constant"
     assert trl.warmup_steps == g.warmup_steps == 0 and trl.weight_decay == g.weight_decay == 0.0
     assert trl.max_grad_norm == g.max_grad_norm == 1.0
-    (group,) = build_optimizer(torch.nn.Linear(2, 2, bias=False), g.lr, g.weight_decay).param_groups
+    (group,) = build_optimizer(torch.nn.Linear(2, 2, bias=False), g.lr, g.weight_decay, g.optim).param_groups
+    assert group["fused"] == (True if optim == "adamw_fused" else None)
     assert tuple(group["betas"]) == (trl.adam_beta1, trl.adam_beta2) and math.isclose(group["eps"], trl.adam_epsilon)
     # precision and placement
     assert ours.model.dtype == "float32" and not trl.bf16 and not trl.fp16 and trl.use_cpu
