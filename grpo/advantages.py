@@ -284,22 +284,10 @@ def cost_signal(cost: Tensor, signal: str) -> Tensor:
     return (c > 0).to(c.dtype) if signal == "indicator" else c
 
 
-@CONSTRAINT_SCHEMES.register("separate")
-def _scheme_separate(
-    R: Tensor,
-    w: Tensor,
-    C: Tensor,
-    mu: Tensor,
-    denom: Tensor,
-    floors: Tensor,
-    group_size: int,
-    mode: str,
-    scale: str,
-    eps: float,
-) -> Tensor:
-    """Normalise each part, then combine: ``(A_r - sum_k mu_k A_k) / denom`` with ``A_r`` from `combine_rewards` and
-    ``A_k = (c_k - group mean) / (group std + floor_k)`` (Safe RLHF on group advantages; what Constrained GRPO,
-    arXiv:2602.05863, calls scalarised *advantages*: each multiplier weighs a unit-scale term)."""
+def _separate_parts(
+    R: Tensor, w: Tensor, C: Tensor, floors: Tensor, group_size: int, mode: str, scale: str, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``A_r`` ``[N]`` from `combine_rewards` and ``A_k`` ``[N, K]``, ``(c_k - group mean) / (group std + floor_k)``."""
     a_r = (
         combine_rewards(R, w, group_size, mode=mode, scale=scale, eps=eps)
         if R.shape[1]
@@ -308,7 +296,56 @@ def _scheme_separate(
     a_c = torch.stack(
         [group_advantages(C[:, k], group_size, scale="group", eps=float(floors[k])) for k in range(C.shape[1])], dim=-1
     )
-    return (a_r - a_c @ mu) / denom
+    return a_r, a_c
+
+
+@CONSTRAINT_SCHEMES.register("separate")
+def _scheme_separate(
+    R: Tensor,
+    w: Tensor,
+    C: Tensor,
+    mu: Tensor,
+    lam: Tensor,
+    floors: Tensor,
+    group_size: int,
+    mode: str,
+    scale: str,
+    eps: float,
+) -> Tensor:
+    """Normalise each part, then combine: ``(A_r - sum_k mu_k A_k) / (1 + sum_k lam_k)`` with ``A_r`` from
+    `combine_rewards` and ``A_k = (c_k - group mean) / (group std + floor_k)`` (Safe RLHF on group advantages; what
+    Constrained GRPO, arXiv:2602.05863, calls scalarised *advantages*: each multiplier weighs a unit-scale term).
+    ``mu`` weighs every cost column (a multiplier, or a plain penalty's weight); ``lam`` is the multipliers, 0 for
+    the columns that are not constrained."""
+    a_r, a_c = _separate_parts(R, w, C, floors, group_size, mode, scale, eps)
+    return (a_r - a_c @ mu) / (1.0 + lam.sum())
+
+
+@CONSTRAINT_SCHEMES.register("active")
+def _scheme_active(
+    R: Tensor,
+    w: Tensor,
+    C: Tensor,
+    mu: Tensor,
+    lam: Tensor,
+    floors: Tensor,
+    group_size: int,
+    mode: str,
+    scale: str,
+    eps: float,
+) -> Tensor:
+    """`separate` with each group's own normaliser: ``(A_r - sum_k mu_k A_k) / (1 + sum_k lam_k [c_k varies in the
+    group])``. A group whose cost k is constant (all safe, or all unsafe) has ``A_k = 0`` there, so its reward
+    advantage is not divided by that multiplier: groups the constraint has nothing to say about (math, benign
+    requests) keep their full reward signal however large lambda grows, while a group that carries the constraint
+    gets exactly `separate`'s convex combination. With ``kind: mean`` costs that vary in every group it is
+    `separate`."""
+    a_r, a_c = _separate_parts(R, w, C, floors, group_size, mode, scale, eps)
+    n_groups = _check_groups(C.shape[0], group_size)
+    grouped = C.reshape(n_groups, group_size, C.shape[1])
+    varies = (grouped.amax(dim=1) != grouped.amin(dim=1)).to(C.dtype)  # [groups, K]
+    denom = 1.0 + (varies * lam).sum(dim=-1)
+    return (a_r - a_c @ mu) / denom.repeat_interleave(group_size)
 
 
 @CONSTRAINT_SCHEMES.register("scalarized")
@@ -317,21 +354,21 @@ def _scheme_scalarized(
     w: Tensor,
     C: Tensor,
     mu: Tensor,
-    denom: Tensor,
+    lam: Tensor,
     floors: Tensor,
     group_size: int,
     mode: str,
     scale: str,
     eps: float,
 ) -> Tensor:
-    """Combine first, normalise once: ``group_advantages((r - sum_k mu_k c_k) / denom)`` with ``r`` the weighted reward
-    sum (NaN = 0). The multipliers trade raw units (reward per unit of cost), and a group's std is that of the
-    combination (Constrained GRPO, arXiv:2602.05863, calls this scalarised *rewards* and shows the group std then
-    reweights the terms). Needs ``mode="sum"``; the floors are unused."""
+    """Combine first, normalise once: ``group_advantages((r - sum_k mu_k c_k) / (1 + sum_k lam_k))``, ``r`` the
+    weighted reward sum (NaN = 0). The multipliers trade raw units (reward per unit of cost), and a group's std is
+    that of the combination (Constrained GRPO, arXiv:2602.05863, calls this scalarised *rewards* and shows the group
+    std then reweights the terms). Needs ``mode="sum"``; the floors are unused."""
     if mode != "sum":
         raise ValueError(f"the scalarized scheme combines raw rewards: it needs mode='sum', got {mode!r}")
     total = torch.nan_to_num(R, nan=0.0) @ w if R.shape[1] else torch.zeros(C.shape[0], dtype=C.dtype)
-    return group_advantages((total - C @ mu) / denom, group_size, scale=scale, eps=eps)
+    return group_advantages((total - C @ mu) / (1.0 + lam.sum()), group_size, scale=scale, eps=eps)
 
 
 def reward_and_cost_advantages(
@@ -357,6 +394,8 @@ def reward_and_cost_advantages(
     (registry `CONSTRAINT_SCHEMES`):
       - ``separate``: ``(A_r - sum_k lam_k A_k) / (1 + sum_k lam_k)``, each part group-normalised on its own (the
         costs with ``group std + cost_std_floor``: groups whose cost barely varies get ~0, not amplified noise);
+      - ``active``: ``separate`` with each group divided by ``1 + sum_k lam_k`` over the costs that vary in it only
+        (a group with constant costs keeps its full reward advantage);
       - ``scalarized``: ``r - sum_k lam_k c_k`` (over ``1 + sum_k lam_k``), then group-normalised once.
     Without a cost column both are the rewards' advantages alone.
 
@@ -406,11 +445,11 @@ def reward_and_cost_advantages(
     mu = torch.tensor([float(weights[k]) if x is None else float(x) for k, x in zip(cost_k, lams)], dtype=R.dtype)
     if any(x is not None and float(x) < 0 for x in lams):
         raise ValueError(f"lam must be >= 0, got {[float(x) for x in lams if x is not None]}")
-    # 1 + sum(lam) in the rewards' dtype (as Safe RLHF's (1 + lam) on a tensor): the same rounding as one constraint
-    # always had
-    denom = 1.0 + torch.tensor([float(x) for x in lams if x is not None], dtype=R.dtype).sum()
+    # the multipliers (0 for a plain penalty) in the rewards' dtype, as Safe RLHF's (1 + lam) on a tensor: the same
+    # rounding as one constraint always had
+    lam_t = torch.tensor([0.0 if x is None else float(x) for x in lams], dtype=R.dtype)
     return scheme_fn(
-        useful, w, C, mu, denom, torch.tensor(floors, dtype=R.dtype), group_size, mode, scale, eps
+        useful, w, C, mu, lam_t, torch.tensor(floors, dtype=R.dtype), group_size, mode, scale, eps
     ), metrics
 
 

@@ -161,8 +161,10 @@ class GRPOConfig:
     scale: str = "group"  # advantage scaling: group | batch | none (Dr. GRPO)
     reward_mode: str = "sum"  # sum | normalize_then_sum (GDPO)
     # with costs (constraints): separate = normalise the reward and each cost per group, then combine
-    # (A_r - sum lam_k A_k) / (1 + sum lam_k); scalarized = combine r - sum lam_k c_k, then normalise once
-    constraint_scheme: Literal["separate", "scalarized"] = "separate"
+    # (A_r - sum lam_k A_k) / (1 + sum lam_k); active = separate, each group divided by 1 + the lam_k of the costs
+    # that vary in it (groups the constraints do not touch keep their full reward advantage); scalarized = combine
+    # r - sum lam_k c_k, then normalise once
+    constraint_scheme: Literal["separate", "active", "scalarized"] = "separate"
     eps: float = 1e-4  # added to the std when normalising advantages
     # DAPO dynamic sampling: drop groups whose G rewards are all equal (no learning signal) and refill the
     # batch with fresh prompts, at most max_generation_rounds generation rounds per step

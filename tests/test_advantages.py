@@ -238,6 +238,29 @@ def test_separate_scheme_two_constraints_by_hand():
     assert m == pytest.approx({"zero_std_frac": 0.5, "cost/1": -0.5, "rate/1": 0.25, "cost/2": 3.5, "rate/2": 1.0})
 
 
+def test_active_scheme_divides_each_group_by_the_multipliers_of_its_varying_costs():
+    # R2 with a third group of G=2 whose indicator is constant (both c1 > 0) but whose cost c2 varies (4, 2)
+    R3 = torch.cat([R2, torch.tensor([[1.0, 1.0, 4.0], [0.0, 3.0, 2.0]])])
+    adv, _ = reward_and_cost_advantages(
+        R3, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="active", **TWO
+    )
+    # group 1: both costs vary: separate's (.70711 - 2 * .29289 - 1 * .52241) / (1 + 2 + 1) = -.10027
+    # group 2: nothing varies: 0
+    # group 3: A_r +-.70711, indicator constant (A_1 = 0, lam_1 out of the normaliser), c2 (4, 2): +-1 / (1.41421 + .5)
+    #          = +-.52241: (.70711 - 1 * .52241) / (1 + 1) = +.09235
+    torch.testing.assert_close(adv, torch.tensor([-0.10027, 0.10027, 0.0, 0.0, 0.09235, -0.09235]), atol=1e-5, rtol=0)
+    sep, _ = reward_and_cost_advantages(
+        R3, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="separate", **TWO
+    )
+    torch.testing.assert_close(sep[4:], torch.tensor([0.04618, -0.04618]), atol=1e-5, rtol=0)  # (.70711 - .52241) / 4
+    # a group where no cost varies keeps its reward advantage whole; a plain penalty (None) never divides
+    only_r = torch.tensor([[1.0, -1.0, 0.0], [0.0, -1.0, 0.0]])
+    adv, _ = reward_and_cost_advantages(
+        only_r, [1.0, 0.0, 0.5], [False, True, True], 2, lam=[9.0, None], scheme="active", **TWO
+    )
+    torch.testing.assert_close(adv, torch.tensor([0.70711, -0.70711]), atol=1e-5, rtol=0)
+
+
 def test_scalarized_scheme_two_constraints_by_hand():
     adv, _ = reward_and_cost_advantages(
         R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[2.0, 1.0], scheme="scalarized", **TWO
@@ -289,8 +312,8 @@ def test_one_cost_column_keeps_its_old_metric_names():
 
 
 def test_schemes_registry_and_argument_errors():
-    assert set(CONSTRAINT_SCHEMES.names()) == {"separate", "scalarized"}
-    with pytest.raises(Exception, match="unknown constraint advantage scheme 'x'; valid: scalarized, separate"):
+    assert set(CONSTRAINT_SCHEMES.names()) == {"separate", "active", "scalarized"}
+    with pytest.raises(Exception, match="unknown constraint advantage scheme 'x'; valid: active, scalarized, separate"):
         reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[1.0, 1.0], scheme="x")
     with pytest.raises(ValueError, match="2 cost columns but 1 multipliers"):
         reward_and_cost_advantages(R2, [1.0, 0.0, 0.0], [False, True, True], 2, lam=[1.0])
@@ -298,7 +321,9 @@ def test_schemes_registry_and_argument_errors():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    st.lists(st.floats(-5, 5), min_size=8, max_size=8), st.floats(0, 10), st.sampled_from(["separate", "scalarized"])
+    st.lists(st.floats(-5, 5), min_size=8, max_size=8),
+    st.floats(0, 10),
+    st.sampled_from(["separate", "active", "scalarized"]),
 )
 def test_property_constrained_advantages_have_zero_group_mean(values, lam, scheme):
     R = torch.tensor(values).reshape(4, 2)
