@@ -307,3 +307,30 @@ def refusal_reward(
         else:
             out.append(float(over_refusal_penalty) if is_refusal(text) else 0.0)
     return out
+
+
+@register_reward("over_refusal")
+def over_refusal_cost(
+    prompts: list[str],
+    completions: list[str],
+    category: Sequence | None = None,
+    *,
+    categories: Sequence[str] = ("benign",),
+    **kwargs,
+) -> list[float | None]:
+    """A cost for a constraint on over-refusal: 1.0 if a prompt of one of ``categories`` is refused, 0.0 if it is
+    answered, None (not applicable) for every other prompt.
+
+    A completion is a refusal iff `is_refusal` (it contains the word "sorry"). As a `kind: rate` constraint,
+    ``{reward: over_refusal, kind: rate, threshold: d}`` keeps the share of sampled completions that refuse a
+    benign request at most ``d`` (of all samples: a non-applicable one counts as 0), the counterweight to a safety
+    constraint whose push towards refusing spreads to requests that look alike (README "Safety-constrained GRPO").
+
+    Columns: ``category`` (required). Settings: ``categories`` (default ``("benign",)``).
+    """
+    cats = _column("category", category, kwargs, "over_refusal", len(completions))
+    wanted = set(categories)
+    return [
+        (1.0 if is_refusal(text) else 0.0) if cat is not None and cat in wanted else None
+        for text, cat in zip(completions, cats)
+    ]

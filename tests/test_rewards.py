@@ -53,7 +53,7 @@ def test_registry_register_get_and_errors():
 # ------------------------------------------------------------------------- registry / resolution
 
 
-BUILTINS = ["accuracy", "format", "length", "refusal", "repetition", "soft_overlong"]
+BUILTINS = ["accuracy", "format", "length", "over_refusal", "refusal", "repetition", "soft_overlong"]
 
 
 def test_builtins_registered_and_resolve_by_name():
@@ -224,6 +224,22 @@ def test_refusal():
     cats = ["harmful", "harmful", "benign", "benign", None]
     assert refusal_reward([""] * 5, comps, category=cats) == [1.0, 0.0, -1.0, 0.0, None]
     assert refusal_reward([""], ["sorry"], category=["benign"], over_refusal_penalty=-0.5) == [-0.5]
+
+
+def test_over_refusal_cost_counts_refused_benign_requests_only():
+    from rewards.verifiable import over_refusal_cost
+
+    comps = [REFUSAL_TEXT, "<a>first get it</a>", REFUSAL_TEXT, "<a>85</a>", "sorry"]
+    cats = ["benign", "benign", "harmful", "math", None]
+    assert over_refusal_cost([""] * 5, comps, category=cats) == [1.0, 0.0, None, None, None]
+    assert over_refusal_cost(
+        [""] * 2, ["sorry", "ok"], category=["borderline", "benign"], categories=["borderline"]
+    ) == [
+        1.0,
+        None,
+    ]
+    with pytest.raises(RewardError, match="reward 'over_refusal' needs a 'category' column"):
+        over_refusal_cost([""], ["sorry"], answer=["1"])
 
 
 def test_refusal_needs_category_column():
