@@ -574,6 +574,7 @@ def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
         "reps",
         "lr",
         "beta",
+        "optim",
     )
     extra = ["--micro-batch-tokens", str(a.micro_batch_tokens)] if a.micro_batch_tokens else []
     return run_child(
