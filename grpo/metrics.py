@@ -38,18 +38,30 @@ def curves(rewards, constraints=()) -> dict[str, list[str]]:
     }
 
 
+CHECKSUM_CHUNK = 1 << 20  # elements per float64 chunk (8 MiB)
+
+
+def _sums(p: torch.Tensor) -> tuple[float, float]:
+    """(sum, abs-sum) of `p` in float64, a chunk at a time: a float64 copy of a whole tensor would be 2x (fp32) to 4x
+    (bf16) its size, twice (sum and abs), at the very end of a run (an embedding of 152k x 3584 in bf16: +8.8 GB)."""
+    total = absolute = 0.0
+    for chunk in p.detach().reshape(-1).split(CHECKSUM_CHUNK):
+        c = chunk.double()
+        total += float(c.sum())
+        absolute += float(c.abs().sum())
+    return total, absolute
+
+
 def run_info(model, accelerator, zero_stage: int) -> dict:
     """World size and a checksum of the parameters on every rank; ranks that disagree are a bug."""
+    total = 0.0
     with runtime.gathered_parameters(model, zero_stage):
-        whole = [
-            p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()
-        ]  # FSDP: DTensor shards
-        # each tensor's sum weighted by its position (i + 2: with a weight of 1, sum + abs-sum would ignore every
-        # negative entry of the first tensor, usually the embeddings), plus its abs-sum
-        total = sum(
-            float(p.detach().double().sum()) * (i + 2) + float(p.detach().double().abs().sum())
-            for i, p in enumerate(whole)
-        )
+        for i, p in enumerate(model.parameters()):
+            # each tensor's sum weighted by its position (i + 2: with a weight of 1, sum + abs-sum would ignore every
+            # negative entry of the first tensor, usually the embeddings), plus its abs-sum; FSDP: one DTensor
+            # gathered whole at a time
+            plain, absolute = _sums(p.full_tensor() if hasattr(p, "full_tensor") else p)
+            total += plain * (i + 2) + absolute
     sums = accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"parameters differ across ranks after training: checksums {sums}")

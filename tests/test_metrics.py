@@ -57,3 +57,22 @@ def test_summation_noise_is_not_a_mismatch():
     m = model()
     a = checksum(m)
     run_info(m, TwoRanks(a * (1 + 1e-9)), 0)  # the same parameters summed in another order
+
+
+def test_checksums_never_copy_a_whole_tensor_to_float64(monkeypatch):
+    """The checksum runs at the very end of a run, after the final save: a float64 copy of a whole embedding (2x its
+    fp32 size, 4x bf16, twice) could run a long job out of memory there. It goes a chunk at a time, and equals the
+    whole-tensor float64 sums."""
+    from grpo import metrics
+
+    monkeypatch.setattr(metrics, "CHECKSUM_CHUNK", 7)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(50, 3), torch.nn.Linear(3, 5)).to(torch.bfloat16)
+    expected = sum(
+        float(p.double().sum()) * (i + 2) + float(p.double().abs().sum()) for i, p in enumerate(m.parameters())
+    )
+    converted = []
+    double = torch.Tensor.double
+    monkeypatch.setattr(torch.Tensor, "double", lambda t: converted.append(t.numel()) or double(t))
+    assert checksum(m) == pytest.approx(expected, rel=1e-12)
+    assert converted and max(converted) <= 7
