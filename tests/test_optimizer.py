@@ -49,24 +49,20 @@ def test_an_unknown_optimizer_is_one_line_naming_the_key():
 
 
 def _recipe(tmp_path, model, *extra):
-    return load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        [
-            f"run.output_dir={tmp_path}",
-            f"model.name_or_path={model}",
-            "run.threads=1",
-            "tracking.log_every=1",
-            "safety.enabled=false",
-            "grpo.steps=3",
-            "grpo.lr=3e-2",
-            "grpo.prompts_per_step=2",
-            "grpo.num_generations=4",
-            "rollout.max_new_tokens=8",
-            "sft.steps=3",
-            "sft.batch_size=8",
-            "rewards=[{name: 'rewards_for_tests:sevens'}]",
-            *extra,
-        ],
+    """test_trainer's small GRPO recipe, 3 steps, and a 3-step SFT."""
+    from test_trainer import recipe
+
+    return recipe(
+        tmp_path,
+        model,
+        "grpo.steps=3",
+        "grpo.lr=3e-2",
+        "grpo.prompts_per_step=2",
+        "grpo.num_generations=4",
+        "sft.steps=3",
+        "sft.batch_size=8",
+        "rewards=[{name: 'rewards_for_tests:sevens'}]",
+        *extra,
     )
 
 
