@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo import checkpoint, rules, runtime
-from grpo.advantages import LagrangeMultiplier, load_multipliers, multipliers_state_dict
 from grpo.config import Recipe, constraint_names, recipe_to_dict, resolved_constraints, save_recipe
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.environments import tool_schemas
@@ -36,6 +35,7 @@ from grpo.modeling import (
     reference_config,
     save_model,
 )
+from grpo.multipliers import LagrangeMultiplier, load_multipliers, multipliers_state_dict
 from grpo.scoring import build_rewards
 from grpo.tracking import Tracker, truncate_history
 

@@ -11,16 +11,14 @@ from grpo.advantages import (
     COMBINE_MODES,
     CONSTRAINT_SCHEMES,
     SCALES,
-    LagrangeMultiplier,
     combine_rewards,
     constrained_advantages,
     cost_signal,
     group_advantages,
-    load_multipliers,
-    multipliers_state_dict,
     reward_and_cost_advantages,
     zero_std_fraction,
 )
+from grpo.multipliers import LagrangeMultiplier, load_multipliers, multipliers_state_dict
 
 # ------------------------------------------------------------------------- group_advantages
 

@@ -2,7 +2,8 @@
 
 - `rewards/` is a leaf: reward functions, reward-model scorers, pairwise losses. Nothing it imports,
   directly or through other modules, is a stage (or stage plumbing).
-- The math (`grpo.advantages`, `grpo.losses`, `grpo.logprobs`) reaches no stage and no config section.
+- The math (`grpo.advantages`, `grpo.multipliers`, `grpo.losses`, `grpo.logprobs`) reaches no stage and no config
+  section.
 - No import cycle between modules (a function-level import that dodges one is still one).
 """
 
@@ -39,7 +40,7 @@ STAGES = {
 # the floors of grpo that rewards/ may stand on: errors, registries, the config dataclasses, model loading, atomic
 # folders
 REWARDS_MAY_REACH = {"grpo", "grpo.errors", "grpo.registry", "grpo.config", "grpo.modeling", "grpo.checkpoint"}
-MATH = ("grpo.advantages", "grpo.losses", "grpo.logprobs")
+MATH = ("grpo.advantages", "grpo.multipliers", "grpo.losses", "grpo.logprobs")
 
 
 def module_name(path: Path) -> str:

@@ -298,7 +298,8 @@ def test_safety_constraint_end_to_end(tmp_path, tiny_model, constrain, threshold
 
 
 def test_constrained_advantage_matches_the_formula():
-    from grpo.advantages import LagrangeMultiplier, reward_and_cost_advantages
+    from grpo.advantages import reward_and_cost_advantages
+    from grpo.multipliers import LagrangeMultiplier
 
     # two groups of 2: group 1 complies (cost +3) vs refuses (cost -3); group 2 both safe
     R = torch.tensor([[4.0, 3.0], [-4.0, -3.0], [1.0, -4.0], [0.0, -4.0]])
