@@ -4,6 +4,9 @@ Per process, in bytes:
 - ``policy``: the policy's parameters this process holds (a ZeRO-3 / FSDP shard counts its part);
 - ``gradients``: one gradient per trainable parameter (its dtype);
 - ``optimizer``: AdamW's two moments per trainable parameter (the parameter's dtype, as torch keeps them);
+- ``optimizer_step``: the temporaries one AdamW step allocates (`optimizer_step_bytes`): 0 with ``adamw_fused``;
+  with torch's default kernel, on CUDA (``foreach``) a whole parameter group's size at once (the matrices), twice
+  the largest trainable parameter elsewhere (a loop over parameters);
 - ``reference``: the frozen reference policy (0 without one: beta = 0, or LoRA, whose reference is the
   adapter-disabled policy);
 - ``rollout_kv``: the engine's KV storage for one generation call, sized as it allocates it
@@ -14,7 +17,7 @@ Per process, in bytes:
   checkpointing, which keeps only each layer's input), plus the chunked output layer's fp32 logits
   buffers (``3 x chunk x vocab x 4``, `grpo.logprobs`). Tokens: ``grpo.micro_batch_tokens``, else
   ``micro_batch_size x (max_prompt_length + max_new_tokens)`` (the padded worst case).
-The first four are counted from the live modules; the last two follow from the shapes.
+The first four are counted from the live modules; the last three follow from the shapes and the optimizer's kernel.
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ def _bytes(params, *, local: bool = True) -> int:
         n = p.numel() if local else getattr(p, "ds_numel", p.numel())
         total += n * p.element_size()
     return total
+
+
+def optimizer_step_bytes(trainable, optim: str) -> int:
+    """Bytes of temporaries one AdamW step holds at its peak, for the `optim` kernel (`grpo.runtime.build_optimizer`)
+    on the parameters' device; measured exactly on CPU, `foreach` forced for CUDA's default (tests/test_optimizer.py).
+    Under DeepSpeed the optimizer steps flat partitions, so the default kernel's loop there is one partition wide."""
+    if optim == "adamw_fused" or not trainable:
+        return 0
+    sizes = [p.numel() * p.element_size() for p in trainable]
+    if trainable[0].device.type != "cuda":
+        return 2 * max(sizes)
+    # foreach runs one parameter group at a time: matrices (decayed) and vectors (biases, norms), as build_optimizer
+    groups = [sum(n for n, p in zip(sizes, trainable) if (p.ndim >= 2) == matrices) for matrices in (True, False)]
+    return max(groups)
 
 
 def memory_budget(policy, ref, recipe) -> dict[str, int]:
@@ -60,6 +77,7 @@ def memory_budget(policy, ref, recipe) -> dict[str, int]:
         "policy": _bytes(params),
         "gradients": _bytes(trainable),
         "optimizer": 2 * _bytes(trainable),
+        "optimizer_step": optimizer_step_bytes(trainable, g.optim),
         "reference": _bytes(ref.parameters()) if ref is not None else 0,
         "rollout_kv": kv,
         "activations": tokens * hidden * layers * dtype_bytes * factor + logits,

@@ -1,13 +1,18 @@
 """`optim: adamw | adamw_fused` (sft, rm, grpo): the fused kernel is the same AdamW, and every stage takes it."""
 
 import json
+import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT
 from grpo.config import load_recipe
 from grpo.errors import UserError
+from grpo.memory import optimizer_step_bytes
 from grpo.runtime import build_optimizer
 from grpo.sft import run_sft
 from grpo.trainer import run_grpo
@@ -46,6 +51,61 @@ def test_an_unknown_optimizer_is_one_line_naming_the_key():
         load_recipe(ROOT / "recipes" / "quickstart.yaml", ["grpo.optim=adam8bit"])
     for section in ("sft", "rm", "grpo"):
         assert getattr(load_recipe(None, [f"{section}.optim=adamw_fused"]), section).optim == "adamw_fused"
+
+
+class LiveTemporaries(TorchDispatchMode):
+    """The peak bytes of tensors that ops create inside the mode and that are still alive (not views of inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.held: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, n = storage.data_ptr(), storage.nbytes()
+            if ptr in inputs or ptr in self.held or n == 0:
+                continue
+            self.held.add(ptr)
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, ptr, n)
+        return out
+
+    def _free(self, ptr: int, n: int) -> None:
+        self.live -= n
+        self.held.discard(ptr)
+
+
+@pytest.mark.parametrize("optim,foreach", [("adamw", None), ("adamw", True), ("adamw_fused", None)])
+def test_memory_budget_counts_the_optimizer_steps_temporaries(optim, foreach):
+    """`grpo.memory.optimizer_step_bytes` is what a step allocates, measured op by op: the default kernel on CPU
+    (a loop: twice the largest parameter), `foreach` (CUDA's default: a whole parameter group at once, forced here
+    on CPU), fused (nothing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 3000), torch.nn.Linear(3000, 10))
+    params = list(model.parameters())
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, optim=optim)
+    for group in opt.param_groups:
+        group["foreach"] = foreach
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # the moments exist from here on
+    with LiveTemporaries() as seen:
+        opt.step()
+    on = [
+        SimpleNamespace(numel=p.numel, element_size=p.element_size, ndim=p.ndim, device=torch.device("cuda"))
+        for p in params
+    ]
+    expected = optimizer_step_bytes(on if foreach else params, optim)
+    assert seen.peak == expected and (expected > 0) == (optim == "adamw")
 
 
 def _recipe(tmp_path, model, *extra):
