@@ -6,8 +6,8 @@ gradient, built through `grpo.runtime.build_optimizer` as sft / rm / grpo build 
 process (ru_maxrss is per process): the first step (it allocates Adam's two moments) and then `--steps` more;
 reported: the peak RSS the step adds above parameters + gradients, Adam's moments (2 x the parameters), what
 the step holds beyond them (its temporaries), and the median step time. On CPU torch's default is a
-per-parameter loop whose step makes temporaries the size of the largest parameters; on CUDA it is `foreach`,
-whose temporaries are the size of all of them; the fused kernel makes none.
+per-parameter loop whose step makes temporaries twice the size of the largest parameter; on CUDA it is `foreach`,
+whose temporaries are the size of a whole parameter group (all the matrices); the fused kernel makes none.
 
     python benchmarks/optimizer_step.py                      # vocab 151,936, hidden 512
     python benchmarks/optimizer_step.py --hidden 896 --threads 2

@@ -275,10 +275,10 @@ def _remove_empty(folders: list[Path]) -> None:
 def build_optimizer(model, lr: float, weight_decay: float, optim: str = "adamw") -> torch.optim.Optimizer:
     """AdamW over trainable parameters (no decay on biases and norms).
 
-    `optim` "adamw" is torch's default kernel choice (a per-parameter loop on CPU, `foreach` on CUDA, whose
-    step holds temporaries the size of all trainable parameters); "adamw_fused" is one fused kernel
-    (`fused=True`, CPU and CUDA): no step-sized temporaries and a faster step, results equal to "adamw" up
-    to the last bits (README "Optimizer"). transformers' Trainer, hence TRL, defaults to the fused one.
+    `optim` "adamw" is torch's default kernel choice (a per-parameter loop on CPU, `foreach` on CUDA; the step's
+    temporaries: `grpo.memory.optimizer_step_bytes`); "adamw_fused" is one fused kernel (`fused=True`, CPU and
+    CUDA): no step-sized temporaries and a faster step, results equal to "adamw" up to the last bits (README
+    "Optimizer"). transformers' Trainer, hence TRL, defaults to the fused one.
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
