@@ -290,6 +290,7 @@ def run_trl(folder: Path, a) -> dict:
 
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
+            announce(key() if callable(key) else key)
             try:
                 return f(*args, **kwargs)
             finally:
@@ -413,6 +414,11 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
     }
 
 
+def announce(phase: str) -> None:
+    """`PHASE name` on stderr as a phase starts: what the parent names if it stops the child (--rss-limit-mb)."""
+    print(f"PHASE {phase}", file=sys.stderr, flush=True)
+
+
 class PhasePeaks:
     """Peak RSS of each call of some functions: the kernel's high-water mark (VmHWM) is reset to the current RSS
     before each call (`/proc/self/clear_refs`, Linux) and read after it. Calls may nest: each reset folds the
@@ -448,6 +454,7 @@ class PhasePeaks:
 
         def wrapper(*args, **kwargs):
             call = {"name": name() if callable(name) else name, "rss_mb": self._reset()}
+            announce(call["name"])
             call["peak_mb"] = call["rss_mb"]
             self.open.append(call)
             try:
@@ -547,14 +554,46 @@ def run_child(script: Path, extra: list[str], a, keys: tuple[str, ...], what: st
         "MKL_NUM_THREADS": str(a.threads),
     }
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        seen_mb = watch(proc, getattr(a, "rss_limit_mb", None))
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    wall = time.perf_counter() - t0
+    if seen_mb is not None:  # stopped above the limit
+        phases = [line.split(" ", 1)[1] for line in stderr.splitlines() if line.startswith("PHASE ")]
+        return {"killed": True, "peak_rss_mb": seen_mb, "wall_s": wall, "phase": phases[-1] if phases else "setup"}
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        sys.stderr.write(stdout[-3000:] + stderr[-6000:])
         raise SystemExit(f"{what} failed with exit code {proc.returncode}")
     result = json.loads(lines[-1][len("RESULT ") :])
-    result["wall_s"] = time.perf_counter() - t0
+    result["wall_s"] = wall
     return result
+
+
+def watch(proc: subprocess.Popen, limit_mb: float | None) -> float | None:
+    """Waits for `proc`; with `limit_mb`, polls its RSS (with its children's) and kills it once above the limit.
+    Returns the RSS (MB) it was stopped at, or None when it ended by itself."""
+    if not limit_mb:
+        proc.wait()
+        return None
+    import psutil  # accelerate's dependency
+
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in (parent, *parent.children(recursive=True))) / 2**20
+        except psutil.Error:  # it ended between the poll and the read
+            continue
+        if rss > limit_mb:
+            for p in (*parent.children(recursive=True), parent):
+                p.kill()
+            proc.wait()
+            return rss
+        time.sleep(0.1)
+    return None
 
 
 def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
@@ -618,6 +657,16 @@ def summarize(result: dict, warmup: int) -> dict:
     return out
 
 
+BOUND = {(False, True): " or less", (True, False): " or more", (True, True): ", both stopped"}
+
+
+def killed_text(r: dict, a) -> str:
+    return (
+        f"stopped: RSS {r['peak_rss_mb']:.0f} MB > --rss-limit-mb {a.rss_limit_mb:.0f} after {r['wall_s']:.0f} s, "
+        f"in phase {r['phase']}"
+    )
+
+
 def report(results: dict, a) -> str:
     lines = [
         f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
@@ -634,6 +683,9 @@ def report(results: dict, a) -> str:
             f"{'cpu s':>7} {'RSS MB':>8}"
         )
         for runner, r in by_runner.items():
+            if r.get("killed"):
+                lines.append(f"  {runner:<12} {killed_text(r, a)}")
+                continue
             s = r["summary"]
             lines.append(
                 f"  {runner:<12} {s['step']:7.2f} {s['gen']:7.2f} {s['score']:7.2f} {s['logprobs']:7.2f} "
@@ -649,7 +701,14 @@ def report(results: dict, a) -> str:
         if "trl" in by_runner:
             base = by_runner["trl"]
             for runner, r in by_runner.items():
-                if runner != "trl":
+                if runner != "trl" and (r.get("killed") or base.get("killed")):
+                    bound = BOUND[bool(r.get("killed")), bool(base.get("killed"))]
+                    lines.append(
+                        f"  {runner} / trl: peak RSS {r['peak_rss_mb']:.0f} MB vs {base['peak_rss_mb']:.0f} MB "
+                        f"({r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x{bound}: "
+                        "a stopped run has no step time)"
+                    )
+                elif runner != "trl":
                     lines.append(
                         f"  {runner} / trl: step {r['summary']['step'] / base['summary']['step']:.2f}x, "
                         f"CPU seconds per step {r['summary']['cpu'] / base['summary']['cpu']:.2f}x, "
@@ -714,6 +773,12 @@ def parse(argv=None):
         choices=["adamw", "adamw_fused"],
         help="both sides: torch's default AdamW kernel, or the fused one (TRL: adamw_torch / adamw_torch_fused)",
     )
+    p.add_argument(
+        "--rss-limit-mb",
+        type=float,
+        help="stop a runner whose RSS passes this many MB (reported as such, with the phase it was in) instead of "
+        "letting the machine run out of memory",
+    )
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--child", choices=(*RUNNERS, "assets"), help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)
@@ -745,8 +810,11 @@ def main(argv=None) -> None:
         for loss_type in a.loss_types:
             for runner in [r for r in a.runners if r != "fwdbwd"]:
                 r = spawn(runner, loss_type, assets, a)
-                r["summary"] = summarize(r, a.warmup)
                 results.setdefault(loss_type, {})[runner] = r
+                if r.get("killed"):
+                    print(f"[{loss_type}] {runner}: {killed_text(r, a)}", flush=True)
+                    continue
+                r["summary"] = summarize(r, a.warmup)
                 print(
                     f"[{loss_type}] {runner}: {r['summary']['step']:.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
                     f"({r['wall_s']:.0f} s)",
