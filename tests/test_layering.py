@@ -37,9 +37,17 @@ STAGES = {
     "grpo.runtime",
     "grpo.metrics",
 }
-# the floors of grpo that rewards/ may stand on: errors, registries, the config dataclasses, model loading, atomic
-# folders
-REWARDS_MAY_REACH = {"grpo", "grpo.errors", "grpo.registry", "grpo.config", "grpo.modeling", "grpo.checkpoint"}
+# the floors of grpo that rewards/ may stand on: errors, registries, the config dataclasses (and their YAML parser),
+# model loading, atomic folders
+REWARDS_MAY_REACH = {
+    "grpo",
+    "grpo.errors",
+    "grpo.registry",
+    "grpo.config",
+    "grpo.recipe_yaml",
+    "grpo.modeling",
+    "grpo.checkpoint",
+}
 MATH = ("grpo.advantages", "grpo.multipliers", "grpo.losses", "grpo.logprobs")
 
 
