@@ -101,7 +101,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     max_length: int = 128  # longer examples are truncated on the right
     packing: bool = False  # concatenate examples into max_length rows (attention stays per example)
-    eval_every: int = 50  # steps between eval-loss measurements on data.sft_eval
+    eval_every: int = 50  # steps between eval-loss measurements on data.sft_eval (0 = only after the last step)
 
 
 @dataclass

@@ -191,7 +191,7 @@ def _sft_problems(recipe, earlier, cache) -> list[str]:
             ("sft.batch_size", 1),
             ("sft.grad_accum", 1),
             ("sft.max_length", 2),
-            ("sft.eval_every", 1),
+            ("sft.eval_every", 0),
             ("sft.warmup_steps", 0),
         ],
         positive=["sft.lr"],

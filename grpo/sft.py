@@ -177,7 +177,11 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
             "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0),
             "epoch": sampler.epoch,
         }
-        if evals and (is_main or split) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        if (
+            evals
+            and (is_main or split)
+            and (step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0))
+        ):
             metrics["eval_loss"] = eval_loss(accelerator.unwrap_model(model), evals, cfg, tok.pad_token_id)
         tracker.log(step + 1, metrics)
         bar.set_postfix(

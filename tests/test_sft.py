@@ -172,3 +172,15 @@ def test_lr_schedule_steps_once_per_optimizer_step(tiny_model, tmp_path):
     run_sft(recipe)
     lrs = [json.loads(l)["lr"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.003, 0.002, 0.001, 0.0])  # linear decay over 4 optimizer steps, not 8 micro-batches
+
+
+def test_eval_every_zero_evaluates_after_the_last_step_only(tmp_path):
+    """`sft.eval_every: 0` (as in rm and grpo: no periodic evaluation) measures the eval loss once, at the end;
+    it used to divide by zero when run_sft was called directly."""
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [f"run.output_dir={tmp_path}", "sft.steps=3", "sft.eval_every=0", "sft.batch_size=4", "run.threads=1"],
+    )
+    run_sft(recipe)
+    history = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "eval_loss" in h] == [3]
