@@ -1,12 +1,13 @@
 """The real CLI on bad input: non-zero exit, one clear line, no traceback, nothing written."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers_common import assert_clean_failure, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,20 +22,6 @@ def grpo(*args, cwd=ROOT, timeout=120):
         text=True,
         timeout=timeout,
     )
-
-
-def assert_clean_failure(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    for n in needles:
-        assert n in errors[0], errors[0]
-
-
-def write_jsonl(path: Path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from grpo import checkpoint, rules
 from grpo.config import constraint_list, load_recipe, resolved_constraints, std_floor_of, unconstrained
 from grpo.errors import Interrupted, UserError
 from grpo.trainer import run_grpo
+from helpers_common import read_jsonl as history
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -50,10 +51,6 @@ def recipe(tmp_path, model=None, *extra):
 
 def problems(tmp_path, *extra):
     return rules.constraints(recipe(tmp_path, None, *extra))
-
-
-def history(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------- config and rules

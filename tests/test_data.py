@@ -15,6 +15,7 @@ from grpo.config import DataConfig, ModelConfig
 from grpo.data import check_columns, load_rows, prompt_records, sft_examples
 from grpo.errors import UserError
 from grpo.modeling import load_tokenizer
+from helpers_common import write_jsonl
 
 ROWS = [
     {"prompt": "Q:47+38=", "completion": "<a>85</a>", "answer": "85", "category": "math"},
@@ -31,12 +32,6 @@ ROWS = [
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(ModelConfig(name_or_path=str(TOKENIZER)))
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_file_formats_and_folders_give_the_same_rows(tmp_path):

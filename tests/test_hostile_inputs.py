@@ -17,6 +17,7 @@ import torch
 
 from grpo import cli
 from grpo.config import load_recipe
+from helpers_common import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
@@ -61,11 +62,6 @@ def assert_one_error(code, err, *needles):
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # ---------------------------------------------------------------------------------------- recipe values

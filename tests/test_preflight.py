@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import assert_clean_failure, write_jsonl
 
 from grpo.config import load_recipe
 from grpo.errors import UserError
 from grpo.preflight import check, env_world_size, preflight
+from helpers_common import assert_clean_failure, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

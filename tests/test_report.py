@@ -8,13 +8,9 @@ import pytest
 
 from conftest import ROOT
 from grpo.report import MAX_PANELS, eval_table, read_jsonl, reward_names, samples_section, write_report
+from helpers_common import write_jsonl
 
 REWARDS = ["accuracy", "format", "refusal", "closeness", "sevens", "length"]
-
-
-def write_jsonl(path: Path, rows: list[dict], tail: str = "") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
 
 
 def fake_run(root: Path) -> Path:

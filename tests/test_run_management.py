@@ -10,6 +10,7 @@ import grpo.trainer
 from conftest import ROOT, TOYWORLD
 from grpo.config import load_recipe
 from grpo.trainer import run_grpo
+from helpers_common import read_jsonl
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -34,7 +35,7 @@ def recipe(tmp_path, model, *extra):
 
 
 def history(path):
-    return [json.loads(line) for line in (path / "train" / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(path / "train" / "metrics.jsonl")
 
 
 def test_eval_during_training_at_the_right_steps_and_without_changing_the_run(tmp_path, tiny_model):

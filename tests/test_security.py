@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_clean_failure
 
 from grpo import checkpoint
 from grpo.config import ModelConfig, load_recipe
 from grpo.errors import UserError
+from helpers_common import assert_clean_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"

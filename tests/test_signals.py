@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import history
 
 from conftest import ROOT
 from grpo import checkpoint
 from grpo.config import load_recipe
 from grpo.errors import Interrupted
 from grpo.trainer import run_grpo
+from helpers_common import read_jsonl as history
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 

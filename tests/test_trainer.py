@@ -1,7 +1,6 @@
 """The GRPO loop end to end on tiny models: learning signal, outputs, resume, reward errors."""
 
 import dataclasses
-import json
 import math
 import sys
 
@@ -15,6 +14,7 @@ from grpo.config import load_recipe
 from grpo.errors import Interrupted, UserError
 from grpo.rollout import Completion
 from grpo.trainer import run_grpo
+from helpers_common import read_jsonl as history
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -34,10 +34,6 @@ def recipe(tmp_path, model, *extra):
             *extra,
         ],
     )
-
-
-def history(path):
-    return [json.loads(l) for l in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("backend", ["engine", "hf"])
