@@ -229,6 +229,8 @@ class ConstraintSpec:
     lambda_lr: float = 0.05  # each step: log(lambda) += lambda_lr * (measured - threshold)
     lambda_max: float = 20.0  # upper clamp of lambda
     delay: int = 0  # steps before lambda starts to move
+    # lambda follows a moving average of the measure, this weight on the past (0.9: ~10 steps); 0 = each step's own
+    smoothing: float = 0.0
     # grpo.constraint_scheme separate: the cost's advantage is (c - group mean) / (group std + std_floor); null = 1.0
     # for the cost (damps a cost model's noise where every sample is safe), 0 for the indicator (exact 0/1: nothing to
     # damp, and a floor of 1 shrank its signal ~3x: too weak to enforce a rate on the quickstart, README)

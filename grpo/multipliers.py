@@ -13,8 +13,10 @@ from torch import Tensor
 class LagrangeMultiplier:
     """Safe RLHF's Lagrange multiplier ``lam = exp(log_lam)``, updated by dual ascent.
 
-    ``update(mean_cost)``: ``log_lam += lr * (mean_cost - threshold)``, clamped to
-    ``<= log(lam_max)`` (no lower bound is needed: ``lam = exp(.) > 0``). The first
+    ``update(mean_cost)``: ``log_lam += lr * (measure - threshold)``, clamped to
+    ``<= log(lam_max)``, where ``measure`` is the step's mean cost or, with ``smoothing`` s > 0, its exponential
+    moving average ``ema = s * ema + (1 - s) * mean_cost`` (the first step's value starts it). No lower bound is
+    needed: ``lam = exp(.) > 0``. The first
     ``delay_steps`` calls only count (Safe RLHF's ``lambda_update_delay_steps``), letting the
     policy move before the constraint reacts. Parametrising in log space keeps ``lam`` positive
     (Safe RLHF, arXiv:2310.12773, Sec. 3; it uses Adam on ``log_lam``, we use plain SGD).
@@ -25,7 +27,9 @@ class LagrangeMultiplier:
       threshold: cost budget ``d``; ``lam`` grows while mean cost exceeds it.
       lam_max: upper bound on ``lam``.
       delay_steps: number of initial `update` calls that do not change ``lam``.
+      smoothing: weight of the past in the moving average lambda follows (0: the step's own measure).
       step: number of `update` calls so far (checkpointed).
+      ema: the moving average so far (checkpointed).
     """
 
     log_lam: float = 0.0
@@ -33,7 +37,9 @@ class LagrangeMultiplier:
     threshold: float = 0.0
     lam_max: float = 10.0
     delay_steps: int = 0
+    smoothing: float = 0.0
     step: int = 0
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.lam_max > 0:
@@ -42,6 +48,8 @@ class LagrangeMultiplier:
             raise ValueError(f"lr must be >= 0, got {self.lr}")
         if self.delay_steps < 0:
             raise ValueError(f"delay_steps must be >= 0, got {self.delay_steps}")
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing}")
         self.log_lam = min(float(self.log_lam), math.log(self.lam_max))
 
     @classmethod
@@ -67,8 +75,9 @@ class LagrangeMultiplier:
         if not math.isfinite(mean_cost):
             raise ValueError(f"mean_cost must be finite, got {mean_cost}")
         self.step += 1
+        self.ema = mean_cost if self.step == 1 else self.smoothing * self.ema + (1 - self.smoothing) * mean_cost
         if self.step > self.delay_steps:
-            self.log_lam = min(self.log_lam + self.lr * (mean_cost - self.threshold), math.log(self.lam_max))
+            self.log_lam = min(self.log_lam + self.lr * (self.ema - self.threshold), math.log(self.lam_max))
         return self.lam
 
     def state_dict(self) -> dict[str, float | int]:

@@ -171,6 +171,8 @@ def constraints(recipe) -> list[str]:
             )
         if not 0 < c.lambda_init <= c.lambda_max:
             p.append(f"{at}: lambda_init={c.lambda_init} must be > 0 and <= lambda_max={c.lambda_max}")
+        if not 0 <= c.smoothing < 1:
+            p.append(f"{at}: smoothing={c.smoothing} must be in [0, 1) (the moving average's weight on the past)")
         for key in ("lambda_lr", "delay", "std_floor"):
             if (getattr(c, key) or 0) < 0:
                 p.append(f"{at}: {key}={getattr(c, key)} must be >= 0")

@@ -164,7 +164,12 @@ def setup(recipe: Recipe, model_path: str | None, stage: str) -> TrainState:
         rewards[col].weight = 0.0
     multipliers = {
         name: LagrangeMultiplier.from_lambda(
-            c.lambda_init, lr=c.lambda_lr, threshold=c.threshold, lam_max=c.lambda_max, delay_steps=c.delay
+            c.lambda_init,
+            lr=c.lambda_lr,
+            threshold=c.threshold,
+            lam_max=c.lambda_max,
+            delay_steps=c.delay,
+            smoothing=c.smoothing,
         )
         for name, c, _ in constraints
     }

@@ -180,6 +180,25 @@ def test_lagrange_delay():
     assert lm.step == 3
 
 
+def test_lagrange_smoothing_follows_a_moving_average_of_the_measure():
+    """smoothing s: lambda moves by lr * (ema - threshold), ema = s * ema + (1 - s) * measure, the first measure
+    starting it; hand-computed."""
+    lm = LagrangeMultiplier(lr=1.0, threshold=0.1, smoothing=0.75)
+    # ema = 0.5 (first): log_lam = 0 + (0.5 - 0.1) = 0.4
+    assert lm.update(0.5) == pytest.approx(math.exp(0.4))
+    # ema = 0.75 * 0.5 + 0.25 * 0.0 = 0.375: log_lam = 0.4 + 0.275 = 0.675 (unsmoothed it would fall to 0.3)
+    assert lm.update(0.0) == pytest.approx(math.exp(0.675))
+    assert lm.ema == pytest.approx(0.375)
+    # ema = 0.75 * 0.375 + 0.25 * 0.0 = 0.28125: log_lam = 0.675 + 0.18125
+    assert lm.update(0.0) == pytest.approx(math.exp(0.85625))
+    # the moving average is state: a restored multiplier continues it exactly
+    twin = LagrangeMultiplier(lr=1.0, threshold=0.1, smoothing=0.75)
+    twin.load_state_dict(lm.state_dict())
+    assert twin.update(0.2) == lm.update(0.2)
+    with pytest.raises(ValueError, match="smoothing must be in"):
+        LagrangeMultiplier(smoothing=1.0)
+
+
 def test_lagrange_state_dict_roundtrip():
     lm = LagrangeMultiplier.from_lambda(0.5, lr=0.1, threshold=0.3, lam_max=4.0, delay_steps=1)
     lm.update(0.9)

@@ -153,6 +153,10 @@ def test_unconstrained_baseline_drops_every_constraint(tmp_path):
         ("constraints=[{reward: completion_tokens, lambda_lr: -1}]", "constraints.0: lambda_lr=-1.0 must be >= 0"),
         ("constraints=[{reward: completion_tokens, delay: -2}]", "constraints.0: delay=-2 must be >= 0"),
         (
+            "constraints=[{reward: completion_tokens, smoothing: 1}]",
+            "constraints.0: smoothing=1.0 must be in [0, 1) (the moving average's weight on the past)",
+        ),
+        (
             "constraints=[{reward: completion_tokens, signal: indicator}]",
             "constraints.0: signal=indicator puts P(cost > 0) into the advantage",
         ),
