@@ -128,6 +128,7 @@ def trl_config(
     temperature: float = 1.0,
     seed: int = 0,
     optim: str = "adamw",
+    gradient_checkpointing: bool = False,
     **overrides,
 ):
     """TRL's `GRPOConfig` for one CPU process in fp32, set as `our_recipe` sets ours (also used by time_to_accuracy.py).
@@ -136,6 +137,8 @@ def trl_config(
     AdamW with a constant lr, clip 0.2, group-scaled advantages, DeepSeekMath's k3 KL term
     (`use_bias_correction_kl=False`; TRL 1.16 multiplies it by the ratio by default). `optim` is our name
     (`grpo.optim`): adamw -> transformers' "adamw_torch", adamw_fused -> "adamw_torch_fused" (its default).
+    `gradient_checkpointing` is set explicitly: TRL 1.16 turns it on by default, ours (model.gradient_checkpointing)
+    off; until 2026-11-27 this file left TRL's default on while ours ran without it.
     """
     import torch
     from trl import GRPOConfig
@@ -157,6 +160,7 @@ def trl_config(
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim={"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused"}[optim],
+        gradient_checkpointing=gradient_checkpointing,
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,
@@ -200,6 +204,7 @@ def our_recipe(
     temperature: float = 1.0,
     seed: int = 0,
     optim: str = "adamw",
+    gradient_checkpointing: bool = False,
     grpo: dict | None = None,
 ) -> dict:
     """Our recipe (as a dict) with the settings of `trl_config`: `engine` rollout, the trainer's defaults otherwise.
@@ -208,7 +213,7 @@ def our_recipe(
     """
     return {
         "run": {"output_dir": str(output_dir), "seed": seed, "threads": threads, "overwrite": True},
-        "model": {"name_or_path": str(model), "dtype": "float32"},
+        "model": {"name_or_path": str(model), "dtype": "float32", "gradient_checkpointing": gradient_checkpointing},
         "data": {
             "train": str(train),
             "sft_train": None,
@@ -273,6 +278,7 @@ def run_trl(folder: Path, a) -> dict:
         loss_type=a.loss_type,
         steps=a.warmup + a.steps,
         optim=a.optim,
+        gradient_checkpointing=a.gradient_checkpointing,
     )
     tok = AutoTokenizer.from_pretrained(folder / "model")
     trainer = GRPOTrainer(
@@ -358,6 +364,7 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
         threads=a.threads,
         max_prompt_length=a.prompt_len + 8,
         optim=a.optim,
+        gradient_checkpointing=a.gradient_checkpointing,
         grpo={"shared_prefix": shared_prefix, **micro_batch(a)},
     )
     path = folder / f"recipe_{out.name}.yaml"
@@ -615,7 +622,8 @@ def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
         "beta",
         "optim",
     )
-    extra = ["--micro-batch-tokens", str(a.micro_batch_tokens)] if a.micro_batch_tokens else []
+    extra = ["--gradient-checkpointing"] if a.gradient_checkpointing else []
+    extra += ["--micro-batch-tokens", str(a.micro_batch_tokens)] if a.micro_batch_tokens else []
     return run_child(
         Path(__file__).resolve(),
         ["--child", runner, "--assets", str(assets), "--loss-type", loss_type, *extra],
@@ -671,7 +679,8 @@ def report(results: dict, a) -> str:
     lines = [
         f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
         f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens; beta {a.beta}, "
-        f"lr {a.lr}, {a.optim}; {a.threads} threads; median of {a.steps} steps after {a.warmup} warm-up",
+        f"lr {a.lr}, {a.optim}{', gradient checkpointing' if a.gradient_checkpointing else ''}; {a.threads} threads; "
+        f"median of {a.steps} steps after {a.warmup} warm-up",
         "",
     ]
     for loss_type, by_runner in results.items():
@@ -772,6 +781,11 @@ def parse(argv=None):
         default="adamw",
         choices=["adamw", "adamw_fused"],
         help="both sides: torch's default AdamW kernel, or the fused one (TRL: adamw_torch / adamw_torch_fused)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both sides recompute activations in the backward (TRL's own default is on; off here unless given)",
     )
     p.add_argument(
         "--rss-limit-mb",

@@ -32,14 +32,15 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("min_new_tokens,optim", [(0, "adamw"), (40, "adamw_fused")])
-def test_trl_config_and_our_recipe_agree(tmp_path, min_new_tokens, optim):
-    trl = vs_trl.trl_config(tmp_path / "trl", min_new_tokens=min_new_tokens, optim=optim, **SETTINGS)
+@pytest.mark.parametrize("min_new_tokens,optim,checkpointing", [(0, "adamw", False), (40, "adamw_fused", True)])
+def test_trl_config_and_our_recipe_agree(tmp_path, min_new_tokens, optim, checkpointing):
+    both = dict(min_new_tokens=min_new_tokens, optim=optim, gradient_checkpointing=checkpointing, **SETTINGS)
+    trl = vs_trl.trl_config(tmp_path / "trl", **both)
     path = tmp_path / "recipe.yaml"
     rewards = [{"name": "accuracy", "weight": 1.0}]
     recipe = vs_trl.our_recipe(
         tmp_path / "ours", ROOT / "data" / "tiny_base", ROOT / "data" / "toyworld" / "grpo_train.jsonl", rewards,
-        threads=1, max_prompt_length=24, min_new_tokens=min_new_tokens, optim=optim, **SETTINGS,
+        threads=1, max_prompt_length=24, **both,
     )  # fmt: skip
     path.write_text(yaml.safe_dump(recipe))
     ours = load_recipe(path)  # a valid recipe: unknown or mistyped keys would raise
@@ -72,6 +73,8 @@ def test_trl_config_and_our_recipe_agree(tmp_path, min_new_tokens, optim):
     (group,) = build_optimizer(torch.nn.Linear(2, 2, bias=False), g.lr, g.weight_decay, g.optim).param_groups
     assert group["fused"] == (True if optim == "adamw_fused" else None)
     assert tuple(group["betas"]) == (trl.adam_beta1, trl.adam_beta2) and math.isclose(group["eps"], trl.adam_epsilon)
+    # activations recomputed in the backward on both sides or on neither (TRL 1.16's own default is on)
+    assert trl.gradient_checkpointing == ours.model.gradient_checkpointing == checkpointing
     # precision and placement
     assert ours.model.dtype == "float32" and not trl.bf16 and not trl.fp16 and trl.use_cpu
     assert trl.model_init_kwargs["dtype"] == torch.float32
