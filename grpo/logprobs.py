@@ -132,6 +132,90 @@ class _LogSoftmaxGather(torch.autograd.Function):
         return x.to(logits.dtype), None, None
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """`chunked_logprobs` through a plain ``nn.Linear`` head in one autograd node: the same chunk-by-chunk
+    forward and recompute-in-backward, but the weight's gradient is accumulated chunk by chunk INTO ONE
+    ``[vocab, hidden]`` buffer (``addmm_``). Through the module, autograd makes a fresh ``[vocab, hidden]``
+    weight gradient for every chunk and adds it to the running sum: one more vocabulary-sized tensor at the
+    backward's peak (measured, 2,048 tokens at 151,936 x 512 in fp32: the backward's RSS above the weight's
+    gradient 601 MB through the module, 134 MB here). Under autocast the backward recomputes the logits under the
+    forward's autocast state, so they match the forward's log-sum-exp.
+
+    Returns ``(logp [N], entropy [N] or empty)``, both fp32 (fp64 for an fp64 head); entropy has no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, with_entropy):
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dev = hidden.device.type
+        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        logps, lses, entropies = [], [], []
+        for s in range(0, hidden.shape[0], chunk_size):
+            x = nn.functional.linear(hidden[s : s + chunk_size], weight, bias).to(acc)
+            if temperature != 1.0:
+                x = x / temperature
+            lse = torch.logsumexp(x, dim=-1)
+            logps.append(x.gather(-1, targets[s : s + chunk_size, None]).squeeze(-1) - lse)
+            lses.append(lse)
+            if with_entropy:
+                entropies.append(entropy_from_logits(x, chunk_size=max(1, x.shape[0])).float())
+        ctx.save_for_backward(
+            hidden, weight, bias, targets, torch.cat(lses) if lses else hidden.new_zeros(0, dtype=acc)
+        )
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=acc)
+        entropy = torch.cat(entropies) if entropies else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        T, c = ctx.temperature, ctx.chunk_size
+        acc = lse.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        for s in range(0, hidden.shape[0], c):
+            h, g = hidden[s : s + c], grad[s : s + c].to(acc)
+            with torch.autocast(ctx.amp[0], dtype=ctx.amp[2], enabled=ctx.amp[1]):
+                x = nn.functional.linear(h, weight, bias)
+            x = x.to(acc)
+            if T != 1.0:
+                x = x / T
+            x.sub_(lse[s : s + c, None]).exp_().mul_(-g[:, None])  # -grad * softmax
+            x.scatter_add_(1, targets[s : s + c, None], g[:, None])  # + grad at the target
+            if T != 1.0:
+                x.div_(T)
+            d = x.to(weight.dtype)  # d logp / d logits, [c, V]
+            if grad_h is not None:
+                torch.mm(d, weight, out=grad_h[s : s + c])
+            if grad_w is not None:
+                grad_w.addmm_(d.t(), h)
+            if grad_b is not None:
+                grad_b.add_(d.sum(0))
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """A bare ``nn.Linear`` whose call does nothing but the matmul: no module hooks (DeepSpeed ZeRO-3 gathers its
+    weight in one, an FSDP2 unit of its own unshards in one), no wrapper (peft's LoRA / modules_to_save are other
+    classes), a weight that is a plain tensor (not an FSDP2 DTensor, not a ZeRO-3 partition)."""
+    from torch.distributed.tensor import DTensor
+
+    hooks = (head._forward_hooks, head._forward_pre_hooks, head._backward_hooks, head._backward_pre_hooks)
+    return (
+        type(head) is nn.Linear
+        and not any(hooks)
+        and not isinstance(head.weight, DTensor)
+        and not hasattr(head.weight, "ds_id")
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
+
+
 def _chunk_logprobs(
     head: nn.Module, hidden: Tensor, target: Tensor, temperature: float, entropy_slot: list | None
 ) -> Tensor:
@@ -189,6 +273,11 @@ def chunked_logprobs(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()
+    if _plain_linear(head):  # one autograd node, the weight's gradient accumulated in place
+        logp, entropy = _LinearLogprobs.apply(
+            flat_h, head.weight, head.bias, flat_t, float(temperature), chunk_size, with_entropy
+        )
+        return (logp.view(targets.shape), entropy.view(targets.shape)) if with_entropy else logp.view(targets.shape)
     need_grad = torch.is_grad_enabled() and (flat_h.requires_grad or any(p.requires_grad for p in head.parameters()))
     logps, entropies = [], []
     for s in range(0, flat_h.shape[0], chunk_size):

@@ -126,6 +126,57 @@ def test_chunked_head_bf16_is_close_and_float32():
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
+class CountShape(TorchDispatchMode):
+    """Counts the tensors of one shape that operators create (not those an in-place or out= op writes into)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = [id(t) for t in tree_flatten((args, kwargs))[0]]
+        self.count += sum(
+            isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and id(t) not in given
+            for t in tree_flatten(out)[0]
+        )
+        return out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_plain_linear_head_accumulates_the_weight_gradient_in_place(tied):
+    """A bare nn.Linear head takes the one-node path: the same values, entropy and gradients (hidden, weight, bias;
+    a weight tied to an embedding gets both contributions) as the chunk-by-chunk path through the module, which a
+    forward hook on the head forces; and its backward makes ONE [vocab, hidden] weight gradient, where the module
+    path makes one per chunk."""
+    g = torch.Generator().manual_seed(3)
+    V, H, chunk = 97, 12, 8
+    emb, head = nn.Embedding(V, H), nn.Linear(H, V)
+    if tied:
+        head.weight = emb.weight
+    ids = torch.randint(0, V, (40,), generator=g)
+    targets = torch.randint(0, V, (40,), generator=g)
+    w = torch.randn(40, generator=g)
+    results = {}
+    for path in ("one node", "module"):
+        hook = head.register_forward_hook(lambda *a: None) if path == "module" else None
+        hidden = torch.tanh(emb(ids))
+        with CountShape((V, H)) as mode:
+            logp, ent = chunked_logprobs(hidden, head, targets, TEMPERATURE, chunk, with_entropy=True)
+            grads = torch.autograd.grad((logp * w).sum(), [emb.weight, head.weight, head.bias])
+        results[path] = (logp, ent, grads, mode.count)
+        if hook:
+            hook.remove()
+    (lp1, ent1, g1, n1), (lp2, ent2, g2, n2) = results["one node"], results["module"]
+    torch.testing.assert_close(lp1, lp2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent1, ent2, atol=1e-6, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    chunks = -(-40 // chunk)
+    assert n2 >= chunks and n1 < n2  # the module path: a [V, H] weight gradient per chunk (and their sums)
+    assert n1 <= 2 + tied  # one node: the one accumulator (+ the embedding's gradient, + the tied sum)
+
+
 def test_bad_arguments():
     head = nn.Linear(4, 9)
     with pytest.raises(ValueError, match="targets"):
