@@ -190,10 +190,10 @@ class _LinearLogprobs(torch.autograd.Function):
             if T != 1.0:
                 x.div_(T)
             d = x.to(weight.dtype)  # d logp / d logits, [c, V]
-            if grad_h is not None:
-                torch.mm(d, weight, out=grad_h[s : s + c])
+            if grad_h is not None:  # (under autocast the hidden states may be bf16 and the weight fp32)
+                grad_h[s : s + c] = d @ weight
             if grad_w is not None:
-                grad_w.addmm_(d.t(), h)
+                grad_w.addmm_(d.t(), h.to(d.dtype))
             if grad_b is not None:
                 grad_b.add_(d.sum(0))
         return grad_h, grad_w, grad_b, None, None, None, None
@@ -249,7 +249,9 @@ def chunked_logprobs(
     recomputed (through `head` again) in the backward, so this part's peak memory is
     O(chunk_size x vocab) for any number of tokens. Gradients reach `hidden` and `head`'s
     parameters (a trained or tied lm_head, LoRA on it). `head` is called as a module, so its hooks
-    (DeepSpeed ZeRO-3's parameter gather, FSDP's) and wrappers (peft) run on every call.
+    (DeepSpeed ZeRO-3's parameter gather, FSDP's) and wrappers (peft) run on every call. A bare ``nn.Linear``
+    head with no hooks takes `_LinearLogprobs` instead: the same chunks and recompute in one autograd node, its
+    weight gradient accumulated in one buffer rather than one per chunk.
 
     Args:
       hidden: ``[..., H]`` final hidden states at the scoring positions (any float dtype).

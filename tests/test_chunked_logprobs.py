@@ -177,6 +177,30 @@ def test_plain_linear_head_accumulates_the_weight_gradient_in_place(tied):
     assert n1 <= 2 + tied  # one node: the one accumulator (+ the embedding's gradient, + the tied sum)
 
 
+def test_plain_linear_head_under_autocast_with_bf16_hidden_states():
+    """Under bf16 autocast with an fp32 head and bf16 hidden states (what a model's last norm may hand over), the
+    one-node path runs and agrees with the module path (which computes its backward in bf16: close, not equal)."""
+    g = torch.Generator().manual_seed(4)
+    head = nn.Linear(8, 31)
+    hidden = torch.randn(10, 8, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, 31, (10,), generator=g)
+    out = {}
+    for path in ("one node", "module"):
+        hook = head.register_forward_hook(lambda *a: None) if path == "module" else None
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = chunked_logprobs(x, head, targets, TEMPERATURE, 4)
+        gx, gw = torch.autograd.grad(logp.sum(), [x, head.weight])
+        out[path] = (logp, gx, gw)
+        if hook:
+            hook.remove()
+    (lp1, gx1, gw1), (lp2, gx2, gw2) = out["one node"], out["module"]
+    assert gx1.dtype == gx2.dtype == torch.bfloat16 and gw1.dtype == gw2.dtype == torch.float32
+    torch.testing.assert_close(lp1, lp2, atol=1e-5, rtol=0)
+    for a, b in ((gx1, gx2), (gw1, gw2)):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
 def test_bad_arguments():
     head = nn.Linear(4, 9)
     with pytest.raises(ValueError, match="targets"):
