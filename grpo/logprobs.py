@@ -101,6 +101,14 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, int(vocab_size)))
 
 
+def _dlogits_(x: Tensor, lse: Tensor, target: Tensor, grad: Tensor, T: float) -> Tensor:
+    """In place on ``x [c, V]`` (the logits / T, fp32): the gradient of ``grad * log softmax(logits / T)[target]``
+    with respect to the logits, ``(onehot(target) - softmax) * grad / T``."""
+    x.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -grad * softmax
+    x.scatter_add_(1, target[:, None], grad[:, None])  # + grad at the target
+    return x.div_(T) if T != 1.0 else x
+
+
 class _LogSoftmaxGather(torch.autograd.Function):
     """``log softmax(logits / T)[target]`` for one chunk ``[c, V]``, in fp32 (fp64 stays fp64).
 
@@ -125,11 +133,7 @@ class _LogSoftmaxGather(torch.autograd.Function):
         T = ctx.temperature
         x = logits if logits.dtype == torch.float64 else logits.float()
         x = x / T if T != 1.0 else (x.clone() if x.data_ptr() == logits.data_ptr() else x)
-        x.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -grad * softmax
-        x.scatter_add_(1, target[:, None], grad[:, None])  # + grad at the target
-        if T != 1.0:
-            x.div_(T)
-        return x.to(logits.dtype), None, None
+        return _dlogits_(x, lse, target, grad, T).to(logits.dtype), None, None
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -185,11 +189,7 @@ class _LinearLogprobs(torch.autograd.Function):
             x = x.to(acc)
             if T != 1.0:
                 x = x / T
-            x.sub_(lse[s : s + c, None]).exp_().mul_(-g[:, None])  # -grad * softmax
-            x.scatter_add_(1, targets[s : s + c, None], g[:, None])  # + grad at the target
-            if T != 1.0:
-                x.div_(T)
-            d = x.to(weight.dtype)  # d logp / d logits, [c, V]
+            d = _dlogits_(x, lse[s : s + c], targets[s : s + c], g, T).to(weight.dtype)  # d logp / d logits
             if grad_h is not None:  # (under autocast the hidden states may be bf16 and the weight fp32)
                 grad_h[s : s + c] = d @ weight
             if grad_w is not None:
