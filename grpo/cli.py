@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     old_term = _stop_on_sigterm()
     try:
         run(args)
+        _close_process_group()
     except UserError as e:
         if args.debug:
             raise
@@ -163,15 +164,30 @@ def _release_locks() -> None:
         runtime.release_all()
 
 
-def _fail(message: str) -> int:
-    """Print `error: message` once (rank 0 of a launch; every rank hits a recipe problem alike) and return 2.
+RANK_ERROR_DELAY_S = 5.0
 
-    Under `accelerate launch` / torchrun the line also goes into the worker's error file, so the launcher's
-    failure summary names it instead of "To enable traceback see ..."; the launcher itself still raises
-    (a non-zero exit of any worker is its failure; the exit code must stay non-zero).
+
+def _close_process_group() -> None:
+    """After a finished distributed run, destroy the process group before the interpreter exits: left to the
+    exit, a rank's communication threads were torn down while still joinable ("terminate called without an active
+    exception", SIGABRT: the launch failed after the run had saved everything)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _fail(message: str) -> int:
+    """Print `error: message` once and return 2.
+
+    Every rank of a launch hits a recipe problem alike, so rank 0 prints at once and the other ranks wait
+    `RANK_ERROR_DELAY_S` first: the launcher stops every worker when the first one exits, and a rank > 0 that
+    exited first used to take rank 0 down before its line was printed (the user saw no reason at all). A problem
+    only a rank > 0 hits is still printed, after the wait. Under `accelerate launch` / torchrun the line also goes
+    into the worker's error file at once, so the launcher's failure summary names it instead of "To enable
+    traceback see ..."; the launcher itself still raises (a non-zero exit of any worker is its failure; the exit
+    code must stay non-zero).
     """
-    if _env_int("RANK", 0) <= 0:  # rank 0, or no launcher (a malformed RANK included: say it rather than nothing)
-        print("error: " + message, file=sys.stderr)
+    rank = _env_int("RANK", 0)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         import json
@@ -182,6 +198,11 @@ def _fail(message: str) -> int:
                 json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
         except OSError:
             pass
+    if rank > 0:
+        import time
+
+        time.sleep(RANK_ERROR_DELAY_S)  # the launcher ends this worker here when rank 0 has said it
+    print("error: " + message, file=sys.stderr)  # rank 0, no launcher, or a malformed RANK: say it rather than nothing
     return 2
 
 
