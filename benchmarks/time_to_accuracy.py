@@ -193,6 +193,7 @@ def run_trl(a, clock: Clock) -> None:
         loss_type=a.loss_type,
         steps=a.steps,
         seed=a.seed,
+        device=a.device,
         logging_steps=10**9,
         reward_weights=[r["weight"] for r in REWARDS],
     )
@@ -258,6 +259,7 @@ def child_env(a) -> dict:
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": str(a.threads),
         "MKL_NUM_THREADS": str(a.threads),
+        **({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}),  # else accelerate puts ours on a GPU
     }
 
 
@@ -279,6 +281,8 @@ def spawn(runner: str, seed: int, a) -> dict:
         str(a.work),
         "--threads",
         str(a.threads),
+        "--device",
+        a.device,
         "--prompts",
         str(a.prompts),
         "--G",
@@ -311,9 +315,8 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 def report(results: dict, a) -> str:
     lines = [
         f"GRPO from the quickstart SFT checkpoint: {a.prompts} prompts x G={a.G}, <= {a.new_tokens} new tokens, lr "
-        f"{a.lr}, "
-        f"loss {a.loss_type}, beta 0; rewards accuracy + 0.1 format; {a.threads} thread(s); eval every {a.eval_every} "
-        "steps "
+        f"{a.lr}, loss {a.loss_type}, beta 0; rewards accuracy + 0.1 format; {a.device}, {a.threads} thread(s); "
+        f"eval every {a.eval_every} steps "
         f"on {a.n_eval} held-out additions (greedy)",
         "",
     ]
@@ -368,6 +371,12 @@ def parse(argv=None):
     p.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: both trainers (and the SFT build) on the GPU, fp32; TRL without vLLM (transformers generate)",
+    )
     p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step (the quickstart's)")
     p.add_argument("--G", type=int, default=8)
     p.add_argument(

@@ -89,9 +89,9 @@ def build_assets(folder: Path, a) -> Path:
         intermediate_size=a.ffn,
         num_hidden_layers=a.layers,
         num_attention_heads=a.heads,
-        num_key_value_heads=a.heads,
+        num_key_value_heads=a.kv_heads or a.heads,
         max_position_embeddings=max(1024, a.prompt_len + a.new_tokens),  # the engine refuses longer sequences
-        tie_word_embeddings=False,
+        tie_word_embeddings=a.tied,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
@@ -129,6 +129,8 @@ def trl_config(
     seed: int = 0,
     optim: str = "adamw",
     gradient_checkpointing: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
     **overrides,
 ):
     """TRL's `GRPOConfig` for one CPU process in fp32, set as `our_recipe` sets ours (also used by time_to_accuracy.py).
@@ -139,6 +141,8 @@ def trl_config(
     (`grpo.optim`): adamw -> transformers' "adamw_torch", adamw_fused -> "adamw_torch_fused" (its default).
     `gradient_checkpointing` is set explicitly: TRL 1.16 turns it on by default, ours (model.gradient_checkpointing)
     off; until 2026-11-27 this file left TRL's default on while ours ran without it.
+    `device` cuda: TRL on the GPU (`use_cpu` off); `dtype` bfloat16: the weights loaded in bf16 and TRL's `bf16`
+    mixed precision on (ours: `model.dtype: bfloat16`, see `our_recipe`).
     """
     import torch
     from trl import GRPOConfig
@@ -172,15 +176,15 @@ def trl_config(
         max_steps=steps,
         logging_steps=1,
         report_to="none",
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16",
         fp16=False,
         save_strategy="no",
         seed=seed,
         dataloader_num_workers=0,
         log_completions=False,
         disable_tqdm=True,
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": getattr(torch, dtype)},
     )
     return GRPOConfig(**(kwargs | overrides))
 
@@ -206,14 +210,16 @@ def our_recipe(
     optim: str = "adamw",
     gradient_checkpointing: bool = False,
     grpo: dict | None = None,
+    dtype: str = "float32",
 ) -> dict:
     """Our recipe (as a dict) with the settings of `trl_config`: `engine` rollout, the trainer's defaults otherwise.
 
-    `grpo` overrides or adds keys of the recipe's grpo section (e.g. shared_prefix, micro_batch_tokens).
+    `grpo` overrides or adds keys of the recipe's grpo section (e.g. shared_prefix, micro_batch_tokens). The
+    device is accelerate's choice (a GPU where torch sees one): the runners hide the GPU for `--device cpu`.
     """
     return {
         "run": {"output_dir": str(output_dir), "seed": seed, "threads": threads, "overwrite": True},
-        "model": {"name_or_path": str(model), "dtype": "float32", "gradient_checkpointing": gradient_checkpointing},
+        "model": {"name_or_path": str(model), "dtype": dtype, "gradient_checkpointing": gradient_checkpointing},
         "data": {
             "train": str(train),
             "sft_train": None,
@@ -279,6 +285,8 @@ def run_trl(folder: Path, a) -> dict:
         steps=a.warmup + a.steps,
         optim=a.optim,
         gradient_checkpointing=a.gradient_checkpointing,
+        device=a.device,
+        dtype=a.dtype,
     )
     tok = AutoTokenizer.from_pretrained(folder / "model")
     trainer = GRPOTrainer(
@@ -366,6 +374,7 @@ def run_ours(folder: Path, a, shared_prefix: bool) -> dict:
         optim=a.optim,
         gradient_checkpointing=a.gradient_checkpointing,
         grpo={"shared_prefix": shared_prefix, **micro_batch(a)},
+        dtype=a.dtype,
     )
     path = folder / f"recipe_{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -492,12 +501,16 @@ def run_fwdbwd(folder: Path, a) -> dict:
     from grpo.batch import build_batch, token_logprobs
     from grpo.prefix import pack_groups, packed_logprobs
 
-    model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32).train()
+    device = torch.device("cuda" if a.device == "cuda" else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=getattr(torch, a.dtype)).to(device).train()
     rng = random.Random(1)
     prompts = [[rng.randrange(3, a.vocab) for _ in range(a.prompt_len)] for _ in range(a.prompts)]
     comps = [[rng.randrange(3, a.vocab) for _ in range(a.new_tokens)] for _ in range(a.prompts * a.G)]
     group_of = [j // a.G for j in range(len(comps))]
-    layouts = {"plain": build_batch(prompts, comps, group_of, 0), "prefix": pack_groups(prompts, comps, group_of)}
+    layouts = {
+        "plain": build_batch(prompts, comps, group_of, 0, device=device),
+        "prefix": pack_groups(prompts, comps, group_of, device),
+    }
     forwards = {"plain": token_logprobs, "prefix": packed_logprobs}
     times: dict[str, list[float]] = {}
     for rep in range(a.reps + 1):  # rep 0 is a warm-up
@@ -537,6 +550,9 @@ def child(a) -> None:
         result = run_ours(folder, a, shared_prefix=a.child == "ours")
     else:
         result = run_fwdbwd(folder, a)
+    if a.device == "cuda":  # the process's peak of tensors on the GPU, and of the caching allocator's reservation
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_cuda_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
     # ours resets the kernel's high-water mark per phase (PhasePeaks) and reports the peak it saw
     result["peak_rss_mb"] = max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result.get("peak_hwm_mb", 0.0)
@@ -560,6 +576,8 @@ def run_child(script: Path, extra: list[str], a, keys: tuple[str, ...], what: st
         "OMP_NUM_THREADS": str(a.threads),
         "MKL_NUM_THREADS": str(a.threads),
     }
+    if getattr(a, "device", "cpu") == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU machine too: accelerate would put ours on the GPU
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
@@ -615,6 +633,9 @@ def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
         "ffn",
         "layers",
         "heads",
+        "kv_heads",
+        "device",
+        "dtype",
         "warmup",
         "steps",
         "reps",
@@ -623,6 +644,7 @@ def spawn(runner: str, loss_type: str, assets: Path, a) -> dict:
         "optim",
     )
     extra = ["--gradient-checkpointing"] if a.gradient_checkpointing else []
+    extra += ["--tied"] if a.tied else []
     extra += ["--micro-batch-tokens", str(a.micro_batch_tokens)] if a.micro_batch_tokens else []
     return run_child(
         Path(__file__).resolve(),
@@ -677,7 +699,8 @@ def killed_text(r: dict, a) -> str:
 
 def report(results: dict, a) -> str:
     lines = [
-        f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.ffn}, vocab {a.vocab}, fp32; "
+        f"model: Llama hidden {a.hidden}, {a.layers} layers, {a.heads} heads ({a.kv_heads or a.heads} KV), "
+        f"ffn {a.ffn}, vocab {a.vocab}{', tied' if a.tied else ''}, {a.dtype} on {a.device}; "
         f"{a.prompts} prompts x G={a.G}, {a.prompt_len} prompt tokens, {a.new_tokens} new tokens; beta {a.beta}, "
         f"lr {a.lr}, {a.optim}{', gradient checkpointing' if a.gradient_checkpointing else ''}; {a.threads} threads; "
         f"median of {a.steps} steps after {a.warmup} warm-up",
@@ -689,7 +712,7 @@ def report(results: dict, a) -> str:
         lines.append(f"loss_type={loss_type}: seconds per optimizer step (median) and peak RSS")
         lines.append(
             f"  {'runner':<12} {'step':>7} {'gen':>7} {'score':>7} {'ref':>7} {'train':>7} {'other':>7} "
-            f"{'cpu s':>7} {'RSS MB':>8}"
+            f"{'cpu s':>7} {'RSS MB':>8}" + (f" {'CUDA MB':>8} {'reserved':>8}" if a.device == "cuda" else "")
         )
         for runner, r in by_runner.items():
             if r.get("killed"):
@@ -699,6 +722,7 @@ def report(results: dict, a) -> str:
             lines.append(
                 f"  {runner:<12} {s['step']:7.2f} {s['gen']:7.2f} {s['score']:7.2f} {s['logprobs']:7.2f} "
                 f"{s['train']:7.2f} {s['other']:7.2f} {s['cpu']:7.1f} {r['peak_rss_mb']:8.0f}"
+                + (f" {r['peak_cuda_mb']:8.0f} {r['peak_cuda_reserved_mb']:8.0f}" if "peak_cuda_mb" in r else "")
             )
         for runner, r in by_runner.items():
             peaks = phase_peaks(r, a.warmup)
@@ -722,6 +746,12 @@ def report(results: dict, a) -> str:
                         f"  {runner} / trl: step {r['summary']['step'] / base['summary']['step']:.2f}x, "
                         f"CPU seconds per step {r['summary']['cpu'] / base['summary']['cpu']:.2f}x, "
                         f"peak RSS {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+                        + (
+                            f", peak CUDA memory {r['peak_cuda_mb'] / base['peak_cuda_mb']:.2f}x "
+                            f"(reserved {r['peak_cuda_reserved_mb'] / base['peak_cuda_reserved_mb']:.2f}x)"
+                            if "peak_cuda_mb" in r and "peak_cuda_mb" in base
+                            else ""
+                        )
                     )
         lines.append("")
     if "fwdbwd" in results:
@@ -782,6 +812,15 @@ def parse(argv=None):
         choices=["adamw", "adamw_fused"],
         help="both sides: torch's default AdamW kernel, or the fused one (TRL: adamw_torch / adamw_torch_fused)",
     )
+    p.add_argument("--kv-heads", type=int, default=0, help="key/value heads (GQA); 0: as many as --heads")
+    p.add_argument("--tied", action="store_true", help="tie the output layer to the embeddings (as Qwen2.5-0.5B)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: both trainers on the GPU, peak CUDA memory reported (TRL without vLLM: transformers generate)",
+    )
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights (TRL: bf16 on too)")
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -830,8 +869,9 @@ def main(argv=None) -> None:
                     continue
                 r["summary"] = summarize(r, a.warmup)
                 print(
-                    f"[{loss_type}] {runner}: {r['summary']['step']:.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB "
-                    f"({r['wall_s']:.0f} s)",
+                    f"[{loss_type}] {runner}: {r['summary']['step']:.2f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB"
+                    + (f", peak CUDA {r['peak_cuda_mb']:.0f} MB " if "peak_cuda_mb" in r else " ")
+                    + f"({r['wall_s']:.0f} s)",
                     flush=True,
                 )
         if "fwdbwd" in a.runners:
