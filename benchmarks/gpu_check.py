@@ -23,6 +23,10 @@ default 450; a section or row that would start past its share is recorded as ski
                     on tiny_base (Llama) and a tiny random Qwen2 (GQA, biases). Errors are relative L2 norms;
                     limits: bf16 1e-2 (values), 3e-2 (gradients); fp32 1e-5. A "sensitivity" line shows each
                     comparison would catch a wrong context (prompt cut to one token).
+  attention         the shared-prefix pass's masked completion attention with grouped K/V heads at that model's
+                    head shape (64 completions, 128 prompt + 256 own tokens): as grpo/prefix.py calls it (on CUDA
+                    SDPA's math kernel), with the K/V heads expanded, with the query heads folded into the length,
+                    and the padded layout's causal call; ms, memory kept for the backward, peak (section_attention).
   rollout           bf16, random-init Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, FFN 4864,
                     vocab 151936, tied), 64 prompts x 256 tokens, G=8, 256 new tokens (fixed length): `engine`,
                     `engine` static_decode (if the option exists), and on a subset of prompts (`--hf-prompts`,
@@ -103,6 +107,7 @@ TINY_QWEN = dict(
 )
 FULL = dict(
     model=QWEN05,
+    attn=dict(rows=64, G=8, P=128, C=256),  # the attention section: completions, group size, prompt / own tokens
     matmul=8192,
     copy_mb=1024,
     prompts=64,
@@ -116,6 +121,7 @@ FULL = dict(
 )
 TINY = dict(
     model=TINY_QWEN,
+    attn=dict(rows=8, G=4, P=8, C=8),
     matmul=256,
     copy_mb=16,
     prompts=4,
@@ -129,7 +135,14 @@ TINY = dict(
 )
 TOL = {"bfloat16": {"values": 1e-2, "grads": 3e-2}, "float32": {"values": 1e-5, "grads": 1e-5}}
 # share of --budget per section (a section stops starting new rows past its share; the rest roll over)
-SHARES = {"env": 0.08, "correctness_bf16": 0.12, "correctness_fp32": 0.12, "rollout": 0.36, "train": 0.32}
+SHARES = {
+    "env": 0.08,
+    "correctness_bf16": 0.12,
+    "correctness_fp32": 0.12,
+    "attention": 0.06,
+    "rollout": 0.32,
+    "train": 0.30,
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -412,6 +425,109 @@ def _with_grads(model, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------- 3. rollout
+def section_attention(s: Section, ctx: dict) -> None:
+    """The shared-prefix training pass's completion attention (`grpo.prefix.prefix_attention`) in isolation, at the
+    model's head shape: each of `rows` completions attends to [its group's prompt | its own tokens] under an explicit
+    mask, with grouped K/V heads. On CUDA no fused SDPA kernel takes a mask with grouped heads (flash: no mask;
+    memory-efficient: no GQA), so SDPA runs its math kernel. Variants, forward + backward, the same inputs:
+      masked_gqa         what grpo/prefix.py does: mask + enable_gqa
+      masked_expand_kv   K/V heads repeated to the query heads (transformers' repeat_kv), mask, no GQA
+      masked_fold_q      the g query heads of a K/V head folded into the query length (mask rows repeated), no GQA
+      padded_causal      the plain padded layout's call (prompt + completion queries, is_causal, GQA: flash on CUDA):
+                         what a padded batch pays, for scale (it computes P more query rows per completion)
+    Rows: median ms (forward+backward), memory held after the forward (output + what the backward keeps) and the
+    peak, CUDA only. Checks: the two rewrites equal masked_gqa (values and input gradients)."""
+    sh, dev, dtype = ctx["shape"], ctx["device"], DTYPES[ctx["dtype"]]
+    cfg, a = sh["model"], sh["attn"]
+    H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D, g = cfg["hidden_size"] // H, H // Hkv
+    N, P, C = a["rows"], a["P"], a["C"]
+    s.data.update(heads=H, kv_heads=Hkv, head_dim=D, completions=N, prompt=P, completion=C, dtype=ctx["dtype"])
+    gen = torch.Generator(device="cpu").manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dev, dtype)
+
+    q, k, v, gout = rand(N, H, C, D), rand(N, Hkv, P + C, D), rand(N, Hkv, P + C, D), rand(N, H, C, D)
+    j, i = torch.arange(P + C, device=dev), torch.arange(C, device=dev)
+    mask = ((j[None, :] < P) | (j[None, :] - P <= i[:, None]))[None, None].expand(N, 1, C, P + C).contiguous()
+    fold_mask = mask.repeat(1, 1, g, 1)  # [N, 1, g*C, P+C]: once per forward in a real pass (all layers share it)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def masked_gqa(q, k, v, qp):
+        return sdpa(q, k, v, attn_mask=mask, enable_gqa=g > 1)
+
+    def masked_expand_kv(q, k, v, qp):
+        return sdpa(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), attn_mask=mask)
+
+    def masked_fold_q(q, k, v, qp):
+        qf = q.view(N, Hkv, g, C, D).reshape(N, Hkv, g * C, D)
+        return sdpa(qf, k, v, attn_mask=fold_mask).view(N, Hkv, g, C, D).reshape(N, H, C, D)
+
+    qp = rand(N, H, P + C, D)  # the padded layout's queries: prompt and completion positions
+
+    def padded_causal(q, k, v, qp):
+        return sdpa(qp, k, v, is_causal=True, enable_gqa=g > 1)[:, :, P:]
+
+    variants = {
+        "masked_gqa": masked_gqa,
+        "masked_expand_kv": masked_expand_kv,
+        "masked_fold_q": masked_fold_q,
+        "padded_causal": padded_causal,
+    }
+    ref = None
+    for name, fn in variants.items():
+        if s.left() < 5:
+            s.row({"name": name, "skipped": f"time share left {s.left():.0f} s"})
+            continue
+        try:
+            row, grads = _time_attention(fn, (q, k, v, qp), gout, dev)
+        except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others)
+            s.row({"name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+            continue
+        s.row({"name": name, **row})
+        if name == "masked_gqa":
+            ref = grads
+        elif ref is not None and name != "padded_causal":
+            tol = TOL[ctx["dtype"]]
+            errs = {f"rel_err_{n}": _rel(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), grads, ref)}
+            s.check(
+                f"attention {name} == masked_gqa",
+                errs["rel_err_out"] <= tol["values"] and max(list(errs.values())[1:]) <= tol["grads"],
+                **errs,
+            )
+        free_memory()
+
+
+def _time_attention(fn, inputs, gout, dev, reps: int = 5) -> tuple[dict, list]:
+    """Median ms of forward + backward over `reps` after a warm-up, memory held after the forward and the peak
+    (CUDA), and (output, dq, dk, dv) of the last run."""
+    q, k, v, qp = (x.detach().requires_grad_() for x in inputs)
+    times, held, peak = [], 0, 0
+    for r in range(reps + 1):
+        for x in (q, k, v, qp):
+            x.grad = None
+        _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        t = time.perf_counter()
+        out = fn(q, k, v, qp)
+        if dev.type == "cuda":
+            held = torch.cuda.memory_allocated(dev) - base
+        out.backward(gout)
+        _sync(dev)
+        if r:
+            times.append(time.perf_counter() - t)
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev) - base
+    row = {"ms": round(statistics.median(times) * 1e3, 3)}
+    if dev.type == "cuda":
+        row.update(held_after_forward_mib=round(held / 2**20, 1), peak_mib=round(peak / 2**20, 1))
+    dq = q.grad if q.grad is not None else qp.grad[:, :, -out.shape[2] :]
+    return row, [out.detach(), dq, k.grad, v.grad]
+
+
 def section_rollout(s: Section, ctx: dict) -> None:
     sh, dev, dtype = ctx["shape"], ctx["device"], DTYPES[ctx["dtype"]]
     model = qwen_model(sh["model"], dev, dtype, seed=0)
@@ -784,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         "env": (section_env,),
         "correctness_bf16": (section_correctness, "bfloat16"),
         "correctness_fp32": (section_correctness, "float32"),
+        "attention": (section_attention,),
         "rollout": (section_rollout,),
         "train": (section_train,),
     }

@@ -62,7 +62,7 @@ def test_tiny_mode_runs_every_section_without_the_packages_the_gpu_image_lacks(t
     assert proc.returncode == 0, tail
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
-    assert list(sections) == ["env", "correctness_bf16", "correctness_fp32", "rollout", "train"], tail
+    assert list(sections) == ["env", "correctness_bf16", "correctness_fp32", "attention", "rollout", "train"], tail
     # the blocker really applied: the script saw the GPU image's missing packages as missing
     assert set(GPU_IMAGE_MISSING) <= set(sections["env"]["missing_optional"])
     for name, s in sections.items():
@@ -82,6 +82,13 @@ def test_tiny_mode_runs_every_section_without_the_packages_the_gpu_image_lacks(t
             for what in paths:
                 assert f"{what} ({model})" in names
     assert sections["env"]["rows"][0]["bf16_matmul_tflops"] > 0 and sections["env"]["rows"][0]["copy_gbps"] > 0
+    attention = {r["name"]: r for r in sections["attention"]["rows"]}
+    assert set(attention) == {"masked_gqa", "masked_expand_kv", "masked_fold_q", "padded_causal"}
+    assert all(r["ms"] > 0 for r in attention.values()), attention
+    assert {c["name"] for c in sections["attention"]["checks"]} == {
+        "attention masked_expand_kv == masked_gqa",
+        "attention masked_fold_q == masked_gqa",
+    }
     rows = {r["name"]: r for r in sections["rollout"]["rows"]}
     for name in ("engine (4 prompts)", "engine (2 prompts)", "hf (2 prompts)", "hf static cache (2 prompts)"):
         assert rows[name]["completion_tokens"] == int(name.split("(")[1].split()[0]) * 4 * 8  # prompts x G x new tokens
