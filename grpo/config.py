@@ -80,6 +80,9 @@ class DataConfig:
     messages_field: str = "messages"  # chat datasets: a list of {role, content}
     apply_chat_template: bool = False  # wrap string prompts as a user message in the tokenizer's chat template
     system_prompt: str | None = None  # with apply_chat_template (or chat data): prepended as a system message
+    # SFT on chat `messages` with several assistant turns: all = every assistant turn is a target (user, system and
+    # tool messages and the template's scaffolding are context), last = only the final one (the rest is the prompt)
+    assistant_turns: Literal["all", "last"] = "all"
     max_prompt_length: int = 256  # in tokens
     prompt_overflow: Literal["truncate_left", "drop", "error"] = "truncate_left"
 

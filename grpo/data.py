@@ -6,8 +6,10 @@ name with an optional split (`openai/gsm8k:train`, config as `name@config:split`
 chat `messages` (a list of `{role, content}`), rendered with the tokenizer's chat template: the
 prompt is every message before the last one plus the generation prompt, the completion is the last
 (assistant) message; a `prompt` column holding a list of messages (TRL's conversational format) is
-read the same way. Field names are configurable in the recipe's `data` section. Every other column
-travels with the prompt to the reward functions (e.g. `answer`).
+read the same way. SFT on a conversation with several assistant turns trains every one of them
+(`data.assistant_turns: all`; user, system and tool messages are context), or only the last (`last`).
+Field names are configurable in the recipe's `data` section. Every other column travels with the
+prompt to the reward functions (e.g. `answer`).
 """
 
 from __future__ import annotations
@@ -226,13 +228,24 @@ class Example:
     labels: list[int]
 
 
-def render(
-    row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool, tools: list[dict] | None = None
-) -> tuple[str, str]:
-    """(prompt_text, completion_text) of a row; completion is '' when not requested. `tools`: JSON schemas the chat
-    template renders through its ``tools=`` argument (multi-turn tool use, grpo.environments.tool_schemas)."""
-    if fmt == "prompt" and not cfg.apply_chat_template:
-        return row[cfg.prompt_field], (row.get(cfg.completion_field) or "") if with_completion else ""
+def apply_template(tokenizer, messages: list[dict], **kwargs) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)`; a template that refuses the messages (a
+    role it does not know, say) is one UserError line naming the roles."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:
+        roles = ", ".join(dict.fromkeys(str(m.get("role")) for m in messages if isinstance(m, dict)))
+        raise UserError(
+            f"the tokenizer's chat template cannot render a conversation with roles {roles}: {first_line(e)}; use a "
+            "model or model.tokenizer whose template handles them, or change the data"
+        ) from None
+
+
+def chat_messages(row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool) -> list[dict]:
+    """A row as the message list the chat template renders: a string prompt as a user message (and its completion
+    as the assistant's), data.system_prompt prepended when the row has no system message of its own."""
     if fmt == "prompt":
         messages = [{"role": "user", "content": row[cfg.prompt_field]}]
         if with_completion and row.get(cfg.completion_field):
@@ -250,15 +263,26 @@ def render(
         raise UserError(
             "chat-message data needs a tokenizer with a chat_template (set model.tokenizer to one that has it)"
         )
+    return messages
+
+
+def render(
+    row: dict, fmt: str, cfg: DataConfig, tokenizer, *, with_completion: bool, tools: list[dict] | None = None
+) -> tuple[str, str]:
+    """(prompt_text, completion_text) of a row; completion is '' when not requested. `tools`: JSON schemas the chat
+    template renders through its ``tools=`` argument (multi-turn tool use, grpo.environments.tool_schemas)."""
+    if fmt == "prompt" and not cfg.apply_chat_template:
+        return row[cfg.prompt_field], (row.get(cfg.completion_field) or "") if with_completion else ""
+    messages = chat_messages(row, fmt, cfg, tokenizer, with_completion=with_completion)
     if messages[-1].get("role") == "assistant":
         history, last = messages[:-1], messages[-1]
     else:
         history, last = messages, None
     extra = {"tools": tools} if tools else {}
-    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, **extra)
+    prompt = apply_template(tokenizer, history, add_generation_prompt=True, **extra)
     if not with_completion or last is None:
         return prompt, ""
-    full = tokenizer.apply_chat_template(history + [last], tokenize=False, **extra)
+    full = apply_template(tokenizer, history + [last], **extra)
     if not full.startswith(prompt):  # templates that rewrite history: fall back to the raw content
         return prompt, last["content"]
     return prompt, full[len(prompt) :].rstrip()  # templates often end a turn with "<eos>\n": end on the eos
@@ -284,6 +308,66 @@ def example_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[lis
     return p_ids, c_ids if c_ids and c_ids[-1] == eos else c_ids + [eos]
 
 
+def conversation_tokens(messages: list[dict], tokenizer) -> tuple[list[int], list[int]] | None:
+    """Every assistant turn of a conversation as a target: (input ids, labels), labels -100 on everything else
+    (system, user and tool messages, and the template's own scaffolding such as the generation prompt), eos appended
+    when the last turn does not end in it. Each turn's span is found by rendering the conversation up to it: the text
+    of messages[:i] with the generation prompt, then of messages[:i + 1]; the difference is turn i, trailing
+    whitespace left to the context (as for a single completion). None when the template rewrites earlier turns
+    (a later rendering does not extend the earlier one, e.g. templates that drop past reasoning): the caller then
+    trains the last turn only."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # text already turned into tokens
+
+    def add(text: str, train: bool) -> None:
+        if text:
+            t = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.extend(t)
+            labels.extend(t if train else [-100] * len(t))
+
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = apply_template(tokenizer, messages[: i + 1])
+        if not before.startswith(done) or not upto.startswith(before):
+            return None
+        turn = upto[len(before) :].rstrip()
+        add(before[len(done) :], train=False)
+        add(turn, train=True)
+        done = before + turn
+    eos = tokenizer.eos_token_id
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
+
+
+def sft_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]:
+    """An SFT row's (input ids, labels), untruncated: the completion is the target (labels -100 on the prompt);
+    chat rows with several assistant turns train every one of them (`data.assistant_turns: all`, the default)."""
+    if fmt != "prompt" and cfg.assistant_turns == "all":
+        messages = chat_messages(row, fmt, cfg, tokenizer, with_completion=True)
+        if sum(m.get("role") == "assistant" for m in messages) > 1:
+            both = conversation_tokens(messages, tokenizer)
+            if both is not None:
+                return both
+            global _WARNED_REWRITE
+            if not _WARNED_REWRITE:
+                _WARNED_REWRITE = True
+                log.warning(
+                    "the chat template rewrites earlier turns when a conversation continues (e.g. it drops their "
+                    "reasoning), so their spans cannot be told apart: only the last assistant turn of such "
+                    "conversations is trained"
+                )
+    p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer)
+    return p_ids + c_ids, [-100] * len(p_ids) + c_ids
+
+
+_WARNED_REWRITE = False
+
+
 def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_length: int) -> list[Example]:
     """Tokenize rows into completion-only examples, eos appended, truncated to max_length.
 
@@ -302,9 +386,8 @@ def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_len
         )
     out = []
     for row in rows:
-        p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer)
-        ids = (p_ids + c_ids)[:max_length]
-        labels = ([-100] * len(p_ids) + c_ids)[:max_length]
+        ids, labels = sft_tokens(row, fmt, cfg, tokenizer)
+        ids, labels = ids[:max_length], labels[:max_length]
         if any(l != -100 for l in labels):
             out.append(Example(ids, labels))
     if not out:

@@ -271,7 +271,7 @@ def length_problems(recipe, spec: str, what: str, new_tokens: int, new_key: str,
 
 def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     """Longest tokenized prompt (or prompt + completion + eos) of a dataset; a str is a problem, None unknown."""
-    from grpo.data import example_tokens, prompt_tokens
+    from grpo.data import prompt_tokens, sft_tokens
     from grpo.modeling import load_tokenizer
 
     rows, fmt, bad = dataset(recipe, spec, what, with_completion, cache)
@@ -285,7 +285,7 @@ def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     longest = 0
     for row in rows:
         if with_completion:  # the stages' own tokenization (grpo.data), chat-template flag included
-            n = sum(map(len, example_tokens(row, fmt, recipe.data, tok)))
+            n = len(sft_tokens(row, fmt, recipe.data, tok)[0])
         else:
             n = len(prompt_tokens(row, fmt, recipe.data, tok)[1])
         longest = max(longest, n)

@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT, TOKENIZER
 from grpo.config import DataConfig, ModelConfig, load_recipe
 from grpo.data import sft_examples
+from grpo.errors import UserError
 from grpo.modeling import load_tokenizer
 from grpo.sft import collate, lm_loss, pack, run_sft
 
@@ -184,3 +185,83 @@ def test_eval_every_zero_evaluates_after_the_last_step_only(tmp_path):
     run_sft(recipe)
     history = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "eval_loss" in h] == [3]
+
+
+CHATML = (
+    "{%- for m in messages -%}<|{{ m['role'] }}|>{{ m['content'] }}<eos>\n{% endfor -%}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif -%}"
+)
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "12+34="},
+    {"role": "assistant", "content": "<t>calc 12+34</t>"},
+    {"role": "tool", "content": "46"},
+    {"role": "assistant", "content": "<a>46</a>"},
+]
+
+
+def labelled_spans(ex, tok) -> list[str]:
+    """The decoded runs of consecutive trained tokens (labels != -100), in order."""
+    spans, run = [], []
+    for i, l in zip(ex.input_ids, ex.labels):
+        if l != -100:
+            assert l == i
+            run.append(i)
+        elif run:
+            spans.append(tok.decode(run).replace(" ", ""))
+            run = []
+    if run:
+        spans.append(tok.decode(run).replace(" ", ""))
+    return spans
+
+
+@pytest.fixture
+def chatml_tok():
+    t = load_tokenizer(ModelConfig(name_or_path=str(TOKENIZER)))
+    t.chat_template = CHATML
+    return t
+
+
+def test_every_assistant_turn_is_trained_and_nothing_else(chatml_tok):
+    """A multi-turn tool conversation: both assistant turns (each with its end-of-turn token) are targets; the system,
+    user and tool messages and the template's role markers are context; the whole sequence is the template's
+    rendering of the conversation, token for token."""
+    tok = chatml_tok
+    (ex,) = sft_examples([{"messages": TOOL_CONVERSATION}], "messages", DataConfig(), tok, max_length=256)
+    assert labelled_spans(ex, tok) == ["<t>calc12+34</t><eos>", "<a>46</a><eos>"]
+    full = tok.apply_chat_template(TOOL_CONVERSATION, tokenize=False).rstrip()
+    assert ex.input_ids == tok(full, add_special_tokens=False)["input_ids"]
+
+
+def test_assistant_turns_last_trains_the_final_turn_only(chatml_tok):
+    tok = chatml_tok
+    cfg = DataConfig(assistant_turns="last")
+    (ex,) = sft_examples([{"messages": TOOL_CONVERSATION}], "messages", cfg, tok, max_length=256)
+    assert labelled_spans(ex, tok) == ["<a>46</a><eos>"]
+    (both,) = sft_examples([{"messages": TOOL_CONVERSATION}], "messages", DataConfig(), tok, max_length=256)
+    assert ex.input_ids == both.input_ids  # the same sequence, fewer targets
+
+
+def test_a_template_that_rewrites_history_trains_the_last_turn_with_a_warning(chatml_tok, caplog):
+    """Templates that drop earlier turns' reasoning (the rendering of a longer conversation does not extend the
+    shorter one's): the turns cannot be located, so the last one is trained, as before, and the log says why."""
+    tok = chatml_tok
+    tok.chat_template = (
+        "{%- for m in messages -%}<|{{ m['role'] }}|>"
+        "{%- if m['role'] == 'assistant' and not loop.last -%}...{%- else -%}{{ m['content'] }}{%- endif -%}"
+        "<eos>\n{% endfor -%}{%- if add_generation_prompt %}<|assistant|>{% endif -%}"
+    )
+    import grpo.data
+
+    grpo.data._WARNED_REWRITE = False
+    with caplog.at_level("WARNING", logger="grpo.data"):
+        (ex,) = sft_examples([{"messages": TOOL_CONVERSATION}], "messages", DataConfig(), tok, max_length=256)
+    assert labelled_spans(ex, tok) == ["<a>46</a><eos>"]
+    assert "only the last assistant turn" in caplog.text
+
+
+def test_a_template_that_refuses_a_role_is_one_clear_error(tok):
+    """The toy tokenizer's template knows user and assistant only: a tool message is a UserError naming the roles,
+    not a jinja traceback."""
+    with pytest.raises(UserError, match="roles user, assistant, tool"):
+        sft_examples([{"messages": TOOL_CONVERSATION[1:]}], "messages", DataConfig(), tok, max_length=256)
