@@ -412,6 +412,11 @@ def main(argv=None) -> None:
     a = parse(argv)
     if a.child:
         return child(a)
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but torch sees no GPU here; leave --device out to run on the CPU")
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="grpo_tta_") as tmp:
         a.work = Path(tmp)
