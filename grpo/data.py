@@ -299,23 +299,28 @@ def prompt_tokens(
     return text, tokenizer(text, add_special_tokens=(fmt == "prompt" and not cfg.apply_chat_template))["input_ids"]
 
 
-def example_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]:
+def example_tokens(
+    row: dict, fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None
+) -> tuple[list[int], list[int]]:
     """An SFT row's (prompt ids, completion ids ending in eos), untruncated."""
-    prompt, completion = render(row, fmt, cfg, tokenizer, with_completion=True)
+    prompt, completion = render(row, fmt, cfg, tokenizer, with_completion=True, tools=tools)
     p_ids = tokenizer(prompt, add_special_tokens=(fmt == "prompt" and not cfg.apply_chat_template))["input_ids"]
     c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return p_ids, c_ids if c_ids and c_ids[-1] == eos else c_ids + [eos]
 
 
-def conversation_tokens(messages: list[dict], tokenizer) -> tuple[list[int], list[int]] | None:
+def conversation_tokens(
+    messages: list[dict], tokenizer, tools: list[dict] | None = None
+) -> tuple[list[int], list[int]] | None:
     """Every assistant turn of a conversation as a target: (input ids, labels), labels -100 on everything else
     (system, user and tool messages, and the template's own scaffolding such as the generation prompt), eos appended
     when the last turn does not end in it. Each turn's span is found by rendering the conversation up to it: the text
     of messages[:i] with the generation prompt, then of messages[:i + 1]; the difference is turn i, trailing
     whitespace left to the context (as for a single completion). None when the template rewrites earlier turns
     (a later rendering does not extend the earlier one, e.g. templates that drop past reasoning): the caller then
-    trains the last turn only."""
+    trains the last turn only. `tools`: the JSON schemas the template renders (as GRPO's prompts render them)."""
+    extra = {"tools": tools} if tools else {}
     ids: list[int] = []
     labels: list[int] = []
     done = ""  # text already turned into tokens
@@ -329,8 +334,8 @@ def conversation_tokens(messages: list[dict], tokenizer) -> tuple[list[int], lis
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = apply_template(tokenizer, messages[: i + 1])
+        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True, **extra)
+        upto = apply_template(tokenizer, messages[: i + 1], **extra)
         if not before.startswith(done) or not upto.startswith(before):
             return None
         turn = upto[len(before) :].rstrip()
@@ -344,13 +349,17 @@ def conversation_tokens(messages: list[dict], tokenizer) -> tuple[list[int], lis
     return ids, labels
 
 
-def sft_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[int], list[int]]:
+def sft_tokens(
+    row: dict, fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None
+) -> tuple[list[int], list[int]]:
     """An SFT row's (input ids, labels), untruncated: the completion is the target (labels -100 on the prompt);
-    chat rows with several assistant turns train every one of them (`data.assistant_turns: all`, the default)."""
+    chat rows with several assistant turns train every one of them (`data.assistant_turns: all`, the default).
+    `tools`: the recipe's tool schemas (grpo.environments.tool_schemas), rendered by chat templates as in GRPO's
+    prompts, so SFT and GRPO see the same prompt."""
     if fmt != "prompt" and cfg.assistant_turns == "all":
         messages = chat_messages(row, fmt, cfg, tokenizer, with_completion=True)
         if sum(m.get("role") == "assistant" for m in messages) > 1:
-            both = conversation_tokens(messages, tokenizer)
+            both = conversation_tokens(messages, tokenizer, tools)
             if both is not None:
                 return both
             global _WARNED_REWRITE
@@ -361,14 +370,16 @@ def sft_tokens(row: dict, fmt: str, cfg: DataConfig, tokenizer) -> tuple[list[in
                     "reasoning), so their spans cannot be told apart: only the last assistant turn of such "
                     "conversations is trained"
                 )
-    p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer)
+    p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer, tools)
     return p_ids + c_ids, [-100] * len(p_ids) + c_ids
 
 
 _WARNED_REWRITE = False
 
 
-def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_length: int) -> list[Example]:
+def sft_examples(
+    rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_length: int, tools: list[dict] | None = None
+) -> list[Example]:
     """Tokenize rows into completion-only examples, eos appended, truncated to max_length.
 
     Rows with an empty completion teach only the eos token: some are warned about (with the count), all is an error.
@@ -386,7 +397,7 @@ def sft_examples(rows: list[dict], fmt: str, cfg: DataConfig, tokenizer, max_len
         )
     out = []
     for row in rows:
-        ids, labels = sft_tokens(row, fmt, cfg, tokenizer)
+        ids, labels = sft_tokens(row, fmt, cfg, tokenizer, tools)
         ids, labels = ids[:max_length], labels[:max_length]
         if any(l != -100 for l in labels):
             out.append(Example(ids, labels))

@@ -282,11 +282,17 @@ def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     except UserError as e:
         return str(e)
     cache["tokenizer"] = tok
+    from grpo.environments import tool_schemas
+
+    try:  # the stages render chat prompts with the recipe's tool schemas; a broken tool is reported elsewhere
+        tools = tool_schemas(recipe.environment)
+    except UserError:
+        tools = None
     longest = 0
     for row in rows:
         if with_completion:  # the stages' own tokenization (grpo.data), chat-template flag included
-            n = len(sft_tokens(row, fmt, recipe.data, tok)[0])
+            n = len(sft_tokens(row, fmt, recipe.data, tok, tools)[0])
         else:
-            n = len(prompt_tokens(row, fmt, recipe.data, tok)[1])
+            n = len(prompt_tokens(row, fmt, recipe.data, tok, tools)[1])
         longest = max(longest, n)
     return longest

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from grpo import rules, runtime
 from grpo.config import Recipe, recipe_to_dict, save_recipe
 from grpo.data import Example, Sampler, check_columns, load_rows, sft_examples
+from grpo.environments import tool_schemas
 from grpo.modeling import count_parameters, load_model, load_tokenizer, save_model
 from grpo.tracking import Tracker
 
@@ -113,12 +114,13 @@ def run_sft(recipe: Recipe, model_path: str | None = None) -> Path:
 
     rows = load_rows(dcfg.sft_train, "data.sft_train")
     fmt = check_columns(rows, dcfg, dcfg.sft_train, "data.sft_train", need_completion=True)
-    train = sft_examples(rows, fmt, dcfg, tok, cfg.max_length)
+    tools = tool_schemas(recipe.environment)  # rendered into chat prompts as GRPO renders them
+    train = sft_examples(rows, fmt, dcfg, tok, cfg.max_length, tools)
     evals = []
     if dcfg.sft_eval:
         erows = load_rows(dcfg.sft_eval, "data.sft_eval")
         evals = sft_examples(
-            erows, check_columns(erows, dcfg, dcfg.sft_eval, "data.sft_eval", True), dcfg, tok, cfg.max_length
+            erows, check_columns(erows, dcfg, dcfg.sft_eval, "data.sft_eval", True), dcfg, tok, cfg.max_length, tools
         )
 
     model = load_model(model_cfg, model_path)

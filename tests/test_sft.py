@@ -265,3 +265,19 @@ def test_a_template_that_refuses_a_role_is_one_clear_error(tok):
     not a jinja traceback."""
     with pytest.raises(UserError, match="roles user, assistant, tool"):
         sft_examples([{"messages": TOOL_CONVERSATION[1:]}], "messages", DataConfig(), tok, max_length=256)
+
+
+def test_tool_schemas_are_rendered_into_sft_prompts_as_into_grpo_prompts(chatml_tok):
+    """With the recipe's tools, the chat template renders their schemas in SFT as it does in GRPO's prompts (the
+    model is tuned on the prompt it will be asked with); the schemas are context, not targets."""
+    from grpo.data import prompt_records
+
+    tok = chatml_tok
+    tok.chat_template = "{%- if tools %}<|tools|>{{ tools | length }} tool(s)<eos>\n{% endif -%}" + CHATML
+    tools = [{"type": "function", "function": {"name": "calculator", "parameters": {}}}]
+    (ex,) = sft_examples([{"messages": TOOL_CONVERSATION}], "messages", DataConfig(), tok, max_length=256, tools=tools)
+    full = tok.apply_chat_template(TOOL_CONVERSATION, tools=tools, tokenize=False).rstrip()
+    assert full.startswith("<|tools|>1 tool(s)") and ex.input_ids == tok(full, add_special_tokens=False)["input_ids"]
+    assert labelled_spans(ex, tok) == ["<t>calc12+34</t><eos>", "<a>46</a><eos>"]
+    (rec,), _ = prompt_records([{"messages": TOOL_CONVERSATION[:2]}], "messages", DataConfig(), tok, tools=tools)
+    assert ex.input_ids[: len(rec["prompt_ids"])] == rec["prompt_ids"]  # GRPO's prompt is the SFT sequence's start
