@@ -149,6 +149,7 @@ def environment_factory(cfg) -> Callable[[dict], Any]:
         raise UserError(f"environment: {e}") from None
     tools = build_tools(cfg.tools)
     if isinstance(factory, type) and issubclass(factory, ToolEnv):  # the built-in, or a subclass (another call syntax)
+        _check_tool_env_settings(factory, cfg.kwargs, where)
         return functools.partial(factory, tools=tools, timeout_s=cfg.tool_timeout_s, **cfg.kwargs)
     if tools:
         raise UserError(
@@ -162,6 +163,26 @@ def environment_factory(cfg) -> Callable[[dict], Any]:
             f"{where}: its settings {sorted(cfg.kwargs)} do not fit {factory.__name__}(row, **settings): {e}"
         ) from None
     return functools.partial(factory, **cfg.kwargs)
+
+
+def _check_tool_env_settings(factory: type, settings: dict, where: str) -> None:
+    """The built-in tools environment (or a subclass) takes every extra `environment:` key: each must be a keyword
+    of some `__init__` along the class chain down to `ToolEnv` (a subclass passes the rest on with **settings), else
+    the first rollout would fail inside the environment; one line naming what is accepted instead."""
+    known: list[str] = []
+    for klass in factory.__mro__:
+        if not (isinstance(klass, type) and issubclass(klass, ToolEnv)) or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        known += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("tools", "timeout_s")]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise UserError(
+            f"{where}: unknown environment setting(s) {', '.join(unknown)}; it accepts "
+            f"{', '.join(dict.fromkeys(known))} besides environment.max_turns, max_tokens_per_turn, "
+            "max_observation_tokens, stop_strings, tool_timeout_s and tools (a subclass that reads more settings must "
+            "name them in its __init__)"
+        )
 
 
 def tool_schemas(cfg) -> list[dict] | None:

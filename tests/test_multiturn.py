@@ -463,6 +463,16 @@ def quick(tmp_path, *overrides):
             ["environment.name=tools", "environment.tools=[{name: calculator, precision: 2}]"],
             "environment.tools.0 (calculator): unknown setting(s) precision; it accepts expression",
         ),
+        (
+            ["environment.name=tools", "environment.obsevation_template={result}"],
+            "environment.name='tools': unknown environment setting(s) obsevation_template; it accepts "
+            "observation_template, chat besides",
+        ),
+        (
+            ["environment.name=examples.tools.calculator:ToyToolEnv", "environment.chatt=true"],
+            "environment.name='examples.tools.calculator:ToyToolEnv': unknown environment setting(s) chatt; it "
+            "accepts observation_template, chat besides",
+        ),
         (["environment.name=nowhere"], "environment: unknown environment 'nowhere'; valid: tools"),
         (["environment.name=tools", "environment.max_turns=0"], "environment.max_turns=0 must be >= 1"),
         (["environment.tools=[calculator]"], "environment.tools is set but environment.name is not"),
