@@ -8,7 +8,8 @@
 # checkpoint built on CPU beforehand (`python -m grpo sft recipes/quickstart.yaml run.output_dir=.gpu/quickstart`),
 # default .gpu/quickstart/sft/final. Each part has its own time limit and writes its log and JSON into OUT_DIR as
 # it ends, so a part that fails or runs out of time loses none of the others. In order of priority:
-#   1. gpu_check correctness (bf16 and fp32, chunked LM head included) - the code paths are right on CUDA
+#   1. gpu_check correctness (bf16 and fp32, chunked LM head included) and its attention section (the masked GQA
+#      completion attention of the shared-prefix pass, four ways)
 #   2. vs_trl, Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads / 2 KV, FFN 4864, vocab 151936, tied), bf16,
 #      8 prompts x G=8, 128-token prompts, 256 new tokens: step time and peak CUDA memory
 #   3. time_to_accuracy on CUDA, seed 0, stop at 90%: the quickstart model (fp32)
@@ -34,7 +35,7 @@ part() {  # name, seconds, command...
   echo "=== $name: exit $rc after $((SECONDS - t0))s"
   tail -n 14 "$OUT/$name.log"
 }
-[ -n "${SKIP_CHECK:-}" ] || part check 80 python3 benchmarks/gpu_check.py --sections env,correctness_bf16,correctness_fp32 --budget 70 --out "$OUT/check"
+[ -n "${SKIP_CHECK:-}" ] || part check 80 python3 benchmarks/gpu_check.py --sections env,correctness_bf16,correctness_fp32,attention --budget 70 --out "$OUT/check"
 part vs256 170 python3 benchmarks/vs_trl.py $SHAPE --prompts 8 --G 8 --new-tokens 256 --warmup 1 --steps 2 --json "$OUT/vs256.json"
 part tta 150 python3 benchmarks/time_to_accuracy.py --device cuda --threads 8 --sft "$SFT" --seeds 0 --stop-at 0.9 --steps 120 --json "$OUT/tta.json"
 part vs1024 170 python3 benchmarks/vs_trl.py $SHAPE --prompts 4 --G 8 --new-tokens 1024 --gradient-checkpointing --warmup 1 --steps 1 --json "$OUT/vs1024.json"
