@@ -35,8 +35,8 @@ part() {  # name, seconds, command...
   echo "=== $name: exit $rc after $((SECONDS - t0))s"
   tail -n 14 "$OUT/$name.log"
 }
-[ -n "${SKIP_CHECK:-}" ] || part check 80 python3 benchmarks/gpu_check.py --sections env,correctness_bf16,correctness_fp32,attention --budget 70 --out "$OUT/check"
+[ -n "${SKIP_CHECK:-}" ] || part check 110 python3 benchmarks/gpu_check.py --sections env,correctness_bf16,correctness_fp32,attention --budget 100 --out "$OUT/check"
 part vs256 170 python3 benchmarks/vs_trl.py $SHAPE --prompts 8 --G 8 --new-tokens 256 --warmup 1 --steps 2 --json "$OUT/vs256.json"
-part tta 150 python3 benchmarks/time_to_accuracy.py --device cuda --threads 8 --sft "$SFT" --seeds 0 --stop-at 0.9 --steps 120 --json "$OUT/tta.json"
+part tta 120 python3 benchmarks/time_to_accuracy.py --device cuda --threads 8 --sft "$SFT" --seeds 0 --stop-at 0.9 --steps 120 --json "$OUT/tta.json"
 part vs1024 170 python3 benchmarks/vs_trl.py $SHAPE --prompts 4 --G 8 --new-tokens 1024 --gradient-checkpointing --warmup 1 --steps 1 --json "$OUT/vs1024.json"
 echo "=== done in ${SECONDS}s"
