@@ -276,7 +276,7 @@ def resume_recipe_problem(new: dict, ckpt: Path) -> tuple[str | None, list[str]]
     compared with the config.yaml of the run that wrote it (none to compare: nothing to say)."""
     import yaml
 
-    from grpo.config import redact
+    from grpo.recipe_yaml import redact
 
     saved = Path(ckpt).parent / "config.yaml"
     try:

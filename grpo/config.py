@@ -13,8 +13,6 @@ Relative paths in a recipe are relative to the directory you run the command fro
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
@@ -471,44 +469,3 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         apply_override(raw, ov)
     check_size(raw, where)
     return build(Recipe, raw, where, "")
-
-
-# ---------------------------------------------------------------------------------------- saving
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """Plain dict of the resolved recipe; reward kwargs are flattened back into their entry."""
-    d = dataclasses.asdict(recipe)
-    d["rewards"] = [{**{k: v for k, v in r.items() if k != "kwargs"}, **r["kwargs"]} for r in d["rewards"]]
-    env = d["environment"]
-    env["tools"] = [{"name": t["name"], **t["kwargs"]} for t in env["tools"]]
-    d["environment"] = {**{k: v for k, v in env.items() if k != "kwargs"}, **env["kwargs"]}
-    return d
-
-
-SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "auth", "credential", "credentials"}
-
-
-def is_secret_name(name: str) -> bool:
-    """The one redaction rule (saved recipes, trackers): a name with a secret-looking WORD.
-
-    `api_key`, `hf_token`, `wandbApiKey`, `PASSWORD` are; `max_new_tokens`, `tokenizer` are not.
-    """
-    words = re.sub(r"([a-z])([A-Z])", r"\1_\2", str(name)).lower()
-    return any(p in SECRET_PARTS for p in re.split(r"[^a-z0-9]+", words))
-
-
-def redact(obj, _key: str = ""):
-    """A copy of a (nested) config with secret-looking string values (by key, `is_secret_name`, or holding
-    the wandb API key) replaced by `<redacted>`."""
-    api_key = os.environ.get("WANDB_API_KEY")
-    if isinstance(obj, dict):
-        return {k: redact(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, _key) for v in obj]
-    if isinstance(obj, str) and ((_key and is_secret_name(_key)) or (api_key and api_key in obj)):
-        return "<redacted>"
-    return obj
-
-
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    """Write the resolved recipe as YAML, secrets redacted (`redact`)."""
-    Path(path).write_text(yaml.safe_dump(redact(recipe_to_dict(recipe)), sort_keys=False))

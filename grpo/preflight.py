@@ -248,7 +248,7 @@ def _train_problems(recipe, world, earlier, cache, stage: str = "train") -> list
     p += model_problems(recipe, earlier, cache)
     if g.resume:
         from grpo.checkpoint import find_resume, resume_recipe_problem
-        from grpo.config import recipe_to_dict
+        from grpo.recipe_yaml import recipe_to_dict
 
         try:
             ckpt = find_resume(Path(recipe.run.output_dir) / stage, g.resume)

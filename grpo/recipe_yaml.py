@@ -1,6 +1,6 @@
 """How a recipe's YAML becomes the dataclasses of grpo/config.py: command-line overrides (`a.b=value`), size
 limits, and type checking against the dataclasses' annotations, each problem one `UserError` line that names the key
-path and what would be valid.
+path and what would be valid; and the way back: a resolved recipe as a plain dict or YAML file, secrets redacted.
 
 A dataclass may set two class attributes: `SHORTHAND_KEY` (a lone string stands for `{key: string}`, e.g.
 `tools: [calculator]`) and `EXTRA_KEYS_ARE_KWARGS` (keys that are not fields are collected into its `kwargs` field;
@@ -10,9 +10,12 @@ the value says what its `name` names, for the error when it is missing).
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import MISSING
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -194,3 +197,45 @@ def _type_name(hint) -> str:
 def _show(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
+
+
+# ---------------------------------------------------------------------------------------- saving
+def recipe_to_dict(recipe: Any) -> dict:
+    """Plain dict of the resolved recipe (a `grpo.config.Recipe`; not imported here: config imports this module);
+    reward kwargs are flattened back into their entry."""
+    d = dataclasses.asdict(recipe)
+    d["rewards"] = [{**{k: v for k, v in r.items() if k != "kwargs"}, **r["kwargs"]} for r in d["rewards"]]
+    env = d["environment"]
+    env["tools"] = [{"name": t["name"], **t["kwargs"]} for t in env["tools"]]
+    d["environment"] = {**{k: v for k, v in env.items() if k != "kwargs"}, **env["kwargs"]}
+    return d
+
+
+SECRET_PARTS = {"key", "apikey", "token", "secret", "password", "passwd", "auth", "credential", "credentials"}
+
+
+def is_secret_name(name: str) -> bool:
+    """The one redaction rule (saved recipes, trackers): a name with a secret-looking WORD.
+
+    `api_key`, `hf_token`, `wandbApiKey`, `PASSWORD` are; `max_new_tokens`, `tokenizer` are not.
+    """
+    words = re.sub(r"([a-z])([A-Z])", r"\1_\2", str(name)).lower()
+    return any(p in SECRET_PARTS for p in re.split(r"[^a-z0-9]+", words))
+
+
+def redact(obj, _key: str = ""):
+    """A copy of a (nested) config with secret-looking string values (by key, `is_secret_name`, or holding
+    the wandb API key) replaced by `<redacted>`."""
+    api_key = os.environ.get("WANDB_API_KEY")
+    if isinstance(obj, dict):
+        return {k: redact(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, _key) for v in obj]
+    if isinstance(obj, str) and ((_key and is_secret_name(_key)) or (api_key and api_key in obj)):
+        return "<redacted>"
+    return obj
+
+
+def save_recipe(recipe: Any, path: str | Path) -> None:
+    """Write the resolved recipe as YAML, secrets redacted (`redact`)."""
+    Path(path).write_text(yaml.safe_dump(redact(recipe_to_dict(recipe)), sort_keys=False))

@@ -46,9 +46,10 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo import rules, runtime
-from grpo.config import Recipe, save_recipe
+from grpo.config import Recipe
 from grpo.data import Sampler, load_rows
 from grpo.errors import UserError, first_line
+from grpo.recipe_yaml import save_recipe
 from grpo.tracking import Tracker
 from rewards.models import RewardModelScorer, collate, encode, write_meta
 from rewards.pairwise import bradley_terry_loss, safety_cost_loss

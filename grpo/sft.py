@@ -22,10 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from grpo import rules, runtime
-from grpo.config import Recipe, recipe_to_dict, save_recipe
+from grpo.config import Recipe
 from grpo.data import Example, Sampler, check_columns, load_rows, sft_examples
 from grpo.environments import tool_schemas
 from grpo.modeling import count_parameters, load_model, load_tokenizer, save_model
+from grpo.recipe_yaml import recipe_to_dict, save_recipe
 from grpo.tracking import Tracker
 
 log = logging.getLogger(__name__)

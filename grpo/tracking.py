@@ -27,7 +27,8 @@ import re
 import sys
 from pathlib import Path
 
-from grpo.config import TrackingConfig, is_secret_name, redact
+from grpo.config import TrackingConfig
+from grpo.recipe_yaml import is_secret_name, redact
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo import checkpoint, rules, runtime
-from grpo.config import Recipe, constraint_names, recipe_to_dict, resolved_constraints, save_recipe
+from grpo.config import Recipe, constraint_names, resolved_constraints
 from grpo.data import Sampler, check_columns, load_rows, prompt_records
 from grpo.environments import tool_schemas
 from grpo.errors import UserError
@@ -36,6 +36,7 @@ from grpo.modeling import (
     save_model,
 )
 from grpo.multipliers import LagrangeMultiplier, load_multipliers, multipliers_state_dict
+from grpo.recipe_yaml import recipe_to_dict, save_recipe
 from grpo.scoring import build_rewards
 from grpo.tracking import Tracker, truncate_history
 

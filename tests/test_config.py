@@ -8,8 +8,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo.config import Recipe, load_recipe, recipe_to_dict, save_recipe
+from grpo.config import Recipe, load_recipe
 from grpo.errors import UserError
+from grpo.recipe_yaml import recipe_to_dict, save_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -494,7 +494,7 @@ def test_environment_section_round_trips_and_episode_columns_pass_preflight(tmp_
     )
     assert r.environment.tools[1].kwargs == {"top_k": 2} and r.environment.kwargs == {"chat": True}
     assert preflight(r, "train", 1) == []
-    from grpo.config import recipe_to_dict
+    from grpo.recipe_yaml import recipe_to_dict
 
     assert recipe_to_dict(r)["environment"]["tools"][1] == {"name": "envs_for_tests:search", "top_k": 2}
 
