@@ -351,30 +351,22 @@ def conversation_tokens(
 
 def sft_tokens(
     row: dict, fmt: str, cfg: DataConfig, tokenizer, tools: list[dict] | None = None
-) -> tuple[list[int], list[int]]:
-    """An SFT row's (input ids, labels), untruncated: the completion is the target (labels -100 on the prompt);
-    chat rows with several assistant turns train every one of them (`data.assistant_turns: all`, the default).
+) -> tuple[list[int], list[int], bool]:
+    """An SFT row's (input ids, labels, every turn), untruncated: the completion is the target (labels -100 on the
+    prompt); chat rows with several assistant turns train every one of them (`data.assistant_turns: all`, the
+    default); `every turn` is False when such a row could only train its last turn (`conversation_tokens`).
     `tools`: the recipe's tool schemas (grpo.environments.tool_schemas), rendered by chat templates as in GRPO's
     prompts, so SFT and GRPO see the same prompt."""
+    every = True
     if fmt != "prompt" and cfg.assistant_turns == "all":
         messages = chat_messages(row, fmt, cfg, tokenizer, with_completion=True)
         if sum(m.get("role") == "assistant" for m in messages) > 1:
             both = conversation_tokens(messages, tokenizer, tools)
             if both is not None:
-                return both
-            global _WARNED_REWRITE
-            if not _WARNED_REWRITE:
-                _WARNED_REWRITE = True
-                log.warning(
-                    "the chat template rewrites earlier turns when a conversation continues (e.g. it drops their "
-                    "reasoning), so their spans cannot be told apart: only the last assistant turn of such "
-                    "conversations is trained"
-                )
+                return (*both, True)
+            every = False
     p_ids, c_ids = example_tokens(row, fmt, cfg, tokenizer, tools)
-    return p_ids + c_ids, [-100] * len(p_ids) + c_ids
-
-
-_WARNED_REWRITE = False
+    return p_ids + c_ids, [-100] * len(p_ids) + c_ids, every
 
 
 def sft_examples(
@@ -395,12 +387,19 @@ def sft_examples(
             n_empty,
             len(rows),
         )
-    out = []
+    out, last_only = [], 0
     for row in rows:
-        ids, labels = sft_tokens(row, fmt, cfg, tokenizer, tools)
+        ids, labels, every = sft_tokens(row, fmt, cfg, tokenizer, tools)
+        last_only += not every
         ids, labels = ids[:max_length], labels[:max_length]
         if any(l != -100 for l in labels):
             out.append(Example(ids, labels))
+    if last_only:
+        log.warning(
+            "the SFT data: %d conversation(s) train their last assistant turn only: the chat template rewrites "
+            "earlier turns when a conversation continues (e.g. drops their reasoning), so their spans cannot be found",
+            last_only,
+        )
     if not out:
         raise UserError(
             f"no SFT example has completion tokens within sft.max_length={max_length}; raise sft.max_length"

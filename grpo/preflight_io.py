@@ -272,6 +272,7 @@ def length_problems(recipe, spec: str, what: str, new_tokens: int, new_key: str,
 def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     """Longest tokenized prompt (or prompt + completion + eos) of a dataset; a str is a problem, None unknown."""
     from grpo.data import prompt_tokens, sft_tokens
+    from grpo.environments import tool_schemas
     from grpo.modeling import load_tokenizer
 
     rows, fmt, bad = dataset(recipe, spec, what, with_completion, cache)
@@ -282,8 +283,6 @@ def longest_tokens(recipe, spec, what, cache, *, with_completion: bool):
     except UserError as e:
         return str(e)
     cache["tokenizer"] = tok
-    from grpo.environments import tool_schemas
-
     try:  # the stages render chat prompts with the recipe's tool schemas; a broken tool is reported elsewhere
         tools = tool_schemas(recipe.environment)
     except UserError:

@@ -251,13 +251,10 @@ def test_a_template_that_rewrites_history_trains_the_last_turn_with_a_warning(ch
         "{%- if m['role'] == 'assistant' and not loop.last -%}...{%- else -%}{{ m['content'] }}{%- endif -%}"
         "<eos>\n{% endfor -%}{%- if add_generation_prompt %}<|assistant|>{% endif -%}"
     )
-    import grpo.data
-
-    grpo.data._WARNED_REWRITE = False
     with caplog.at_level("WARNING", logger="grpo.data"):
         (ex,) = sft_examples([{"messages": TOOL_CONVERSATION}], "messages", DataConfig(), tok, max_length=256)
     assert labelled_spans(ex, tok) == ["<a>46</a><eos>"]
-    assert "only the last assistant turn" in caplog.text
+    assert "1 conversation(s) train their last assistant turn only" in caplog.text
 
 
 def test_a_template_that_refuses_a_role_is_one_clear_error(tok):
