@@ -14,7 +14,8 @@ top-p 1, top-k 0, AdamW lr `--lr` (constant, clip 1.0), the `grpo` loss, beta 0 
 advantages, one pass per batch (`vs_trl.trl_config` / `vs_trl.our_recipe`), and the same two verifiable
 rewards, `rewards.verifiable.accuracy_reward` (weight 1) and `format_reward` (weight 0.1): no reward models,
 no safety constraint. Ours runs `grpo.trainer.run_grpo` (the `engine` rollout, shared-prefix training pass);
-TRL runs `GRPOTrainer.train` (transformers `generate`). One process each, `--threads` torch threads, fp32.
+TRL runs `GRPOTrainer.train` (transformers `generate`). One process each, `--threads` torch threads, fp32, on the
+CPU or (`--device cuda`) both on the GPU.
 
 Every `--eval-every` optimizer steps (and before the first) both are evaluated by the same code, `greedy_accuracy`:
 greedy decoding of the 200 held-out addition prompts of `data/toyworld/eval.jsonl` with transformers `generate`
