@@ -3,7 +3,7 @@
     python benchmarks/vs_trl.py                      # DESIGN.md model (hidden 512, 8 layers, vocab 32000, ~58M)
     python benchmarks/vs_trl.py --quick              # small model and shapes, a few minutes
     python benchmarks/vs_trl.py --loss-types grpo --runners trl ours --json out.json
-    python benchmarks/vs_trl.py --device cuda --dtype bfloat16 --vocab 151936 --hidden 896 --ffn 4864 --layers 24 \
+    python benchmarks/vs_trl.py --device cuda --dtype bfloat16 --vocab 151936 --hidden 896 --ffn 4864 --layers 24 \\
         --heads 14 --kv-heads 2 --tied --optim adamw_fused --prompts 8 --new-tokens 256   # Qwen2.5-0.5B shape
         # (benchmarks/gpu_vs_trl.sh runs it on the device; peak CUDA memory per runner is reported too)
 
