@@ -439,11 +439,14 @@ class StopRequest:
     The first signal sets `requested`; the loop checks it after each step (all ranks agree via
     `any_rank`). A second one (SIGTERM or SIGINT: schedulers send SIGTERM again) stops at once, wherever
     the process is (a reward that never returns included), by raising `ForcedStop` (exit code 128 + signal);
-    no checkpoint is written then, the earlier ones stay intact.
+    no checkpoint is written then, the earlier ones stay intact. Once the stop's checkpoint is saved
+    (`winding_down`: the curves are being drawn), a signal is noted and ignored: under a launcher, the rank that
+    exits first makes the launcher SIGTERM the others while they finish the same stop.
     """
 
     def __init__(self):
         self.requested = False
+        self.winding_down = False
         self.signal = None
         self._old = {}
 
@@ -461,6 +464,9 @@ class StopRequest:
         import signal
 
         name = signal.Signals(signum).name
+        if self.winding_down:
+            log.info("%s while stopping: the checkpoint is saved, finishing", name)
+            return
         if self.requested:
             raise ForcedStop(
                 f"second {name}: stopped at once, without waiting for the step or saving a checkpoint (earlier "

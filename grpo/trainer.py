@@ -126,6 +126,7 @@ def run_grpo(recipe: Recipe, model_path: str | None = None, stage: str = "train"
                 state_io.save_best(s, step + 1, metrics[cfg.keep_best])
             if stop.any_rank(s.accelerator):
                 state_io.save(s, step + 1)
+                stop.winding_down = True  # saved: a signal now (a launcher ending this rank) is noted, not acted on
                 s.tracker.close(curves(s.rewards, constraint_names(s.recipe)))
                 raise Interrupted(
                     f"signal received; checkpoint saved at {s.out}/ckpt-{step + 1}; continue with grpo.resume=true",

@@ -108,3 +108,22 @@ def test_second_signal_while_the_checkpoint_is_written(tmp_path, tiny_model, mon
     final = run_grpo(load_recipe(QUICKSTART, [*args(out, tiny_model, 3, str(tmp_path)), "grpo.resume=true"]))
     assert [x["step"] for x in history(train / "metrics.jsonl")] == [1, 2, 3, 4, 5]  # every step once
     assert not (train / "ckpt-3.tmp").exists() and (final / "model.safetensors").is_file() and (train / "DONE").exists()
+
+
+def test_a_signal_after_the_stop_checkpoint_is_noted_not_acted_on(caplog):
+    """Under a launcher the rank that stops first exits, and the launcher SIGTERMs the others while they finish the
+    same stop (its checkpoint already saved): that signal must neither read as a new stop request nor cut the
+    wind-down short. Before the stop, the same signal is a request; a second one stops at once."""
+    from grpo.errors import ForcedStop
+    from grpo.runtime import StopRequest
+
+    with StopRequest() as stop:
+        stop.winding_down = True
+        with caplog.at_level("INFO", logger="grpo.runtime"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.requested and "SIGTERM while stopping: the checkpoint is saved" in caplog.text
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal == signal.SIGTERM
+        with pytest.raises(ForcedStop):
+            os.kill(os.getpid(), signal.SIGTERM)
