@@ -413,11 +413,9 @@ def main(argv=None) -> None:
     a = parse(argv)
     if a.child:
         return child(a)
-    if a.device == "cuda":
-        import torch
+    from vs_trl import require_device
 
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda, but torch sees no GPU here; leave --device out to run on the CPU")
+    require_device(a.device)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="grpo_tta_") as tmp:
         a.work = Path(tmp)

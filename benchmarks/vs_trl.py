@@ -854,15 +854,20 @@ def parse(argv=None):
     return a
 
 
-def main(argv=None) -> None:
-    a = parse(argv)
-    if a.child:
-        return child(a)
-    if a.device == "cuda":
+def require_device(device: str) -> None:
+    """`--device cuda` on a machine where torch sees no GPU is one error line (also used by time_to_accuracy.py)."""
+    if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda, but torch sees no GPU here; leave --device out to run on the CPU")
+
+
+def main(argv=None) -> None:
+    a = parse(argv)
+    if a.child:
+        return child(a)
+    require_device(a.device)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
         assets = Path(tmp)
