@@ -206,12 +206,22 @@ def _fail(message: str) -> int:
     return 2
 
 
+SFT_NOT_USED = "without an sft stage before it"  # the start line's hint: logged as a warning
+
+
 def start_line(recipe, command: str) -> str | None:
-    """What a stand-alone stage starts from, and why: the first line it logs."""
+    """What a stand-alone stage starts from, and why: the first line it logs. A pipeline whose stages have no `sft`
+    starts its first GRPO stage the same way (from model.name_or_path), and says so the same way."""
     from pathlib import Path
 
     from grpo.checkpoint import find_resume
 
+    together = "run the stages together with `grpo pipeline`"
+    if command == "pipeline":
+        first = next((x for x in recipe.run.stages if x in ("sft", "train", "train_unconstrained")), None)
+        if first in (None, "sft"):
+            return None
+        command, together = first, "put sft in run.stages"
     if command not in ("sft", "train", "train_unconstrained"):
         return None
     base = recipe.model.name_or_path
@@ -226,9 +236,8 @@ def start_line(recipe, command: str) -> str | None:
     sft_final = Path(recipe.run.output_dir) / "sft" / "final"
     if command != "sft" and sft_final.is_dir() and Path(base).resolve() != sft_final.resolve():
         line += (
-            f" (a stand-alone stage starts from model.name_or_path, not from {sft_final}: to continue from the SFT "
-            "model "
-            f"add model.name_or_path={sft_final}, or run the stages together with `grpo pipeline`)"
+            f" ({SFT_NOT_USED}, GRPO starts from model.name_or_path, not from {sft_final}: to continue "
+            f"from the SFT model add model.name_or_path={sft_final}, or {together})"
         )
     return line
 
@@ -244,7 +253,7 @@ def run(args) -> None:
     stages = recipe.run.stages if args.command == "pipeline" else [args.command]
     line = None if args.dry_run else start_line(recipe, args.command)
     if line:
-        log.info(line)
+        (log.warning if SFT_NOT_USED in line else log.info)(line)
     if args.dry_run:
         from grpo.preflight import dry_run
 

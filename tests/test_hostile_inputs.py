@@ -634,6 +634,24 @@ def test_a_stand_alone_train_says_which_model_it_starts_from(tmp_path, tiny_mode
     assert f"add model.name_or_path={out / 'sft' / 'final'}" in first and "grpo pipeline" in first
 
 
+def test_a_pipeline_without_sft_warns_that_grpo_starts_from_the_base_model(tmp_path, tiny_model, grpo_cli, caplog):
+    out = tmp_path / "run"
+    _copy_model(tiny_model, out / "sft" / "final")
+    with caplog.at_level(logging.INFO):
+        code, err = grpo_cli("pipeline", *train_args(out, tiny_model, "run.stages=[train]"))
+    assert code == 0, err[-2000:]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned and warned[0].startswith(f"train: starting from model.name_or_path={tiny_model}"), warned
+    assert f"add model.name_or_path={out / 'sft' / 'final'}" in warned[0] and "put sft in run.stages" in warned[0]
+    # with sft among the stages the pipeline feeds its model on: nothing to say
+    caplog.clear()
+    code, err = grpo_cli(
+        "pipeline", *train_args(tmp_path / "run2", tiny_model, "run.stages=[sft,train]", "sft.steps=1")
+    )
+    assert code == 0, err[-2000:]
+    assert not any("starting from" in m for m in caplog.messages), caplog.messages[:3]
+
+
 def test_eval_says_it_replaces_earlier_results_and_labels_models_alike(tmp_path, tiny_model, grpo_cli, caplog):
     out = tmp_path / "run"
     model = _copy_model(tiny_model, tmp_path / "other" / "sft" / "final")
