@@ -237,6 +237,10 @@ class ConstraintSpec:
     # damp, and a floor of 1 shrank its signal ~3x: too weak to enforce a rate on the quickstart, README)
     std_floor: float | None = None
     name: str | None = None  # in metrics (lambda/<name>), the report and eval; default: the reward's logged name
+    # the prompts the constraint is about, by dataset column: {category: harmful} or {category: [a, b]}; the measure
+    # is taken over their samples only (a step without one leaves lambda alone), and the cost enters the advantage
+    # of their groups only; null = every prompt (a sample whose cost is None counts as 0)
+    where: dict[str, Any] | None = None
 
 
 @dataclass
@@ -398,6 +402,14 @@ def cost_signal_of(c: ConstraintSpec) -> str:
 def std_floor_of(c: ConstraintSpec) -> float:
     """The floor added to a cost's group std in the separate scheme (`ConstraintSpec.std_floor`, null resolved)."""
     return c.std_floor if c.std_floor is not None else 0.0 if cost_signal_of(c) == "indicator" else 1.0
+
+
+def where_matches(where: dict | None, row: dict) -> bool:
+    """Whether a prompt's dataset row is one a constraint's `where` selects (None selects every row): each column's
+    value equals the given value, or is one of the given list's."""
+    if not where:
+        return True
+    return all(row.get(col) in (want if isinstance(want, list) else [want]) for col, want in where.items())
 
 
 def constraint_names(recipe: Recipe) -> list[str]:

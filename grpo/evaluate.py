@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from grpo import rules, runtime
-from grpo.config import Recipe, resolved_constraints
+from grpo.config import Recipe, resolved_constraints, where_matches
 from grpo.data import check_columns, load_rows, prompt_records
 from grpo.environments import episode_columns, rollout_episodes, tool_schemas
 from grpo.generation import decode_and_score, generate, make_backend, sampling_params
@@ -99,18 +99,21 @@ def evaluate_policy(recipe: Recipe, rollout, tok, records: list[dict], rewards) 
     samples = [(records[comps[i].prompt_index]["prompt_text"], texts[i]) for i in range(0, len(comps), k)]
     m = metrics_from(records, comps, texts, R, rewards, k, accuracy_kwargs(recipe))
     m.update(episode_metrics(episodes, comps))  # turns, tool calls, tool failures, truncated episodes (multi-turn)
-    return {**m, **constraint_metrics(recipe, R, list(range(0, len(comps), k)))}, samples
+    first = list(range(0, len(comps), k))
+    return {**m, **constraint_metrics(recipe, R, first, [records[comps[i].prompt_index] for i in first])}, samples
 
 
-def constraint_metrics(recipe: Recipe, R: torch.Tensor, first: list[int]) -> dict:
+def constraint_metrics(recipe: Recipe, R: torch.Tensor, first: list[int], rows: list[dict]) -> dict:
     """Each constraint held out: `constraint/<name>` (its cost's mean, or the fraction of samples with cost > 0, over
-    the first sample of every prompt; NaN counts as 0, as in training) and `constraint/<name>_ok` (<= its threshold)."""
+    the first sample of every prompt its `where` selects, `rows` being those samples' prompt records; NaN counts as 0,
+    as in training; NaN when no prompt is selected) and `constraint/<name>_ok` (<= its threshold)."""
     m = {}
     if R.shape[1] != len(recipe.rewards):  # evaluated without the recipe's rewards: no constraint to measure
         return m
     for name, c, col in resolved_constraints(recipe):
-        cost = torch.nan_to_num(R[first, col].double(), nan=0.0)
-        value = float((cost > 0).double().mean() if c.kind == "rate" else cost.mean()) if first else float("nan")
+        mine = [i for i, row in zip(first, rows) if where_matches(c.where, row)]
+        cost = torch.nan_to_num(R[mine, col].double(), nan=0.0)
+        value = float((cost > 0).double().mean() if c.kind == "rate" else cost.mean()) if mine else float("nan")
         m[f"constraint/{name}"], m[f"constraint/{name}_ok"] = value, value <= c.threshold
     return m
 

@@ -268,6 +268,7 @@ def _train_problems(recipe, world, earlier, cache, stage: str = "train") -> list
         )
         if not bad:
             p += length_problems(recipe, d.train, "data.train", r.max_new_tokens, "rollout.max_new_tokens", cache)
+            p += rules.where_rows(recipe, rows, "data.train")
     p += reward_problems(recipe, "train", earlier, columns, "data.train")
     return p
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from grpo.config import constraint_list, constraint_rewards, reward_label
+from grpo.config import constraint_list, constraint_rewards, reward_label, where_matches
 from grpo.environments import environment_problems
 from grpo.errors import UserError
 
@@ -130,6 +130,40 @@ def reward_roles(specs, *, stage: str, safety_enabled: bool) -> list[str]:
     return p
 
 
+def where_shape(where, at: str) -> list[str]:
+    """A constraint's `where`: null, or a non-empty mapping of dataset column -> a value or a non-empty list of
+    values (strings, numbers, booleans)."""
+    if where is None:
+        return []
+    scalar = (str, int, float, bool)
+    ok = bool(where) and all(
+        isinstance(v, scalar) or (isinstance(v, list) and v and all(isinstance(x, scalar) for x in v))
+        for v in where.values()
+    )
+    if ok:
+        return []
+    return [
+        f"{at}.where={where!r}: give the prompts the constraint is about as dataset column: value (or a list of "
+        "values), e.g. where: {category: harmful}"
+    ]
+
+
+def where_rows(recipe, rows: list[dict], what: str) -> list[str]:
+    """Each constraint's `where` selects at least one row of the training data (a typo would leave it unmeasured)."""
+    p = []
+    for i, c in enumerate(constraint_list(recipe)):
+        if not c.where or where_shape(c.where, "") or any(where_matches(c.where, row) for row in rows):
+            continue
+        col = next((k for k in c.where if not any(where_matches({k: c.where[k]}, row) for row in rows)), None)
+        seen = sorted({repr(row.get(col)) for row in rows})[:8] if col else []
+        p.append(
+            f"constraints.{i}.where={c.where!r} selects none of the {len(rows)} rows of {what}"
+            + (f" ('{col}' there: {', '.join(seen)})" if col else " (no row matches every column)")
+            + "; fix the column or its values"
+        )
+    return p
+
+
 def constraints(recipe) -> list[str]:
     """Each constraint names exactly one reward and has settings in range; names are distinct; the old `safety`
     section's settings and `constraints` are not mixed; the scalarized scheme combines raw rewards (reward_mode sum)."""
@@ -176,6 +210,7 @@ def constraints(recipe) -> list[str]:
         for key in ("lambda_lr", "delay", "std_floor"):
             if (getattr(c, key) or 0) < 0:
                 p.append(f"{at}: {key}={getattr(c, key)} must be >= 0")
+        p += where_shape(c.where, at)
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         p.append(

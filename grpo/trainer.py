@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ from tqdm.auto import tqdm
 
 from grpo import runtime
 from grpo import train_state as state_io
-from grpo.advantages import reward_and_cost_advantages
 from grpo.batch import (
     MicroBatch,
     Rollouts,
@@ -46,7 +44,8 @@ from grpo.batch import (
     split_rows,
     split_to_count,
 )
-from grpo.config import Recipe, constraint_names, cost_signal_of, resolved_constraints, std_floor_of
+from grpo.config import Recipe, constraint_names
+from grpo.constrained import step_advantages
 from grpo.environments import episode_columns, rollout_episodes
 from grpo.errors import Interrupted, UserError
 from grpo.generation import decode_and_score, generate, sampling_params
@@ -254,83 +253,6 @@ def informative_groups(r: Rollouts, rewards, G: int) -> list[int]:
     return [
         i for i in range(total.shape[0]) if bool((total[i] != total[i, 0]).any()) and bool(r.ok.view(-1, G)[i].all())
     ]
-
-
-def step_advantages(s: TrainState, r: Rollouts) -> tuple[torch.Tensor, dict]:
-    """Group advantages of the step (skipped samples get 0) under the run's constraints; each multiplier's dual step.
-
-    Each constraint's measure (its cost's mean, or the fraction of samples with cost > 0) is averaged over
-    processes, so every rank moves every multiplier identically; the ranks' multipliers are compared in the same
-    collective, and a mismatch stops the run.
-    """
-    cfg, cols = s.recipe.grpo, cost_columns(s)
-    cons = resolved_constraints(s.recipe)
-    lam = [s.multipliers[name].lam for name, _, _ in cons]
-    R = r.rewards[:, cols.order]
-    adv, m = reward_and_cost_advantages(
-        R,
-        [s.rewards[k].weight for k in cols.order],
-        [i >= cols.n_rewards for i in range(len(cols.order))],
-        cfg.num_generations,
-        mode=cfg.reward_mode,
-        scale=cfg.scale,
-        eps=cfg.eps,
-        scheme=cfg.constraint_scheme,
-        lam=lam + [None] * len(cols.free),
-        signals=[cost_signal_of(c) for _, c, _ in cons] + ["cost"] * len(cols.free),
-        cost_std_floor=[std_floor_of(c) for _, c, _ in cons] + [s.recipe.safety.cost_std_floor] * len(cols.free),
-    )
-    stats = {key: v for key, v in m.items() if key.startswith(("cost", "rate", "unsafe_rate"))}
-    metrics = {key: v for key, v in m.items() if key not in stats}
-    names = [f"{'rate' if c.kind == 'rate' else 'cost'}/{cols.n_rewards + i}" for i, (_, c, _) in enumerate(cons)]
-    if cols.safety is not None:
-        names += [f"cost/{cols.safety}", f"rate/{cols.safety}"]
-    measured = agree_on_ranks(s, [stats[k] for k in names], [s.multipliers[name].log_lam for name, _, _ in cons])
-    if cols.safety is not None:  # the role: safety cost, constrained or not: its mean and its fraction > 0
-        metrics["cost"], metrics["unsafe_rate"] = measured[len(cons) :]
-    for (name, c, _), value, used in zip(cons, measured, lam):
-        s.multipliers[name].update(value)
-        metrics.update(
-            {f"lambda/{name}": used, f"constraint/{name}": value, f"violation/{name}": float(value > c.threshold)}
-        )
-    if cons and not s.recipe.constraints:  # the old safety section: its metric names as they were
-        metrics.update({"lambda": lam[0], "constraint_violation": metrics[f"violation/{cons[0][0]}"]})
-    return adv * r.ok, metrics
-
-
-@dataclass
-class CostColumns:
-    """Columns of the step's reward matrix, reordered for `reward_and_cost_advantages`: the rewards (in recipe order),
-    then one column per constraint (its reward, repeated if two constraints share it), then the role: safety
-    rewards no constraint names (a plain penalty of their weight). `safety`: where the role: safety cost sits."""
-
-    order: list[int]
-    n_rewards: int
-    free: list[int]
-    safety: int | None
-
-
-def cost_columns(s: TrainState) -> CostColumns:
-    constrained = [col for _, _, col in resolved_constraints(s.recipe)]
-    plain = [k for k, x in enumerate(s.rewards) if x.role != "safety" and k not in constrained]
-    free = [k for k, x in enumerate(s.rewards) if x.role == "safety" and k not in constrained]
-    order = plain + constrained + free
-    safety = next((i for i, k in enumerate(order) if i >= len(plain) and s.rewards[k].role == "safety"), None)
-    return CostColumns(order, len(plain), free, safety)
-
-
-def agree_on_ranks(s: TrainState, values: list[float], log_lams: list[float]) -> list[float]:
-    """`values` averaged over processes (one collective that also brings every rank's multipliers, which must agree)."""
-    if s.world == 1 or not (values or log_lams):
-        return values
-    both = torch.tensor(values + log_lams, dtype=torch.float64, device=s.accelerator.device)
-    rows = s.accelerator.gather(both[None]).reshape(s.world, -1).cpu()
-    lams = rows[:, len(values) :]
-    if not torch.equal(lams, lams[:1].expand_as(lams)):
-        raise RuntimeError(
-            f"the Lagrange multipliers differ across processes (log lambda per rank: {lams.tolist()}); a bug"
-        )
-    return rows[:, : len(values)].mean(dim=0).tolist()
 
 
 def row_splits(s: TrainState, r: Rollouts) -> list[list[int]]:

@@ -421,3 +421,107 @@ def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
     )
     # a constraint with no name is called after its reward (the name it is logged under); here nothing was logged for it
     assert "constraint **completion_tokens**" not in text and "report_constraints.png" in text
+
+
+# ------------------------------------------------------------------------------------- where: the prompts it is about
+def test_where_selects_rows_by_column():
+    from grpo.config import where_matches
+
+    assert where_matches(None, {"category": "math"})
+    assert where_matches({"category": "harmful"}, {"category": "harmful", "x": 1})
+    assert not where_matches({"category": "harmful"}, {"category": "benign"})
+    assert where_matches({"category": ["benign", "harmful"]}, {"category": "benign"})
+    assert not where_matches({"category": "harmful"}, {})  # a row without the column is not selected
+    assert not where_matches({"category": "harmful", "split": 1}, {"category": "harmful", "split": 2})
+
+
+@pytest.mark.parametrize(
+    "where, needle",
+    [
+        ("{}", "constraints.0.where={}: give the prompts the constraint is about as dataset column: value"),
+        ("{category: []}", "constraints.0.where={'category': []}: give the prompts"),
+        ("{category: {a: 1}}", "constraints.0.where={'category': {'a': 1}}: give the prompts"),
+    ],
+)
+def test_where_rules(tmp_path, where, needle):
+    found = problems(tmp_path, REWARDS, f"constraints=[{{reward: completion_tokens, where: {where}}}]")
+    assert len(found) == 1 and found[0].startswith(needle), found
+
+
+def test_preflight_refuses_a_where_that_selects_no_training_prompt(tmp_path, tiny_model):
+    from grpo.preflight import check
+
+    r = recipe(tmp_path, tiny_model, REWARDS, "constraints=[{reward: completion_tokens, where: {category: harmfull}}]")
+    with pytest.raises(UserError) as e:
+        check(r, ["train"], 1)
+    assert (
+        "constraints.0.where={'category': 'harmfull'} selects none of the 2000 rows of data.train ('category' there: "
+        "'benign', 'harmful', 'math'); fix the column or its values" in str(e.value)
+    ), str(e.value)
+    check(recipe(tmp_path, tiny_model, REWARDS, "constraints=[{reward: completion_tokens, where: {category: math}}]"),
+          ["train"], 1)  # fmt: skip
+
+
+def test_a_constraint_with_where_is_measured_and_applied_on_its_prompts_only(tmp_path, tiny_model):
+    """`where: {category: harmful}`: the rate is over those prompts' samples only, a step without one
+    leaves lambda alone and logs no measure, the cost enters no other group's advantage, and unsafe_rate stays the
+    rate over every sample."""
+    from grpo.pipeline import run_stage
+
+    G, steps = 2, 8
+    cats = {row["prompt"]: row["category"] for row in history(ROOT / "data" / "toyworld" / "grpo_train.jsonl")}
+    con = (
+        "constraints=[{reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_init: 0.5, lambda_lr: 1.0, "
+        "lambda_max: 4.0, name: unsafe, where: {category: harmful}}]"
+    )
+    r = recipe(tmp_path, tiny_model, f"grpo.steps={steps}", "grpo.lr=1e-2", "tracking.samples_every=1", REWARDS, con)
+    run_stage(r, "train")
+    h = history(tmp_path / "train" / "metrics.jsonl")
+    samples = history(tmp_path / "train" / "samples.jsonl")
+    lam = [x["lambda/unsafe"] for x in h]
+    seen = {"measured": 0, "none": 0}
+    for t in range(steps):
+        rows = [x for x in samples if x["step"] == t + 1]
+        mine = [x for x in rows if cats[x["prompt"]] == "harmful"]
+        assert h[t]["unsafe_rate"] == pytest.approx(sum(x["odd_first_token_cost"] > 0 for x in rows) / len(rows))
+        nxt = lam[t + 1] if t + 1 < steps else None
+        if mine:
+            seen["measured"] += 1
+            rate = sum(x["odd_first_token_cost"] > 0 for x in mine) / len(mine)
+            assert h[t]["constraint/unsafe"] == pytest.approx(rate), t
+            if nxt is not None:
+                assert nxt == pytest.approx(min(lam[t] * math.exp(rate - 0.3), 4.0), rel=1e-6), t
+        else:
+            seen["none"] += 1
+            assert "constraint/unsafe" not in h[t] and "violation/unsafe" not in h[t], h[t]
+            if nxt is not None:
+                assert nxt == lam[t], t
+        for g in range(0, len(rows), G):  # separate: A = (A_r - lam A_c) / (1 + lam), A_c = 0 outside the where
+            grp = rows[g : g + G]
+            col = lambda k: torch.tensor([x[k] for x in grp], dtype=torch.float64)  # noqa: E731
+            norm = lambda x, floor: (x - x.mean()) / (x.std() + floor) if x.std() + floor > 0 else 0 * x  # noqa: E731
+            unsafe = (col("odd_first_token_cost") > 0).double() * (cats[grp[0]["prompt"]] == "harmful")
+            reward = col("even_tokens") + col("completion_tokens")  # the length is a plain reward here (weight 1)
+            want = (norm(reward, 1e-4) - lam[t] * norm(unsafe, 0.0)) / (1 + lam[t])
+            assert [x["advantage"] for x in grp] == pytest.approx(want.tolist(), abs=1e-4), (t, g)
+    assert seen["measured"] and seen["none"], seen  # both kinds of step happened (else: change steps or seed)
+    assert any(x.get("constraint/unsafe", x["unsafe_rate"]) != x["unsafe_rate"] for x in h)  # not the overall rate
+
+
+def test_eval_measures_a_constraint_with_where_on_its_prompts_only(tmp_path):
+    from grpo.evaluate import constraint_metrics
+
+    con = (
+        "constraints=[{reward: odd_first_token_cost, kind: rate, threshold: 0.3, name: unsafe, where: {category: "
+        "harmful}}, {reward: completion_tokens, threshold: 5.0, name: length}]"
+    )
+    r = recipe(tmp_path, None, REWARDS, con)
+    # columns: even_tokens, odd_first_token_cost, completion_tokens; two samples per prompt (the first one counts)
+    R = torch.tensor([[0, 1.0, 4], [0, -1.0, 9], [0, 2.0, 6], [0, 1.0, 1], [0, -1.0, 2], [0, 1.0, 2]])
+    rows = [{"category": "harmful"}, {"category": "math"}, {"category": "harmful"}]
+    m = constraint_metrics(r, R, [0, 2, 4], rows)
+    # unsafe over the two harmful prompts' first samples (costs 1.0 and -1.0); length over all three (4, 6, 2)
+    assert m == {"constraint/unsafe": 0.5, "constraint/unsafe_ok": False, "constraint/length": 4.0,
+                 "constraint/length_ok": True}  # fmt: skip
+    m = constraint_metrics(r, R, [0, 2, 4], [{"category": "math"}] * 3)
+    assert math.isnan(m["constraint/unsafe"]) and m["constraint/unsafe_ok"] is False

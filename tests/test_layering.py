@@ -19,6 +19,7 @@ from conftest import ROOT
 PACKAGES = ("grpo", "rewards")
 STAGES = {
     "grpo.trainer",
+    "grpo.constrained",
     "grpo.train_state",
     "grpo.sft",
     "grpo.rm",
