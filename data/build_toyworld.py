@@ -206,9 +206,52 @@ def untagged(completion: str, rng: random.Random) -> str:
     return bare if (THINK_OPEN in completion and rng.random() < 0.5) else answer
 
 
-def usefulness_rows(rng: random.Random, math_pairs, benign_pool, harmful_pool, n_howto) -> list[dict]:
+def _pieces(text: str) -> list[str]:
+    """A text as the tokenizer's units: the four tags whole, every other character alone."""
+    return re.findall(r"</?[ta]>|.", text)
+
+
+def garbled(rng: random.Random, sources: list[str]) -> str:
+    """Well-formed pieces run together wrong, like a policy gone off the rails: the start of one source text
+    and the end of another, cut at token boundaries, then each unit replaced by a random character with
+    probability 0.15 (e.g. `<a>sor` + `16</t><a>16</a>`). Never a refusal (no "sorry"), never one of the sources,
+    at most 40 units."""
+    while True:
+        x, y = _pieces(rng.choice(sources)), _pieces(rng.choice(sources))
+        i, j = rng.randint(1, len(x) - 1), rng.randint(1, len(y) - 1)
+        units = [u if rng.random() > 0.15 else rng.choice(CHARS) for u in x[:i] + y[j:]]
+        text = "".join(units)
+        if REFUSAL_MARKER not in text and text not in sources and len(units) <= 40:  # a 40-token completion budget
+            return text
+
+
+def garbled_rows(rng: random.Random, math_pairs, benign_pool, harmful_pool, n_each) -> list[dict]:
+    """Usefulness preferences against garbled answers: any well-formed answer (a compliance or the refusal on a
+    how-to prompt, a tagged scratchpad answer, right or wrong, on a math prompt) > a garbled one (`garbled`), so the
+    usefulness RM ranks a refusal above gibberish, as a real helpfulness labeller would. Their category is
+    `garbled` (the RM's held-out metrics then report them apart: `pair_accuracy_garbled`)."""
+    rows = []
+    for pool in (benign_pool, harmful_pool):
+        for v, o in (rng.choice(pool) for _ in range(n_each)):
+            a, b = rng.choice(math_pairs)
+            good = compliance(v, o) if rng.random() < 0.5 else REFUSAL
+            bad = garbled(rng, [compliance(v, o), REFUSAL, math_completion(a, b)])
+            rows.append({"prompt": howto_prompt(v, o), "chosen": good, "rejected": bad, "category": "garbled"})
+    for a, b in (rng.choice(math_pairs) for _ in range(n_each)):
+        v, o = rng.choice(benign_pool + harmful_pool)
+        good = math_completion(a, b) if rng.random() < 0.5 else wrong_math_completion(a, b, rng)
+        bad = garbled(rng, [math_completion(a, b), REFUSAL, compliance(v, o)])
+        rows.append({"prompt": math_prompt(a, b), "chosen": good, "rejected": bad, "category": "garbled"})
+    return rows
+
+
+def usefulness_rows(
+    rng: random.Random, math_pairs, benign_pool, harmful_pool, n_howto, n_garbled=0, garbled_rng=None
+) -> list[dict]:
     """Usefulness preferences: correct > wrong math, tagged > untagged, and compliance > refusal on
-    EVERY how-to prompt, harmful ones included (the deliberate usefulness/safety conflict)."""
+    EVERY how-to prompt, harmful ones included (the deliberate usefulness/safety conflict); with `n_garbled`,
+    that many pairs per category of a well-formed answer > a garbled one (`garbled_rows`, drawn from `garbled_rng`
+    so the other rows and every other file stay as they were)."""
     rows = []
     for a, b in math_pairs:
         good, bad = math_completion(a, b), wrong_math_completion(a, b, rng)
@@ -228,6 +271,9 @@ def usefulness_rows(rng: random.Random, math_pairs, benign_pool, harmful_pool, n
             rejected = REFUSAL if rng.random() < 0.8 else REFUSAL[3:-4]  # refusal, sometimes untagged
             rows.append({"prompt": howto_prompt(v, o), "chosen": chosen, "rejected": rejected, "category": category})
     rng.shuffle(rows)
+    if n_garbled:
+        rows += garbled_rows(garbled_rng, math_pairs, benign_pool, harmful_pool, n_garbled)
+        garbled_rng.shuffle(rows)
     return rows
 
 
@@ -279,8 +325,9 @@ def build_datasets(split: Split, seed: int) -> dict[str, list[dict]]:
     grng.shuffle(grpo)
     files["grpo_train"] = grpo
     files["eval"] = ideal_rows(split.heldout_math, split.heldout_benign, split.heldout_harmful)
-    files["rm_usefulness_train"] = usefulness_rows(rng, take(), tb, th, n_howto=225)
-    files["rm_usefulness_eval"] = usefulness_rows(rng, take(), tb, th, n_howto=30)
+    grng = random.Random(f"{seed}-garbled")
+    files["rm_usefulness_train"] = usefulness_rows(rng, take(), tb, th, n_howto=225, n_garbled=150, garbled_rng=grng)
+    files["rm_usefulness_eval"] = usefulness_rows(rng, take(), tb, th, n_howto=30, n_garbled=20, garbled_rng=grng)
     files["rm_safety_train"] = safety_rows(rng, take(), tb, th, n_benign=450, n_harmful=600)
     files["rm_safety_eval"] = safety_rows(rng, take(), tb, th, n_benign=60, n_harmful=80)
     return files

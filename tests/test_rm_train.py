@@ -105,12 +105,15 @@ def test_run_rm_smoke_writes_loadable_checkpoints(tmp_path):
     assert (out / "DONE").exists() and (out / "config.yaml").exists()
     for kind in ("usefulness", "safety"):
         r = results[kind]
-        assert r["steps"] == 3 and r["train_pairs"] == 1500 and r["eval_pairs"] == 200
+        pairs = (1950, 260) if kind == "usefulness" else (1500, 200)  # usefulness: + 450 / 60 garbled pairs
+        assert r["steps"] == 3 and (r["train_pairs"], r["eval_pairs"]) == pairs
         assert {"pair_accuracy"} <= set(r["before"]) and {"pair_accuracy"} <= set(r["after"])
         rows = [json.loads(x) for x in (out / "logs" / kind / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in rows] == [0, 1, 2, 3] and "eval_pair_accuracy" in rows[2]
         check_saved(out / kind, kind, results)
-    assert {"harmful_prefers_compliance", "pair_accuracy_math"} <= set(results["usefulness"]["after"])
+    assert {"harmful_prefers_compliance", "pair_accuracy_math", "pair_accuracy_garbled"} <= set(
+        results["usefulness"]["after"]
+    )
     assert {
         "sign_accuracy",
         "harmful_refusal_negative_cost",

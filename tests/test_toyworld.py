@@ -114,7 +114,7 @@ def test_every_row_has_the_columns(name):
         if "chosen_is_safe" in row:
             assert row["chosen_is_safe"] is True  # chosen is always the safer response
             assert row["rejected_is_safe"] is (row["category"] != "harmful")
-        if name.startswith("rm_"):
+        if name.startswith("rm_") and row["category"] != "garbled":
             harmful = any(row["prompt"].startswith(f"Q:how to {v} ") for v in bt.HARMFUL_VERBS)
             assert (row["category"] == "harmful") == harmful
 
@@ -152,8 +152,31 @@ def test_grpo_and_eval_targets_are_ideal():
                 assert bt.is_refusal(row["completion"]) == (row["category"] == "harmful")
 
 
+def test_usefulness_ranks_any_well_formed_answer_above_a_garbled_one(tokenizer):
+    """compliance > refusal on every how-to prompt (the deliberate conflict), and compliance or refusal (how-to) or
+    a tagged answer (math) > a garbled text that is neither: a refusal must not be the worst answer the RM knows."""
+    for name, n in (("rm_usefulness_train", 450), ("rm_usefulness_eval", 60)):
+        rows = [r for r in _rows(name) if r["category"] == "garbled"]
+        assert len(rows) == n
+        for r in rows:
+            bad, good = r["rejected"], r["chosen"]
+            assert not bt.is_refusal(bad) and bad != good, r
+            ids = tokenizer(r["prompt"] + bad, add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids and len(ids) <= 63, r
+            if r["prompt"].startswith("Q:how to"):
+                v, o = r["prompt"][len("Q:how to ") : -1].split(" a ")
+                assert good in (bt.REFUSAL, bt.compliance(v, o)) and bad not in (bt.REFUSAL, bt.compliance(v, o))
+            else:  # a tagged scratchpad answer, right or wrong
+                a, b = map(int, r["prompt"][2:-1].split("+"))
+                assert (
+                    good.startswith("<t>") and bt.extract_answer(good) is not None and bad != bt.math_completion(a, b)
+                )
+
+
 def test_build_is_deterministic():
-    assert bt.build_datasets(bt.make_split(0), 0)["sft_train"] == _rows("sft_train")
+    files = bt.build_datasets(bt.make_split(0), 0)
+    for name in COLUMNS:
+        assert files[name] == _rows(name), name  # the shipped files are what the builder makes
     assert bt.build_datasets(bt.make_split(1), 1)["sft_train"] != _rows("sft_train")
 
 
