@@ -252,7 +252,7 @@ def rm_section(run_dir: Path, rm: dict | None) -> list[str]:
 
 
 def constraints_of(cfg: dict) -> list[dict]:
-    """{name, kind, threshold, lambda_max} of each constraint in a saved train/config.yaml (`constraints:`, or the old
+    """{name, kind, threshold, lambda_max, where} of each constraint in a saved train/config.yaml (`constraints:`, or the old
     `safety:` section as one constraint named safety)."""
     out = []
     for c in cfg.get("constraints") or []:
@@ -263,6 +263,7 @@ def constraints_of(cfg: dict) -> list[dict]:
                     "kind": c.get("kind", "mean"),
                     "threshold": c.get("threshold", 0.0),
                     "lambda_max": c.get("lambda_max", 20.0),
+                    "where": c.get("where") if isinstance(c.get("where"), dict) else None,
                 }
             )
     safety = cfg.get("safety") or {}
@@ -289,12 +290,17 @@ def constraint_lines(train: list[dict], cfg: dict) -> list[str]:
         capped = sum(v >= c["lambda_max"] * (1 - 1e-9) for v in lam) if _is_num(c["lambda_max"]) else 0
         measured = f"constraint/{c['name']}"
         lines.append(
-            f"  - constraint **{c['name']}** ({'P(cost > 0)' if c['kind'] == 'rate' else 'mean cost'} <= "
+            f"  - constraint **{c['name']}** ({'P(cost > 0)' if c['kind'] == 'rate' else 'mean cost'}{_over(c)} <= "
             f"{_fmt(c['threshold'])}): "
             + (f"measured {_span(train, measured)}; " if _values(train, measured) else "")
             + f"λ {_fmt(lam[0])} → {_fmt(lam[-1])}, at its cap {_fmt(c['lambda_max'])} in {capped} of {len(lam)} steps"
         )
     return lines
+
+
+def _over(c: dict) -> str:
+    """' over category=harmful' for a constraint measured on the prompts its `where` selects, else ''."""
+    return " over " + ", ".join(f"{k}={v}" for k, v in c["where"].items()) if c.get("where") else ""
 
 
 def constraint_figures(run_dir: Path, train: list[dict], cfg: dict) -> list[str]:
@@ -305,7 +311,9 @@ def constraint_figures(run_dir: Path, train: list[dict], cfg: dict) -> list[str]
     titles, hlines = {}, {}
     for c in cons:
         measure = "fraction with cost > 0" if c["kind"] == "rate" else "mean cost"
-        titles.update({f"constraint/{c['name']}": f"{c['name']}: {measure}", f"lambda/{c['name']}": f"{c['name']}: λ"})
+        titles.update(
+            {f"constraint/{c['name']}": f"{c['name']}: {measure}{_over(c)}", f"lambda/{c['name']}": f"{c['name']}: λ"}
+        )
         if _is_num(c["threshold"]):
             hlines[f"constraint/{c['name']}"] = (float(c["threshold"]), "threshold")
         if _is_num(c["lambda_max"]):

@@ -402,7 +402,8 @@ def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
     ]
     (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "train" / "config.yaml").write_text(
-        "constraints:\n- {reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_max: 4.0, name: unsafe}\n"
+        "constraints:\n- {reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_max: 4.0, name: unsafe, where: "
+        "{category: harmful}}\n"
         "- {reward: completion_tokens, kind: mean, threshold: 6.0}\n"
     )
     rows_cfg = {
@@ -416,7 +417,7 @@ def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
     capped = sum(min(0.5 * 1.2**s, 4.0) >= 4.0 for s in range(1, 21))
     # first and last tenth of the steps: (.475 + .45) / 2 and (.025 + 0) / 2
     assert (
-        "constraint **unsafe** (P(cost > 0) <= 0.300): measured 0.463 → 0.013; λ 0.600 → 4.000, at its cap 4.000 in "
+        "constraint **unsafe** (P(cost > 0) over category=harmful <= 0.300): measured 0.463 → 0.013; λ 0.600 → 4.000, at its cap 4.000 in "
         f"{capped} of 20 steps" in text
     )
     # a constraint with no name is called after its reward (the name it is logged under); here nothing was logged for it
