@@ -252,8 +252,8 @@ def rm_section(run_dir: Path, rm: dict | None) -> list[str]:
 
 
 def constraints_of(cfg: dict) -> list[dict]:
-    """{name, kind, threshold, lambda_max, where} of each constraint in a saved train/config.yaml (`constraints:`, or the old
-    `safety:` section as one constraint named safety)."""
+    """{name, kind, threshold, lambda_max, where} of each constraint in a saved train/config.yaml (`constraints:`, or
+    the old `safety:` section as one constraint named safety)."""
     out = []
     for c in cfg.get("constraints") or []:
         if isinstance(c, dict) and c.get("reward"):

@@ -42,6 +42,7 @@ def recipe(tmp_path, model=None, *extra):
         "tracking.log_every=1",
         "safety.enabled=null",  # the constraints: a test gives are on
         "constraints=[]",
+        "grpo.constraint_scheme=separate",  # the library default (the quickstart names scalarized)
         "grpo.prompts_per_step=4",
         "grpo.num_generations=2",
         "rollout.max_new_tokens=8",
@@ -341,9 +342,13 @@ def test_resume_restores_every_multiplier_exactly(tmp_path, tiny_model):
 def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
     """DDP on 2 CPU processes: each constraint's measure is averaged over the ranks before the dual step, so both
     ranks hold the same multipliers (the trainer compares them every step and stops on a mismatch) and they equal
-    a one-process run of the same global batch (rollout.seed_per_prompt: the same samples)."""
+    a one-process run of the same global batch (rollout.seed_per_prompt: the same samples). The unsafe constraint has
+    a `where`: its measure is a sum and a count over both ranks' selected samples (their counts differ)."""
     import os
     import subprocess
+
+    with_where = TWO.replace("delay: 1, name: unsafe}", "delay: 1, name: unsafe, where: {category: [math, benign]}}")
+    assert with_where != TWO
 
     args = [
         str(QUICKSTART),
@@ -360,7 +365,7 @@ def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
         "rollout.backend=hf",
         f"model.name_or_path={tiny_model}",
         REWARDS,
-        TWO,
+        with_where,
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     runs = {}
@@ -379,7 +384,7 @@ def test_two_processes_move_every_multiplier_identically(tmp_path, tiny_model):
         runs[n] = history(out / "train" / "metrics.jsonl")
     for one, two in zip(runs[1], runs[2]):
         for key in ("lambda/unsafe", "lambda/length", "constraint/unsafe", "constraint/length"):
-            assert two[key] == pytest.approx(one[key], rel=1e-9), (one["step"], key)
+            assert key in one and two[key] == pytest.approx(one[key], rel=1e-9), (one["step"], key)
     assert len({x["lambda/length"] for x in runs[2]}) == 3  # the multipliers moved
 
 
@@ -402,8 +407,8 @@ def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
     ]
     (tmp_path / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "train" / "config.yaml").write_text(
-        "constraints:\n- {reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_max: 4.0, name: unsafe, where: "
-        "{category: harmful}}\n"
+        "constraints:\n- {reward: odd_first_token_cost, kind: rate, threshold: 0.3, lambda_max: 4.0, name: unsafe, "
+        "where: {category: harmful}}\n"
         "- {reward: completion_tokens, kind: mean, threshold: 6.0}\n"
     )
     rows_cfg = {
@@ -417,7 +422,8 @@ def test_report_has_a_panel_and_a_summary_line_per_constraint(tmp_path):
     capped = sum(min(0.5 * 1.2**s, 4.0) >= 4.0 for s in range(1, 21))
     # first and last tenth of the steps: (.475 + .45) / 2 and (.025 + 0) / 2
     assert (
-        "constraint **unsafe** (P(cost > 0) over category=harmful <= 0.300): measured 0.463 → 0.013; λ 0.600 → 4.000, at its cap 4.000 in "
+        "constraint **unsafe** (P(cost > 0) over category=harmful <= 0.300): measured 0.463 → 0.013; λ 0.600 → "
+        "4.000, at its cap 4.000 in "
         f"{capped} of 20 steps" in text
     )
     # a constraint with no name is called after its reward (the name it is logged under); here nothing was logged for it
