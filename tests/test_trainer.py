@@ -151,6 +151,7 @@ CONSTRAINED = [  # the old safety section (quickstart.yaml's constraints: list d
     "safety.lambda_max=4.0",
     "safety.lambda_delay=1",
     "safety.cost_std_floor=1.0",
+    "grpo.constraint_scheme=separate",  # the library default, as a recipe of the old safety section has it
 ]
 EVEN_AND_COST = (
     "{name: 'rewards_for_tests:even_tokens'}, {name: 'rewards_for_tests:odd_first_token_cost', role: safety}"
