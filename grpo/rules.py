@@ -159,7 +159,7 @@ def where_rows(recipe, rows: list[dict], what: str) -> list[str]:
         p.append(
             f"constraints.{i}.where={c.where!r} selects none of the {len(rows)} rows of {what}"
             + (f" ('{col}' there: {', '.join(seen)})" if col else " (no row matches every column)")
-            + "; fix the column or its values"
+            + "; fix the column or its values, or drop where to measure every prompt"
         )
     return p
 

@@ -463,7 +463,8 @@ def test_preflight_refuses_a_where_that_selects_no_training_prompt(tmp_path, tin
         check(r, ["train"], 1)
     assert (
         "constraints.0.where={'category': 'harmfull'} selects none of the 2000 rows of data.train ('category' there: "
-        "'benign', 'harmful', 'math'); fix the column or its values" in str(e.value)
+        "'benign', 'harmful', 'math'); fix the column or its values, or drop where to measure every prompt"
+        in str(e.value)
     ), str(e.value)
     check(recipe(tmp_path, tiny_model, REWARDS, "constraints=[{reward: completion_tokens, where: {category: math}}]"),
           ["train"], 1)  # fmt: skip
